@@ -1,0 +1,35 @@
+"""One IPython shell for the whole session, as IPython's own tests and anywidget's do."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from IPython.testing.globalipapp import get_ipython
+
+# A real torch 2.x OOM message (captured on an H100 with torch 2.11): what CUDA raises under a 1.5 GiB cap.
+CAPPED_LOAD_OOM = (
+    "CUDA out of memory. Tried to allocate 1.59 GiB. GPU 0 has a total capacity of 79.18 GiB of which "
+    "75.57 GiB is free. Including non-PyTorch memory, this process has 3.60 GiB memory in use. 1.50 GiB "
+    "allowed; Of the allocated memory 3.00 GiB is allocated by PyTorch, and 0 bytes is reserved by PyTorch "
+    "but unallocated. If reserved but unallocated memory is large try setting "
+    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for Memory "
+    "Management  (https://docs.pytorch.org/docs/stable/notes/cuda.html#optimizing-memory-usage-with-pytorch-cuda-alloc-conf)"
+)
+
+
+@pytest.fixture(scope="session")
+def session_shell() -> Any:
+    return get_ipython()
+
+
+@pytest.fixture
+def ip(session_shell: Any) -> Iterator[Any]:
+    """The shell with vram_magic loaded; the user namespace is restored afterwards."""
+    session_shell.run_line_magic("load_ext", "vram_magic")
+    names_before = set(session_shell.user_ns)
+    yield session_shell
+    for name in set(session_shell.user_ns) - names_before:
+        del session_shell.user_ns[name]
+    session_shell.run_line_magic("unload_ext", "vram_magic")

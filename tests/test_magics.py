@@ -1,0 +1,222 @@
+"""The magics as a user meets them, through a real IPython shell."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+import torch
+from IPython.core.error import UsageError
+from IPython.utils.capture import capture_output
+
+from tests.conftest import CAPPED_LOAD_OOM
+from vram_magic import MemorySnapshot, Report
+from vram_magic._types import OutOfMemoryHandled
+
+MiB = 2**20
+
+# A cell function whose frame holds a 64 MiB tensor when a real-format CUDA OOM is raised from it,
+# as transformers' caching_allocator_warmup does on a GPU that is too small.
+FAILING_LOAD = f"""
+import torch, weakref
+PINNED = []
+def load_model():
+    weights = torch.ones(64 * 2**20 // 4)
+    PINNED.append(weakref.ref(weights))
+    raise torch.OutOfMemoryError({CAPPED_LOAD_OOM!r})
+"""
+
+
+def _run(ip: Any, cell: str) -> tuple[Any, Any]:
+    with capture_output() as captured:
+        result = ip.run_cell(cell)
+    return result, captured
+
+
+def _tracebacks(ip: Any, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    shown: list[list[str]] = []
+    monkeypatch.setattr(ip, "_showtraceback", lambda etype, evalue, stb: shown.append(stb))
+    return shown
+
+
+def test_a_cell_that_does_not_oom_runs_as_without_the_magic(ip: Any) -> None:
+    result, captured = _run(ip, "%%oomsafe\nvalue = 40\n%time doubled = value * 2\nvalue + 2\n")
+    assert result.success
+    assert result.result == 42
+    assert ip.user_ns["doubled"] == 80  # the line magic inside the cell ran
+    assert "Wall time" in captured.stdout
+
+
+def test_a_trailing_semicolon_hides_the_value(ip: Any) -> None:
+    result, _ = _run(ip, "%%oomsafe\n1 + 1;\n")
+    assert result.success and result.result is None
+
+
+def test_a_non_oom_error_is_shown_exactly_as_without_the_magic(
+    ip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown = _tracebacks(ip, monkeypatch)
+    ip.run_cell("def divide():\n    return 1 / 0\n")
+    plain = ip.run_cell("# plain\ndivide()\n")
+    ours = ip.run_cell("%%oomsafe\ndivide()\n")
+    assert isinstance(plain.error_in_exec, ZeroDivisionError)
+    assert isinstance(ours.error_in_exec, ZeroDivisionError)  # the user's own exception, not a wrapper
+    without_us, with_us = ("\n".join(stb) for stb in shown)
+    assert "run_cell_magic" not in with_us and "oomsafe" not in with_us.replace("%%oomsafe", "")
+    assert with_us.replace("%%oomsafe", "# plain") == without_us
+
+
+def test_keyboard_interrupt_passes_through(ip: Any) -> None:
+    result, _ = _run(ip, "%%oomsafe\nraise KeyboardInterrupt\n")
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+
+
+def test_plain_ipython_keeps_the_failed_cells_memory_alive(ip: Any) -> None:
+    """The baseline the magic exists for (shared/DESIGN.md, 'Facts')."""
+    ip.run_cell(FAILING_LOAD)
+    _run(ip, "load_model()\n")
+    assert ip.user_ns["PINNED"][0]() is not None
+
+
+def test_oomsafe_frees_what_the_failed_cell_pinned(ip: Any) -> None:
+    ip.run_cell(FAILING_LOAD)
+    result, captured = _run(ip, "%%oomsafe\nkept = 'still here'\nmodel = load_model()\n")
+    assert ip.user_ns["PINNED"][0]() is None, "the 64 MiB tensor in the failed frame must be freed"
+    assert isinstance(result.error_in_exec, OutOfMemoryHandled)
+    assert ip.user_ns["kept"] == "still here"
+    report = _last_report(ip)
+    assert report.cleanup.freed_tensor_bytes == 64 * MiB
+    assert report.analysis.failed_line == 3
+    assert report.analysis.failed_statement == "model = load_model()"
+    assert report.oom is not None and report.oom.allowed_bytes == round(1.5 * 2**30)
+    text = captured.stdout + "".join(str(o.data.get("text/plain", "")) for o in captured.outputs)
+    assert "1.59 GiB" in text and "1.50 GiB" in text and "64.00 MiB" in text
+
+
+def test_the_oom_ends_the_cell_with_one_short_line_holding_no_user_frame(
+    ip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown = _tracebacks(ip, monkeypatch)
+    ip.run_cell(FAILING_LOAD)
+    ip.run_cell("%%oomsafe\nload_model()\n")
+    assert len(shown) == 1 and len(shown[0]) == 1
+    assert shown[0][0].startswith("OutOfMemoryHandled: ")
+    tb = sys.last_traceback
+    while tb is not None:
+        assert tb.tb_frame.f_code.co_name != "load_model"
+        tb = tb.tb_next
+
+
+def test_the_report_names_the_earlier_variable_that_holds_memory(ip: Any) -> None:
+    ip.run_cell(FAILING_LOAD)
+    ip.run_cell("old_model = torch.nn.Linear(4096, 4096)\n")  # 64 MiB from an earlier cell
+    _run(ip, "%%oomsafe\nmodel = load_model()\n")
+    report = _last_report(ip)
+    assert report.holders[0].name == "old_model"
+    assert any("old_model" in cause.text for cause in report.causes)
+    assert report.fixes[0].code == "%vram free old_model"
+
+
+def test_vram_free_releases_a_plain_cells_failure_and_named_variables(ip: Any) -> None:
+    ip.run_cell(FAILING_LOAD)
+    _run(ip, "load_model()\n")
+    ip.run_cell("spare = torch.zeros(16 * 2**20 // 4)\nimport weakref\nspare_ref = weakref.ref(spare)\n")
+    with capture_output() as captured:
+        ip.run_line_magic("vram", "free spare --device cpu")
+    assert ip.user_ns["PINNED"][0]() is None
+    assert ip.user_ns["spare_ref"]() is None and "spare" not in ip.user_ns
+    assert "80.00 MiB" in captured.stdout
+
+
+def test_vram_free_drops_output_cache_entries_holding_memory(ip: Any) -> None:
+    ip.run_cell("import torch, weakref\nbig = torch.ones(2**20)\nbig_ref = weakref.ref(big)\n")
+    ip.run_cell("big", store_history=True)
+    ip.run_cell("del big")
+    assert ip.user_ns["big_ref"]() is not None  # the output cache still holds it
+    with capture_output():
+        ip.run_line_magic("vram", "free --device cpu")
+    assert ip.user_ns["big_ref"]() is None
+
+
+def test_vram_who_lists_names_biggest_first(ip: Any) -> None:
+    ip.run_cell("import torch\nsmall = torch.zeros(1024)\nlarge = torch.zeros(2**20)\nalias = large\n")
+    with capture_output() as captured:
+        ip.run_line_magic("vram", "who --device cpu")
+    lines = captured.stdout
+    assert lines.index("large") < lines.index("small")
+    assert "alias" in lines
+
+
+def test_vram_returns_a_snapshot_usable_in_code(ip: Any) -> None:
+    snapshot = ip.run_line_magic("vram", "")
+    assert isinstance(snapshot, MemorySnapshot)
+    assert snapshot.cpu.total_bytes is not None and snapshot.cpu.total_bytes > 0
+    if not torch.cuda.is_available():
+        assert snapshot.gpus == ()
+        assert "GPU" in str(snapshot)
+
+
+@pytest.mark.parametrize(
+    ("magic", "line", "hint"),
+    [
+        ("vram", "bogus", "%vram who"),
+        ("vram", "free no_such_name", "%vram who"),
+        ("vram", "who extra", "%vram who"),
+        ("vram", "--nope", "%vram?"),
+    ],
+)
+def test_bad_input_is_a_one_line_usage_error(ip: Any, magic: str, line: str, hint: str) -> None:
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic(magic, line)
+    message = str(raised.value)
+    assert hint in message
+    assert "Traceback" not in message
+
+
+def test_bad_cell_magic_option_is_a_usage_error(ip: Any) -> None:
+    with pytest.raises(UsageError, match="unrecognized arguments: --nope; type `%%oomsafe\\?`"):
+        ip.run_cell_magic("oomsafe", "--nope", "x = 1\n")
+
+
+def test_help_comes_from_the_docstring(ip: Any) -> None:
+    doc = ip.find_line_magic("vram").__doc__
+    assert "%vram who" in doc and "%vram [--device DEVICE] [command] [names ...]" in doc
+
+
+def test_unload_leaves_no_magic_behind(session_shell: Any) -> None:
+    session_shell.run_line_magic("load_ext", "vram_magic")
+    session_shell.run_line_magic("load_ext", "vram_magic")
+    session_shell.run_line_magic("unload_ext", "vram_magic")
+    assert session_shell.find_line_magic("vram") is None
+    assert session_shell.find_cell_magic("oomsafe") is None
+    assert "VramMagics" not in session_shell.magics_manager.registry
+    session_shell.run_line_magic("load_ext", "vram_magic")
+    session_shell.run_line_magic("reload_ext", "vram_magic")
+    assert session_shell.find_cell_magic("oomsafe") is not None
+    session_shell.run_line_magic("unload_ext", "vram_magic")
+
+
+def test_import_and_load_stay_light() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        import vram_magic
+        assert "torch" not in sys.modules and "IPython" not in sys.modules, "import"
+        from IPython.testing.globalipapp import start_ipython
+        ip = start_ipython()
+        ip.run_line_magic("load_ext", "vram_magic")
+        heavy = {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "ipywidgets"}
+        heavy &= set(sys.modules)
+        assert not heavy, heavy
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def _last_report(ip: Any) -> Report:
+    magics = ip.magics_manager.registry["VramMagics"]
+    assert isinstance(magics.last_report, Report)
+    return magics.last_report

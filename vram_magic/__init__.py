@@ -1,0 +1,76 @@
+"""vram_magic: survive CUDA out-of-memory errors in notebooks.
+
+``%load_ext vram_magic`` adds ``%%oomsafe`` and ``%vram``. Importing this package imports neither
+torch nor IPython; the magics module is imported only when the extension is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vram_magic._oom import is_oom, parse_oom_message
+from vram_magic._types import (
+    Cause,
+    Cleanup,
+    CpuMemory,
+    Fix,
+    GpuSnapshot,
+    Holder,
+    MemorySnapshot,
+    OOMInfo,
+    ProcessMemory,
+    Report,
+)
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cause",
+    "Cleanup",
+    "CpuMemory",
+    "Fix",
+    "GpuSnapshot",
+    "Holder",
+    "MemorySnapshot",
+    "OOMInfo",
+    "ProcessMemory",
+    "Report",
+    "__version__",
+    "find_holders",
+    "is_oom",
+    "load_ipython_extension",
+    "parse_oom_message",
+    "snapshot",
+    "unload_ipython_extension",
+]
+
+
+def snapshot() -> MemorySnapshot:
+    """Take a VRAM/RAM snapshot of every visible GPU (what ``%vram`` shows)."""
+    from vram_magic._probe import take_snapshot
+
+    return take_snapshot()
+
+
+def find_holders(namespace: dict[str, Any], device: str = "cuda") -> tuple[Holder, ...]:
+    """Which names in ``namespace`` hold memory on ``device``, biggest first (what ``%vram who`` shows)."""
+    from vram_magic._who import find_holders as _find_holders
+
+    return _find_holders(namespace, device=device)
+
+
+def load_ipython_extension(ipython: InteractiveShell) -> None:
+    """Called by ``%load_ext vram_magic``."""
+    from vram_magic._magics import load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: InteractiveShell) -> None:
+    """Called by ``%unload_ext vram_magic``: removes every magic this extension added."""
+    from vram_magic._magics import unload
+
+    unload(ipython)

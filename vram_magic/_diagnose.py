@@ -1,0 +1,353 @@
+"""Rules: (OOM message, live snapshot, holders, cell) -> ranked causes and fixes.
+
+Pure Python. Each rule reads the evidence and, when it applies, adds one cause in plain words and the
+fixes that follow from it. Fixes are ranked: freeing what is not needed first, then the changes to the
+cell that lose the least quality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vram_magic._render_text import format_bytes
+from vram_magic._types import Cause, CellAnalysis, Cleanup, Fix, GpuSnapshot, Holder, MemorySnapshot, OOMInfo
+
+_GiB = 2**30
+# Below these sizes a holder or a fragmented pool is not worth a line in the report.
+_NOTABLE_HOLDER_BYTES = 64 * 2**20
+_NOTABLE_FRAGMENTATION_BYTES = 64 * 2**20
+_NOTABLE_NON_PYTORCH_BYTES = 2 * _GiB
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Everything the rules read."""
+
+    oom: OOMInfo | None
+    gpu: GpuSnapshot | None
+    holders: tuple[Holder, ...]
+    analysis: CellAnalysis
+    cleanup: Cleanup
+
+    @property
+    def requested_bytes(self) -> int | None:
+        return self.oom.requested_bytes if self.oom else None
+
+    @property
+    def limit_bytes(self) -> int | None:
+        """What this process may use at most: the cap when one is set, else the GPU's total."""
+        for value in (
+            self.oom.allowed_bytes if self.oom else None,
+            self.gpu.cap_bytes if self.gpu else None,
+            self.oom.total_bytes if self.oom else None,
+            self.gpu.total_bytes if self.gpu else None,
+        ):
+            if value is not None:
+                return value
+        return None
+
+
+@dataclass
+class Diagnosis:
+    causes: list[Cause] = field(default_factory=list)
+    fixes: list[Fix] = field(default_factory=list)
+
+
+def failing_gpu(snapshot: MemorySnapshot, oom: OOMInfo | None) -> GpuSnapshot | None:
+    """The GPU named in the message, else the only/first one."""
+    wanted = oom.device_index if oom and oom.device_index is not None else 0
+    for gpu in snapshot.gpus:
+        if gpu.index == wanted:
+            return gpu
+    return snapshot.gpus[0] if snapshot.gpus else None
+
+
+def diagnose(
+    oom: OOMInfo | None,
+    snapshot: MemorySnapshot,
+    holders: tuple[Holder, ...],
+    analysis: CellAnalysis,
+    cleanup: Cleanup,
+) -> tuple[tuple[Cause, ...], tuple[Fix, ...]]:
+    """Ranked causes and fixes for one OOM."""
+    evidence = Evidence(oom, failing_gpu(snapshot, oom), holders, analysis, cleanup)
+    result = Diagnosis()
+    for rule in (_too_big_for_the_gpu, _cap, _earlier_holders, _other_processes, _fragmentation):
+        rule(evidence, result)
+    result.fixes.extend(_cell_fixes(evidence))
+    _non_pytorch(evidence, result)
+    if not result.causes:
+        result.causes.append(Cause("unknown", _fallback_cause(evidence)))
+    fixes = sorted(result.fixes, key=lambda fix: _FIX_RANK.get(fix.key, _CELL_FIX_RANK))
+    return tuple(result.causes), tuple(fixes)
+
+
+def _too_big_for_the_gpu(evidence: Evidence, result: Diagnosis) -> None:
+    requested, limit = evidence.requested_bytes, evidence.limit_bytes
+    if evidence.oom and evidence.oom.kind == "dispatch":
+        result.causes.append(
+            Cause(
+                "dispatch",
+                "The quantized model does not fit on the GPU: some modules would have to go to the CPU "
+                "or disk, which bitsandbytes refuses unless told to.",
+            )
+        )
+        return
+    if requested is None:
+        return
+    what = _KIND_WORDS[evidence.analysis.kind]
+    if limit is not None and requested > limit:
+        result.causes.append(
+            Cause(
+                "too-big",
+                f"{what.capitalize()} asked for {format_bytes(requested)} in one allocation, more than this "
+                f"process may use at all ({format_bytes(limit)}): freeing memory will not help; "
+                "what the cell runs has to change.",
+            )
+        )
+        return
+    free = evidence.oom.free_bytes if evidence.oom else None
+    room = _room_bytes(evidence)
+    text = f"{what.capitalize()} asked for {format_bytes(requested)} more"
+    if room is not None:
+        text += f"; only {format_bytes(room)} was left to this process"
+    elif free is not None:
+        text += f"; the GPU had {format_bytes(free)} free"
+    result.causes.append(Cause("need", text + "."))
+
+
+def _room_bytes(evidence: Evidence) -> int | None:
+    """How much more this process could have taken when it failed."""
+    oom = evidence.oom
+    if oom is None:
+        return None
+    if oom.allowed_bytes is not None and oom.reserved_bytes is not None:
+        return max(oom.allowed_bytes - oom.reserved_bytes, 0)
+    return oom.free_bytes
+
+
+def _cap(evidence: Evidence, result: Diagnosis) -> None:
+    cap = evidence.oom.allowed_bytes if evidence.oom and evidence.oom.allowed_bytes else None
+    if cap is None and evidence.gpu is not None:
+        cap = evidence.gpu.cap_bytes
+    if cap is None:
+        return
+    result.causes.append(
+        Cause(
+            "cap",
+            f"A per-process cap of {format_bytes(cap)} is set (torch.cuda.set_per_process_memory_fraction): "
+            "it is the limit here, not the GPU's size.",
+        )
+    )
+    result.fixes.append(
+        Fix(
+            "lift-cap",
+            "Lift the per-process cap",
+            "Only if you did not set it on purpose to rehearse a smaller GPU.",
+            "import torch\ntorch.cuda.set_per_process_memory_fraction(1.0)",
+        )
+    )
+
+
+def _earlier_holders(evidence: Evidence, result: Diagnosis) -> None:
+    """Names from earlier cells that hold memory the failed cell does not use (or re-binds)."""
+    used = set(evidence.analysis.used_names)
+    assigned = set(evidence.analysis.assigned_names)
+    freeable: list[Holder] = []
+    for holder in evidence.holders:
+        if holder.total_bytes < _NOTABLE_HOLDER_BYTES or holder.name in used:
+            continue
+        freeable.append(holder)
+        if holder.name in assigned:
+            text = (
+                f"`{holder.name}` ({holder.type_name}) from an earlier run still holds "
+                f"{format_bytes(holder.total_bytes)}: this cell re-binds `{holder.name}`, but the old object "
+                "stays in memory until the new one is complete."
+            )
+        else:
+            text = (
+                f"`{holder.name}` ({holder.type_name}) from an earlier cell still holds "
+                f"{format_bytes(holder.total_bytes)}, and this cell does not use it."
+            )
+        result.causes.append(Cause("holder", text))
+    if not freeable:
+        return
+    names = [h.name for h in freeable]
+    total = sum(h.total_bytes - h.shared_bytes for h in freeable) or freeable[0].total_bytes
+    result.fixes.append(
+        Fix(
+            "free",
+            f"Free {_join_names(names)}, then run the cell again",
+            f"Together they hold about {format_bytes(total)} that this cell does not need.",
+            f"%vram free {' '.join(names)}",
+        )
+    )
+
+
+def _other_processes(evidence: Evidence, result: Diagnosis) -> None:
+    pairs = list(evidence.oom.other_processes) if evidence.oom else []
+    if not pairs and evidence.gpu is not None:
+        pairs = [(p.pid, p.used_bytes or 0) for p in evidence.gpu.other_processes]
+    notable = [(pid, used) for pid, used in pairs if used >= _NOTABLE_HOLDER_BYTES]
+    for pid, used in notable:
+        result.causes.append(
+            Cause("other-process", f"Process {pid} holds {format_bytes(used)} on this GPU (another program).")
+        )
+    gpu = evidence.gpu
+    if not notable and gpu is not None and gpu.others_are_remainder and (gpu.others_bytes or 0) > _GiB:
+        result.causes.append(
+            Cause(
+                "other-process",
+                f"Other processes seem to hold about {format_bytes(gpu.others_bytes)} "
+                "(total - free - this process; NVML cannot name them here).",
+            )
+        )
+        notable = [(0, gpu.others_bytes or 0)]
+    if notable:
+        result.fixes.append(
+            Fix(
+                "other-process",
+                "Stop the other programs using this GPU",
+                "Another notebook's kernel or a leftover training run is the usual one; "
+                "shut it down if it is yours.",
+                "!nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv",
+            )
+        )
+
+
+def _fragmentation(evidence: Evidence, result: Diagnosis) -> None:
+    unallocated = evidence.oom.unallocated_reserved_bytes if evidence.oom else None
+    requested = evidence.requested_bytes or 0
+    if unallocated is None or unallocated < max(requested, _NOTABLE_FRAGMENTATION_BYTES):
+        return
+    result.causes.append(
+        Cause(
+            "fragmentation",
+            f"{format_bytes(unallocated)} was reserved by PyTorch but unallocated, more than the "
+            f"{format_bytes(requested)} asked for: fragmentation. Set "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True and restart the kernel.",
+        )
+    )
+    result.fixes.append(
+        Fix(
+            "expandable-segments",
+            "Let PyTorch grow memory segments instead of fragmenting them",
+            "Read once when CUDA starts: put this in the first cell and restart the kernel "
+            "(a restart loses your variables; save what you need first).",
+            "import os\nos.environ['PYTORCH_CUDA_ALLOC_CONF'] = 'expandable_segments:True'",
+        )
+    )
+
+
+def _non_pytorch(evidence: Evidence, result: Diagnosis) -> None:
+    gpu = evidence.gpu
+    outside = gpu.non_pytorch_bytes if gpu else None
+    if outside is not None and outside >= _NOTABLE_NON_PYTORCH_BYTES:
+        result.causes.append(
+            Cause(
+                "non-pytorch",
+                f"This process holds {format_bytes(outside)} outside PyTorch's allocator "
+                "(CUDA context, cuBLAS workspaces, other libraries).",
+            )
+        )
+
+
+def _fallback_cause(evidence: Evidence) -> str:
+    text = evidence.oom.message.splitlines()[0] if evidence.oom else "The cell ran out of memory"
+    return f"{text.rstrip('.')}. The message gives no figures to say more."
+
+
+_KIND_WORDS = {
+    "load": "the model load",
+    "merge": "the LoRA merge",
+    "training": "the training step",
+    "generation": "generation",
+    "other": "the cell",
+}
+
+_BNB_IMPORT = "from transformers import BitsAndBytesConfig\n"
+_LOAD_FIXES = (
+    Fix(
+        "8bit",
+        "Load the model in 8-bit",
+        "Halves the weights of a 16-bit model with little quality loss (bitsandbytes LLM.int8).",
+        _BNB_IMPORT + "# in from_pretrained(...):\n"
+        'quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto"',
+    ),
+    Fix(
+        "offload",
+        "Offload what does not fit to CPU RAM",
+        "Keeps full precision; layers that do not fit run from CPU RAM (slower).",
+        '# in from_pretrained(...):\ndevice_map="auto"',
+    ),
+    Fix(
+        "4bit",
+        "Load the model in 4-bit (NF4)",
+        "A quarter of a 16-bit model's weights; the usual QLoRA setting; some quality loss.",
+        _BNB_IMPORT + "# in from_pretrained(...):\n"
+        'quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"), '
+        'device_map="auto"',
+    ),
+    Fix(
+        "cpu",
+        "Load on the CPU",
+        "Always fits if RAM does; much slower.",
+        '# in from_pretrained(...):\ndevice_map="cpu"\n# and drop .to("cuda") / .cuda() of the model',
+    ),
+)
+_MERGE_FIXES = (
+    Fix(
+        "merge-cpu",
+        "Merge on the CPU",
+        "Merging needs the base weights and the adapters at once; CPU RAM is usually larger.",
+        'model = model.to("cpu")\nmerged = model.merge_and_unload()',
+    ),
+)
+_TRAINING_FIXES = (
+    Fix(
+        "half-batch",
+        "Halve the batch, double gradient accumulation",
+        "Activations shrink with the batch; the effective batch stays the same.",
+        "# in TrainingArguments(...):\n"
+        "per_device_train_batch_size=<half>, gradient_accumulation_steps=<double>",
+    ),
+    Fix(
+        "checkpointing",
+        "Turn on gradient checkpointing and a paged 8-bit optimizer",
+        "Recomputes activations instead of storing them; the optimizer state pages to CPU when needed.",
+        '# in TrainingArguments(...):\ngradient_checkpointing=True, optim="paged_adamw_8bit"',
+    ),
+)
+_GENERATION_FIXES = (
+    Fix(
+        "smaller-generation",
+        "Generate fewer tokens or fewer prompts at once",
+        "The KV cache grows with batch x (prompt + new tokens).",
+        "# in generate(...):\nmax_new_tokens=<smaller>\n# and run under torch.inference_mode()",
+    ),
+)
+_FIXES_BY_KIND: dict[str, tuple[Fix, ...]] = {
+    "load": _LOAD_FIXES,
+    "merge": _MERGE_FIXES,
+    "training": _TRAINING_FIXES,
+    "generation": _GENERATION_FIXES,
+    "other": (),
+}
+
+
+# Fix order: free what is not needed, then change the cell (least quality loss first), then the fixes
+# that need a restart or undo a deliberate setting.
+_CELL_FIX_RANK = 2
+_FIX_RANK = {"free": 0, "other-process": 1, "expandable-segments": 3, "lift-cap": 4}
+
+
+def _cell_fixes(evidence: Evidence) -> tuple[Fix, ...]:
+    """Changes to the cell itself for its kind, least quality loss first."""
+    if evidence.oom is not None and evidence.oom.kind == "dispatch":
+        return tuple(f for f in _LOAD_FIXES if f.key in {"4bit", "cpu"})
+    return _FIXES_BY_KIND[evidence.analysis.kind]
+
+
+def _join_names(names: list[str]) -> str:
+    quoted = [f"`{n}`" for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]

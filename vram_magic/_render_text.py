@@ -1,0 +1,289 @@
+"""Snapshots and reports as plain text: the one true wording.
+
+Pure: no IPython, ipywidgets or torch. The widget view reuses ``summary_line`` and ``format_bytes``,
+and every bundle carries ``render_report``/``render_snapshot`` as its text/plain.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterable
+
+from vram_magic._types import (
+    CellKind,
+    Cleanup,
+    CpuMemory,
+    GpuSnapshot,
+    Holder,
+    MemorySnapshot,
+    OOMInfo,
+    OOMKind,
+    Report,
+)
+
+WIDTH = 88
+LABEL_WIDTH = 30
+HOLDERS_TITLE = "What holds memory (by name)"
+FIX_HINT = "type %vram fix N to apply one"
+
+OOM_HEADS: dict[OOMKind, str] = {
+    "cuda": "CUDA out of memory",
+    "hip": "ROCm (HIP) out of memory",
+    "xpu": "Intel XPU out of memory",
+    "mps": "Apple MPS out of memory",
+    "cpu": "CPU RAM out of memory",
+    "dispatch": "Not enough GPU memory (modules would be dispatched to CPU or disk)",
+}
+
+CELL_WORDS: dict[CellKind, str] = {
+    "load": "a model load",
+    "merge": "a LoRA merge",
+    "training": "a training step",
+    "generation": "generation",
+    "other": "this cell",
+}
+
+_UNITS = (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10))
+
+
+def format_bytes(n: int | None) -> str:
+    """``3.00 GiB``, ``518.00 MiB``, ``0 B``; ``unknown`` for None. Binary units."""
+    if n is None:
+        return "unknown"
+    sign, n = ("-", -n) if n < 0 else ("", n)
+    for unit, shift in _UNITS:
+        if n >= 1 << shift:
+            return f"{sign}{n / (1 << shift):.2f} {unit}"
+    return f"{sign}{n} B"
+
+
+def _row(label: str, value: str, indent: int = 2) -> str:
+    """``label`` padded to a column, then ``value``; long labels just get two spaces."""
+    pad = max(LABEL_WIDTH - indent, len(label) + 2)
+    return f"{' ' * indent}{label:<{pad}}{value}"
+
+
+def _wrap(text: str, indent: str, first: str | None = None) -> list[str]:
+    first = indent if first is None else first
+    lines = textwrap.wrap(
+        text,
+        WIDTH,
+        initial_indent=first,
+        subsequent_indent=indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    return lines or [first.rstrip()]
+
+
+def _cap_headroom(oom: OOMInfo) -> int | None:
+    """Free memory as the failed allocation saw it: GPU free, or what is left under a cap."""
+    free = oom.free_bytes
+    if oom.allowed_bytes is not None and oom.reserved_bytes is not None:
+        left = max(oom.allowed_bytes - oom.reserved_bytes, 0)
+        free = left if free is None else min(free, left)
+    return free
+
+
+def summary_line(r: Report) -> str:
+    """One line: what ran out, where, the figures that matter, and what was freed."""
+    oom = r.oom
+    head = OOM_HEADS[oom.kind] if oom else "Out of memory"
+    text = f"{head} in {CELL_WORDS[r.analysis.kind]}"
+    figures: list[str] = []
+    if oom is not None:
+        free = _cap_headroom(oom)
+        if oom.requested_bytes is not None:
+            figures.append(f"asked for {format_bytes(oom.requested_bytes)}")
+            if free is not None:
+                figures.append(f"with {format_bytes(free)} free")
+        elif free is not None:
+            figures.append(f"{format_bytes(free)} free")
+        if oom.allowed_bytes is not None:
+            figures.append(f"under a {format_bytes(oom.allowed_bytes)} cap")
+    if figures:
+        text += ": " + " ".join(figures)
+    freed = r.cleanup.best_bytes
+    if freed > 0:
+        text += f"; freed {format_bytes(freed)}"
+    return text + "."
+
+
+# --- snapshots -----------------------------------------------------------------------------------
+
+
+def _gpu_lines(g: GpuSnapshot) -> list[str]:
+    lines = [f"GPU {g.index}: {g.name}" if g.name else f"GPU {g.index}"]
+    lines.append(_row("total", format_bytes(g.total_bytes)))
+    lines.append(_row("free", format_bytes(g.free_bytes)))
+    lines.append(_row("this process", format_bytes(g.process_bytes)))
+    for label, value in (
+        ("PyTorch allocated", g.allocated_bytes),
+        ("reserved but unallocated", g.unallocated_reserved_bytes),
+        ("non-PyTorch", g.non_pytorch_bytes),
+    ):
+        if value is not None:
+            lines.append(_row(label, format_bytes(value), indent=4))
+    if g.others_are_remainder:
+        others = f"{format_bytes(g.others_bytes)}  (remainder: total - free - this process)"
+        lines.append(_row("other processes", others))
+    elif g.other_processes:
+        known = [p.used_bytes for p in g.other_processes if p.used_bytes is not None]
+        total = g.others_bytes if g.others_bytes is not None else sum(known)
+        lines.append(_row("other processes", format_bytes(total)))
+        lines += [_row(f"pid {p.pid}", format_bytes(p.used_bytes), indent=4) for p in g.other_processes]
+    else:
+        lines.append(_row("other processes", format_bytes(g.others_bytes)))
+    if g.cap_bytes is not None:
+        lines.append(_row("cap on this process", format_bytes(g.cap_bytes)))
+    return lines
+
+
+def _cpu_lines(c: CpuMemory) -> list[str]:
+    return [
+        "CPU RAM",
+        _row("this process (RSS)", format_bytes(c.process_rss_bytes)),
+        _row("available", f"{format_bytes(c.available_bytes)} of {format_bytes(c.total_bytes)}"),
+    ]
+
+
+def no_gpu_paragraph(s: MemorySnapshot) -> str:
+    """Why there are no GPU figures, and what still works."""
+    missing = "; ".join(s.problems) if s.problems else "no GPU is visible to this process"
+    return (
+        f"No GPU figures: {missing}. What still works: the CPU RAM figures below, and %%oomsafe "
+        "still catches out-of-memory errors and frees what a cell pinned."
+    )
+
+
+def render_snapshot(s: MemorySnapshot) -> str:
+    """``%vram`` as text: each GPU's figures, then CPU RAM."""
+    lines: list[str] = []
+    if not s.gpus:
+        lines += _wrap(no_gpu_paragraph(s), "")
+        lines.append("")
+    for g in s.gpus:
+        lines += _gpu_lines(g)
+        lines.append("")
+    lines += _cpu_lines(s.cpu)
+    if s.gpus and s.problems:
+        lines += ["", "Could not read"]
+        for p in s.problems:
+            lines += _wrap(p, "    ", "  - ")
+    return "\n".join(lines)
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+
+def _oom_lines(oom: OOMInfo) -> list[str]:
+    rows = [
+        ("requested", oom.requested_bytes),
+        ("free on the GPU", oom.free_bytes),
+        ("total", oom.total_bytes),
+        ("allowed (cap)", oom.allowed_bytes),
+        ("PyTorch allocated", oom.allocated_bytes),
+        ("reserved but unallocated", oom.unallocated_reserved_bytes),
+        ("this process", oom.process_bytes),
+    ]
+    lines = [_row(label, format_bytes(v)) for label, v in rows if v is not None]
+    for i, (pid, used) in enumerate(oom.other_processes):
+        lines.append(_row("other processes" if i == 0 else "", f"pid {pid}: {format_bytes(used)}"))
+    if not lines:
+        return []
+    where = f" (GPU {oom.device_index})" if oom.device_index is not None else ""
+    return [f"Memory when it failed{where}", *lines]
+
+
+def _cleanup_line(c: Cleanup) -> list[str]:
+    return _wrap(render_cleanup(c, " held by the failed cell"), "  ", "") if c.best_bytes > 0 else []
+
+
+def render_cleanup(c: Cleanup, held: str = "") -> str:
+    """``Freed 3.00 GiB (released: a, b).`` or ``Nothing was freed.`` (what ``%vram free`` prints)."""
+    text = f"Freed {format_bytes(c.best_bytes)}{held}" if c.best_bytes > 0 else "Nothing was freed"
+    if c.released:
+        text += f" (released: {', '.join(c.released)})"
+    return text + "."
+
+
+def _failed_lines(r: Report) -> list[str]:
+    a = r.analysis
+    if a.failed_line is None and a.failed_statement is None:
+        return []
+    where = f"line {a.failed_line}" if a.failed_line is not None else "a line"
+    lines = [f"Failed at {where} of {CELL_WORDS[a.kind]} cell" + (":" if a.failed_statement else ".")]
+    if a.failed_statement:
+        lines += ["    " + ln for ln in a.failed_statement.strip("\n").splitlines()]
+    return lines
+
+
+def render_holders(holders: Iterable[Holder], device: str, limit: int = 20) -> str:
+    """``%vram who``: the names holding memory on ``device``, biggest first, with what they share."""
+    lines = _holder_lines(holders, f"Names holding {device} memory", limit)
+    return "\n".join(lines) if lines else f"No name in the notebook holds {device} memory."
+
+
+def _holder_lines(holders: Iterable[Holder], title: str = HOLDERS_TITLE, limit: int = 8) -> list[str]:
+    hs = list(holders)
+    if not hs:
+        return []
+    shown = hs[:limit]
+    name_w = max(len(h.name) for h in shown) + 2
+    type_w = max(len(h.type_name) for h in shown) + 2
+    lines = [title]
+    for h in shown:
+        line = f"  {h.name:<{name_w}}{h.type_name:<{type_w}}{format_bytes(h.total_bytes):>11}"
+        if h.shared_with:
+            line += f"  shares {format_bytes(h.shared_bytes)} with {', '.join(h.shared_with)}"
+        lines.append(line)
+    if len(hs) > limit:
+        lines.append(f"  ... and {len(hs) - limit} more")
+    return lines
+
+
+def _numbered(items: Iterable[str]) -> list[str]:
+    lines: list[str] = []
+    for i, text in enumerate(items, 1):
+        lines += _wrap(text, "     ", f"  {i}. ")
+    return lines
+
+
+def _fix_lines(r: Report) -> list[str]:
+    if not r.fixes:
+        return []
+    lines = [f"Fixes ({FIX_HINT})"]
+    for i, fix in enumerate(r.fixes, 1):
+        lines += _wrap(fix.title, "     ", f"  {i}. ")
+        if fix.why:
+            lines += _wrap(fix.why, "     ")
+        if fix.code.strip():
+            lines += [("       " + ln).rstrip() for ln in fix.code.strip("\n").splitlines()]
+        lines.append("")
+    return lines[:-1]
+
+
+def _details_lines(r: Report) -> list[str]:
+    body = r.traceback_text.rstrip()
+    error = r.error_text.strip()
+    if error.split(": ", 1)[-1] not in body:  # the traceback usually ends with the error already
+        body = f"{body}\n{error}".strip()
+    if not body:
+        return []
+    return ["Details", *("  " + ln if ln else "" for ln in body.splitlines())]
+
+
+def render_report(r: Report) -> str:
+    """A report as text: summary, figures, freed, failed line, holders, causes, fixes, notes, details."""
+    sections = [
+        [summary_line(r)],
+        _oom_lines(r.oom) if r.oom else [],
+        _cleanup_line(r.cleanup),
+        _failed_lines(r),
+        _holder_lines(r.holders),
+        ["Why", *_numbered(c.text for c in r.causes)] if r.causes else [],
+        _fix_lines(r),
+        ["Notes", *(ln for n in r.notes for ln in _wrap(n, "    ", "  - "))] if r.notes else [],
+        _details_lines(r),
+    ]
+    return "\n\n".join("\n".join(s) for s in sections if s)

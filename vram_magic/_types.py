@@ -1,0 +1,207 @@
+"""The data that flows through vram_magic: observe -> diagnose -> plan -> render.
+
+Every type here is a frozen dataclass with plain fields. Missing data is ``None`` (never -1)
+and units live in field names (``free_bytes``). Nothing here imports torch or IPython.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+OOMKind = Literal["cuda", "hip", "xpu", "mps", "cpu", "dispatch"]
+CellKind = Literal["load", "merge", "training", "generation", "other"]
+
+
+@dataclass(frozen=True)
+class OOMInfo:
+    """What an out-of-memory message says. Field names match ``shared/oom-messages/expected.json``."""
+
+    kind: OOMKind
+    message: str
+    device_index: int | None = None
+    requested_bytes: int | None = None
+    total_bytes: int | None = None
+    free_bytes: int | None = None
+    allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+    process_bytes: int | None = None
+    allowed_bytes: int | None = None
+    other_processes: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def unallocated_reserved_bytes(self) -> int | None:
+        """Reserved by PyTorch's caching allocator but not handed out: the fragmentation figure."""
+        if self.reserved_bytes is None or self.allocated_bytes is None:
+            return None
+        return max(self.reserved_bytes - self.allocated_bytes, 0)
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    """One process using a GPU, as NVML reports it."""
+
+    pid: int
+    used_bytes: int | None
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    """One visible GPU at one moment.
+
+    ``allocated_bytes``/``reserved_bytes`` are this process's PyTorch figures (0 when CUDA was never
+    initialised here). ``process_bytes`` is everything this process holds on the GPU (NVML), which also
+    covers the CUDA context and non-PyTorch libraries. ``other_processes`` are NVML's view of the rest
+    and ``others_bytes`` their sum; when NVML cannot see them, ``others_bytes`` is the remainder
+    total - free - this process and ``others_are_remainder`` says so.
+    """
+
+    index: int
+    name: str | None
+    total_bytes: int | None
+    free_bytes: int | None
+    allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+    process_bytes: int | None = None
+    cap_bytes: int | None = None
+    other_processes: tuple[ProcessMemory, ...] = ()
+    others_bytes: int | None = None
+    others_are_remainder: bool = False
+
+    @property
+    def unallocated_reserved_bytes(self) -> int | None:
+        if self.reserved_bytes is None or self.allocated_bytes is None:
+            return None
+        return max(self.reserved_bytes - self.allocated_bytes, 0)
+
+    @property
+    def non_pytorch_bytes(self) -> int | None:
+        """What this process holds outside PyTorch's allocator (CUDA context, cuBLAS workspaces, ...)."""
+        if self.process_bytes is None or self.reserved_bytes is None:
+            return None
+        return max(self.process_bytes - self.reserved_bytes, 0)
+
+
+@dataclass(frozen=True)
+class CpuMemory:
+    """This machine's RAM and this process's share of it."""
+
+    total_bytes: int | None
+    available_bytes: int | None
+    process_rss_bytes: int | None
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    """Everything ``%vram`` shows. ``problems`` says, in plain words, what could not be read."""
+
+    gpus: tuple[GpuSnapshot, ...]
+    cpu: CpuMemory
+    problems: tuple[str, ...] = ()
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        from vram_magic._render_widget import mimebundle
+
+        return mimebundle(self)
+
+    def __str__(self) -> str:
+        from vram_magic._render_text import render_snapshot
+
+        return render_snapshot(self)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A name in the user namespace that holds memory on the device being counted.
+
+    ``total_bytes`` counts every distinct storage reachable from the name; ``shared_bytes`` is the
+    part of it also reachable from the names in ``shared_with``.
+    """
+
+    name: str
+    type_name: str
+    total_bytes: int
+    shared_bytes: int = 0
+    shared_with: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Cleanup:
+    """What freeing did. ``reclaimed_bytes`` is the CUDA allocator's drop (None without CUDA);
+    ``freed_tensor_bytes`` counts the tensors we saw die."""
+
+    released: tuple[str, ...]
+    reclaimed_bytes: int | None
+    freed_tensor_bytes: int
+
+    @property
+    def best_bytes(self) -> int:
+        return self.reclaimed_bytes if self.reclaimed_bytes is not None else self.freed_tensor_bytes
+
+
+@dataclass(frozen=True)
+class Cause:
+    """One reason the cell ran out of memory, in plain words, most important first."""
+
+    key: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Fix:
+    """One way out. ``code`` is what the user would run; ``rewritten_cell`` is the whole cell re-written
+    for this fix when one exists (re-runnable as is)."""
+
+    key: str
+    title: str
+    why: str
+    code: str
+    rewritten_cell: str | None = None
+
+
+@dataclass(frozen=True)
+class CellAnalysis:
+    """What a cell does, as far as the failed run and a read of its code tell."""
+
+    kind: CellKind
+    failed_line: int | None = None
+    failed_statement: str | None = None
+    assigned_names: tuple[str, ...] = ()
+    used_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Report:
+    """One OOM, explained: the single object every renderer reads."""
+
+    error_text: str
+    oom: OOMInfo | None
+    cell: str
+    analysis: CellAnalysis
+    snapshot: MemorySnapshot
+    holders: tuple[Holder, ...]
+    cleanup: Cleanup
+    causes: tuple[Cause, ...]
+    fixes: tuple[Fix, ...]
+    traceback_text: str = ""
+    notes: tuple[str, ...] = field(default=())
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        from vram_magic._render_widget import mimebundle
+
+        return mimebundle(self)
+
+    def __str__(self) -> str:
+        from vram_magic._render_text import render_report
+
+        return render_report(self)
+
+
+class OutOfMemoryHandled(Exception):
+    """Ends a ``%%oomsafe`` cell that ran out of memory, after the memory was freed and the report shown.
+
+    It keeps no frame of the user's code alive, and IPython shows it as one line.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
