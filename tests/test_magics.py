@@ -20,14 +20,20 @@ MiB = 2**20
 
 # A cell function whose frame holds a 64 MiB tensor when a real-format CUDA OOM is raised from it,
 # as transformers' caching_allocator_warmup does on a GPU that is too small.
-FAILING_LOAD = f"""
+FAILING_LOAD_TEMPLATE = """
 import torch, weakref
 PINNED = []
 def load_model():
     weights = torch.ones(64 * 2**20 // 4)
     PINNED.append(weakref.ref(weights))
-    raise torch.OutOfMemoryError({CAPPED_LOAD_OOM!r})
+    raise torch.OutOfMemoryError({message!r})
 """
+FAILING_LOAD = FAILING_LOAD_TEMPLATE.format(message=CAPPED_LOAD_OOM)
+# torch 1.x wording: 2 GiB asked with 1.5 GiB free on an 11 GiB GPU, so freeing 0.5 GiB would do.
+SHORTFALL_OOM = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 11.17 GiB total capacity; 8.00 GiB already "
+    "allocated; 1.50 GiB free; 8.50 GiB reserved in total by PyTorch)"
+)
 
 
 def _run(ip: Any, cell: str) -> tuple[Any, Any]:
@@ -111,7 +117,7 @@ def test_the_oom_ends_the_cell_with_one_short_line_holding_no_user_frame(
 
 
 def test_the_report_names_the_earlier_variable_that_holds_memory(ip: Any) -> None:
-    ip.run_cell(FAILING_LOAD)
+    ip.run_cell(FAILING_LOAD_TEMPLATE.format(message=SHORTFALL_OOM))
     ip.run_cell("old_model = torch.nn.Linear(4096, 4096)\n")  # 64 MiB from an earlier cell
     _run(ip, "%%oomsafe\nmodel = load_model()\n")
     report = _last_report(ip)
@@ -220,3 +226,21 @@ def _last_report(ip: Any) -> Report:
     magics = ip.magics_manager.registry["VramMagics"]
     assert isinstance(magics.last_report, Report)
     return magics.last_report
+
+
+def test_frames_of_a_chained_exception_are_freed_too(ip: Any) -> None:
+    ip.run_cell(FAILING_LOAD)
+    ip.run_cell(
+        "def first_try():\n"
+        "    scratch = torch.ones(16 * 2**20 // 4)\n"
+        "    PINNED.append(weakref.ref(scratch))\n"
+        "    raise RuntimeError('first attempt failed')\n"
+        "def with_fallback():\n"
+        "    try:\n"
+        "        first_try()\n"
+        "    except RuntimeError:\n"
+        "        load_model()\n"
+    )
+    _run(ip, "%%oomsafe\nwith_fallback()\n")
+    assert [ref() for ref in ip.user_ns["PINNED"]] == [None, None]
+    assert _last_report(ip).cleanup.freed_tensor_bytes == 80 * MiB

@@ -266,7 +266,7 @@ def test_report_text_other_process_pid_and_unknowns_omitted() -> None:
 
 def test_report_text_numbers_fixes_and_indents_code() -> None:
     lines = render_report(capped_report()).splitlines()
-    assert "Fixes (type %vram fix N to apply one)" in lines
+    assert "Fixes (most promising first)" in lines
     assert "  1. Load in 4-bit (NF4)" in lines
     assert "  2. Offload layers to CPU" in lines
     i = lines.index("  1. Load in 4-bit (NF4)")

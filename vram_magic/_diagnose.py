@@ -79,6 +79,9 @@ def diagnose(
     if not result.causes:
         result.causes.append(Cause("unknown", _fallback_cause(evidence)))
     fixes = sorted(result.fixes, key=lambda fix: _FIX_RANK.get(fix.key, _CELL_FIX_RANK))
+    if any(cause.key == "too-big" for cause in result.causes):
+        # One allocation larger than the whole limit: freeing or defragmenting cannot help.
+        fixes = [fix for fix in fixes if fix.key not in _FREEING_FIXES]
     return tuple(result.causes), tuple(fixes)
 
 
@@ -339,6 +342,7 @@ _FIXES_BY_KIND: dict[str, tuple[Fix, ...]] = {
 # that need a restart or undo a deliberate setting.
 _CELL_FIX_RANK = 2
 _FIX_RANK = {"free": 0, "other-process": 1, "expandable-segments": 3, "lift-cap": 4}
+_FREEING_FIXES = {"free", "other-process", "expandable-segments"}
 
 
 def _cell_fixes(evidence: Evidence) -> tuple[Fix, ...]:

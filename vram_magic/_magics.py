@@ -142,7 +142,7 @@ class VramMagics(Magics):
         error_text = exception_text(error)
         oom = oom_from_exception(error)
         failed_line = _last_line_in(user_frames, filename)
-        short_traceback = _short_traceback(error, user_frames)
+        short_traceback = _short_traceback(self._ip, error, user_frames)
         device = counted_device()
         cleanup = free_memory(self.shell, failure=error, device=device)
         del error, user_frames
@@ -198,9 +198,13 @@ def _last_line_in(tb: TracebackType | None, filename: str) -> int | None:
     return line
 
 
-def _short_traceback(error: BaseException, tb: TracebackType | None) -> str:
-    frames = traceback.format_tb(tb)[-_SHORT_TRACEBACK_FRAMES:] if tb else []
-    return "".join(frames) + "".join(traceback.format_exception_only(type(error), error))
+def _short_traceback(shell: Any, error: BaseException, tb: TracebackType | None) -> str:
+    """The last frames, with cells named as IPython names them ("Cell In[3]")."""
+    frames = traceback.extract_tb(tb)[-_SHORT_TRACEBACK_FRAMES:] if tb else []
+    for frame in frames:
+        frame.filename = " ".join(shell.compile.format_code_name(frame.filename) or (frame.filename,))
+    lines = traceback.format_list(frames)
+    return "".join(lines) + "".join(traceback.format_exception_only(type(error), error))
 
 
 def load(shell: Any) -> None:

@@ -24,7 +24,7 @@ from vram_magic._types import (
 WIDTH = 88
 LABEL_WIDTH = 30
 HOLDERS_TITLE = "What holds memory (by name)"
-FIX_HINT = "type %vram fix N to apply one"
+FIX_HINT = "most promising first"
 
 OOM_HEADS: dict[OOMKind, str] = {
     "cuda": "CUDA out of memory",

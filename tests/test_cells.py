@@ -1,0 +1,45 @@
+"""Reading a cell: its kind, the statement that failed, the names it binds."""
+
+from __future__ import annotations
+
+from vram_magic._cells import analyse_cell
+
+CELL = """
+import torch
+from transformers import AutoModelForCausalLM as Model
+def helper():
+    local_only = 1
+model = Model.from_pretrained(
+    "meta-llama/Llama-3.1-8B",
+    device_map="cuda",
+)
+merged = model.merge_and_unload()
+for step, batch in enumerate(loader):
+    pass
+"""
+
+
+def test_the_failed_statement_is_the_whole_multi_line_statement() -> None:
+    analysis = analyse_cell(CELL, 7)
+    assert analysis.kind == "load"
+    assert analysis.failed_statement == (
+        'model = Model.from_pretrained(\n    "meta-llama/Llama-3.1-8B",\n    device_map="cuda",\n)'
+    )
+
+
+def test_the_failed_statement_decides_the_kind_before_the_rest_of_the_cell() -> None:
+    assert analyse_cell(CELL, 10).kind == "merge"
+    assert analyse_cell(CELL, None).kind == "merge"  # strongest kind in the cell
+    assert analyse_cell(CELL, 11).kind == "merge"  # a plain loop line falls back to the cell
+
+
+def test_names_bound_at_top_level_only() -> None:
+    analysis = analyse_cell(CELL)
+    assert analysis.assigned_names == ("torch", "Model", "helper", "model", "merged", "step", "batch")
+    assert "local_only" not in analysis.assigned_names
+    assert {"Model", "model", "enumerate", "loader"} <= set(analysis.used_names)
+
+
+def test_unparsable_code_is_other_without_a_statement() -> None:
+    analysis = analyse_cell("model = (\n", 1)
+    assert analysis.kind == "other" and analysis.failed_statement is None

@@ -1,0 +1,129 @@
+"""The rules that turn evidence into ranked causes and fixes, fed with real OOM messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vram_magic._cells import analyse_cell
+from vram_magic._diagnose import diagnose
+from vram_magic._oom import parse_oom_message
+from vram_magic._types import Cleanup, CpuMemory, GpuSnapshot, Holder, MemorySnapshot, OOMInfo
+
+MESSAGES = Path(__file__).parent / "fixtures" / "oom_messages"
+GiB = 2**30
+NO_CLEANUP = Cleanup(released=(), reclaimed_bytes=None, freed_tensor_bytes=0)
+NO_GPU = MemorySnapshot(gpus=(), cpu=CpuMemory(None, None, None))
+
+
+def _oom(name: str) -> OOMInfo:
+    info = parse_oom_message((MESSAGES / name).read_text())
+    assert info is not None
+    return info
+
+
+def _keys(items: tuple[object, ...]) -> list[str]:
+    return [item.key for item in items]  # type: ignore[attr-defined]
+
+
+def test_another_process_and_fragmentation_are_named_with_their_figures() -> None:
+    analysis = analyse_cell("\nloss = model(**batch).loss\nloss.backward()\n", 3)
+    causes, fixes = diagnose(_oom("torch2_1_other_process.txt"), NO_GPU, (), analysis, NO_CLEANUP)
+    texts = " ".join(cause.text for cause in causes)
+    assert "Process 20417 holds 1.10 GiB" in texts
+    assert "455.37 MiB was reserved by PyTorch but unallocated" in texts
+    assert "expandable_segments:True" in texts
+    assert _keys(fixes) == ["other-process", "half-batch", "checkpointing", "expandable-segments"]
+
+
+def test_a_request_above_the_cap_offers_no_freeing_even_with_holders() -> None:
+    holders = (Holder("old_model", "LlamaForCausalLM", 3 * GiB),)
+    analysis = analyse_cell("\nmodel = AutoModelForCausalLM.from_pretrained(path)\n", 2)
+    causes, fixes = diagnose(
+        _oom("torch2_11_h100_from_pretrained_capped.txt"), NO_GPU, holders, analysis, NO_CLEANUP
+    )
+    assert _keys(causes)[:2] == ["too-big", "cap"]
+    assert "1.50 GiB" in causes[1].text
+    assert "free" not in _keys(fixes)
+    assert _keys(fixes) == ["8bit", "offload", "4bit", "cpu", "lift-cap"]
+
+
+def test_an_old_copy_being_rebound_is_the_first_thing_to_free() -> None:
+    oom = _oom("seed_from_pretrained_torch1.txt")  # 2 GiB asked, 1.5 GiB free on an 11 GiB GPU
+    holders = (Holder("model", "LlamaForCausalLM", 8 * GiB), Holder("tokenizer_cache", "dict", 10 * 2**20))
+    analysis = analyse_cell('\nmodel = AutoModelForCausalLM.from_pretrained("x", device_map="cuda")\n', 2)
+    causes, fixes = diagnose(oom, NO_GPU, holders, analysis, NO_CLEANUP)
+    rebind = next(cause for cause in causes if cause.key == "holder")
+    assert "`model` (LlamaForCausalLM) from an earlier run still holds 8.00 GiB" in rebind.text
+    assert "re-binds `model`" in rebind.text
+    assert fixes[0].code == "%vram free model"  # the small dict is not worth naming
+    assert _keys(fixes)[1:] == ["8bit", "offload", "4bit", "cpu"]
+
+
+def test_a_merge_keeps_the_model_it_merges_and_frees_the_trainer() -> None:
+    oom = _oom("seed_qlora_torch1.txt")
+    holders = (Holder("trainer", "SFTTrainer", 9 * GiB), Holder("model", "PeftModelForCausalLM", 5 * GiB))
+    analysis = analyse_cell("\nmerged = model.merge_and_unload()\n", 2)
+    causes, fixes = diagnose(oom, NO_GPU, holders, analysis, NO_CLEANUP)
+    assert analysis.kind == "merge"
+    assert any("`trainer` (SFTTrainer) from an earlier cell still holds 9.00 GiB" in c.text for c in causes)
+    assert not any("`model`" in c.text for c in causes)
+    assert [fix.code for fix in fixes][:1] == ["%vram free trainer"]
+    assert _keys(fixes)[1:] == ["merge-cpu"]
+
+
+def test_other_processes_seen_only_as_a_remainder_are_labelled() -> None:
+    gpu = GpuSnapshot(
+        index=0,
+        name="T4",
+        total_bytes=15 * GiB,
+        free_bytes=GiB,
+        others_bytes=6 * GiB,
+        others_are_remainder=True,
+    )
+    snapshot = MemorySnapshot(gpus=(gpu,), cpu=CpuMemory(None, None, None))
+    oom = _oom("seed_from_pretrained_torch1.txt")
+    causes, _ = diagnose(oom, snapshot, (), analyse_cell("\nx = f()\n", 2), NO_CLEANUP)
+    assert any("about 6.00 GiB (total - free - this process" in c.text for c in causes)
+
+
+def test_a_message_without_figures_still_gets_a_cause() -> None:
+    oom = _oom("cuda_error_out_of_memory.txt")
+    causes, fixes = diagnose(oom, NO_GPU, (), analyse_cell("\ny = model(x)\n", 2), NO_CLEANUP)
+    assert _keys(causes) == ["unknown"]
+    assert causes[0].text.startswith("RuntimeError: CUDA error: out of memory")
+    assert fixes == ()
+
+
+@pytest.mark.parametrize(
+    ("cell", "line", "kind"),
+    [
+        ('\nmodel = AutoModelForCausalLM.from_pretrained("m")\n', 2, "load"),
+        ('\npipe = pipeline("text-generation", model="m")\n', 2, "load"),
+        ("\ntrainer = Trainer(model=model, args=args)\ntrainer.train()\n", 3, "training"),
+        ("\nout = model.generate(**inputs, max_new_tokens=50)\n", 2, "generation"),
+        ("\nmerged = model.merge_and_unload()\n", 2, "merge"),
+        ("\ny = x @ x\n", 2, "other"),
+    ],
+)
+def test_each_kind_of_cell_gets_its_own_fixes(cell: str, line: int, kind: str) -> None:
+    analysis = analyse_cell(cell, line)
+    assert analysis.kind == kind
+    _, fixes = diagnose(_oom("seed_qlora_torch1.txt"), NO_GPU, (), analysis, NO_CLEANUP)
+    expected = {
+        "load": ["8bit", "offload", "4bit", "cpu"],
+        "training": ["half-batch", "checkpointing"],
+        "generation": ["smaller-generation"],
+        "merge": ["merge-cpu"],
+        "other": [],
+    }[kind]
+    assert _keys(fixes) == expected
+
+
+def test_a_dispatch_refusal_offers_4bit_and_cpu() -> None:
+    oom = _oom("bnb_dispatched_cpu_or_disk.txt")
+    analysis = analyse_cell("\nmodel = M.from_pretrained(p, quantization_config=q)\n", 2)
+    causes, fixes = diagnose(oom, NO_GPU, (), analysis, NO_CLEANUP)
+    assert _keys(causes) == ["dispatch"]
+    assert _keys(fixes) == ["4bit", "cpu"]
