@@ -11,7 +11,6 @@ import argparse
 import gc
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -89,7 +88,9 @@ def overhead(shell: Any, runs: int, warmup: int) -> list[str]:
             if n >= warmup:
                 plain.append(pair[0])
                 ours.append(pair[1])
-        assert shell.last_execution_result.success, f"{label} failed under %%oomsafe"
+        plain_result, magic_result = shell.run_cell(cell), shell.run_cell(magic_cell)
+        if not magic_result.success or magic_result.result != plain_result.result:
+            raise SystemExit(f"{label}: %%oomsafe did not run it as the plain shell does")
         plain_ms, ours_ms = statistics.median(plain), statistics.median(ours)
         rows.append(
             f"| {label} | {plain_ms:.3f} ({p90(plain):.3f}) | {ours_ms:.3f} ({p90(ours):.3f}) "
@@ -148,12 +149,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=300, help="timed runs per cell (after warm-up)")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--size-mib", type=int, default=256, help="the tensor the failing cell pins")
-    parser.add_argument("--oom-repeats", type=int, default=5)
+    parser.add_argument("--oom-repeats", type=int, default=11)
     args = parser.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
-    shell = get_ipython()
+    shell = get_ipython()  # type: ignore[no-untyped-call]
     shell.run_line_magic("load_ext", "vram_magic")
     with capture_output():  # cell output, tracebacks and the reports stay off the table
         overhead_rows = overhead(shell, args.runs, args.warmup)
@@ -162,4 +163,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
