@@ -20,14 +20,15 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check vram_magic tests benchmarks
+	$(VENV)/bin/ruff check vram_magic tests benchmarks notebooks docs
+	$(VENV)/bin/ruff format --check vram_magic tests benchmarks notebooks docs
 	$(VENV)/bin/mypy
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m vram_magic._demo notebooks/quickstart.ipynb
+	$(PY) notebooks/run.py notebooks/quickstart.ipynb
 
 clean:
 	rm -rf $(VENV) build *.egg-info

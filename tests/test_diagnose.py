@@ -127,3 +127,15 @@ def test_a_dispatch_refusal_offers_4bit_and_cpu() -> None:
     causes, fixes = diagnose(oom, NO_GPU, (), analysis, NO_CLEANUP)
     assert _keys(causes) == ["dispatch"]
     assert _keys(fixes) == ["4bit", "cpu"]
+
+
+def test_freeing_too_little_to_cover_the_shortfall_is_ranked_after_the_cell_fixes() -> None:
+    oom = _oom("seed_from_pretrained_torch1.txt")  # 0.5 GiB short
+    holders = (Holder("scratch", "Tensor", 100 * 2**20),)
+    analysis = analyse_cell("\nmodel = AutoModelForCausalLM.from_pretrained(path)\n", 2)
+    _, fixes = diagnose(oom, NO_GPU, holders, analysis, NO_CLEANUP)
+    assert _keys(fixes) == ["8bit", "offload", "4bit", "cpu", "free"]
+    assert fixes[-1].why == (
+        "It holds about 100.00 MiB that this cell does not need. "
+        "Not enough alone: the cell was 512.00 MiB short."
+    )

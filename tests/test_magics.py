@@ -244,3 +244,10 @@ def test_frames_of_a_chained_exception_are_freed_too(ip: Any) -> None:
     _run(ip, "%%oomsafe\nwith_fallback()\n")
     assert [ref() for ref in ip.user_ns["PINNED"]] == [None, None]
     assert _last_report(ip).cleanup.freed_tensor_bytes == 80 * MiB
+
+
+def test_tracebacks_name_the_running_cell_as_ipython_does(ip: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    shown = _tracebacks(ip, monkeypatch)
+    ip.run_cell("%%oomsafe\n1 / 0\n", store_history=True)  # a stored cell: the counter has moved on
+    number = ip.execution_count - 1
+    assert f"Cell In[{number}], line 2" in "\n".join(shown[0])

@@ -51,6 +51,12 @@ class Evidence:
 class Diagnosis:
     causes: list[Cause] = field(default_factory=list)
     fixes: list[Fix] = field(default_factory=list)
+    demoted: set[str] = field(default_factory=set)  # fixes that cannot be enough alone: after the cell fixes
+
+    def rank(self, fix: Fix) -> float:
+        if fix.key in self.demoted:
+            return _CELL_FIX_RANK + 0.5
+        return _FIX_RANK.get(fix.key, _CELL_FIX_RANK)
 
 
 def failing_gpu(snapshot: MemorySnapshot, oom: OOMInfo | None) -> GpuSnapshot | None:
@@ -78,7 +84,7 @@ def diagnose(
     _non_pytorch(evidence, result)
     if not result.causes:
         result.causes.append(Cause("unknown", _fallback_cause(evidence)))
-    fixes = sorted(result.fixes, key=lambda fix: _FIX_RANK.get(fix.key, _CELL_FIX_RANK))
+    fixes = sorted(result.fixes, key=result.rank)
     if any(cause.key == "too-big" for cause in result.causes):
         # One allocation larger than the whole limit: freeing or defragmenting cannot help.
         fixes = [fix for fix in fixes if fix.key not in _FREEING_FIXES]
@@ -177,14 +183,28 @@ def _earlier_holders(evidence: Evidence, result: Diagnosis) -> None:
         return
     names = [h.name for h in freeable]
     total = sum(h.total_bytes - h.shared_bytes for h in freeable) or freeable[0].total_bytes
+    holds = "Together they hold" if len(names) > 1 else "It holds"
+    why = f"{holds} about {format_bytes(total)} that this cell does not need."
+    shortfall = _shortfall_bytes(evidence)
+    if shortfall is not None and total < shortfall:
+        why += f" Not enough alone: the cell was {format_bytes(shortfall)} short."
+        result.demoted.add("free")
     result.fixes.append(
         Fix(
             "free",
             f"Free {_join_names(names)}, then run the cell again",
-            f"Together they hold about {format_bytes(total)} that this cell does not need.",
+            why,
             f"%vram free {' '.join(names)}",
         )
     )
+
+
+def _shortfall_bytes(evidence: Evidence) -> int | None:
+    """How much more room the failed allocation needed."""
+    room = _room_bytes(evidence)
+    if evidence.requested_bytes is None or room is None:
+        return None
+    return max(evidence.requested_bytes - room, 0)
 
 
 def _other_processes(evidence: Evidence, result: Diagnosis) -> None:
@@ -273,7 +293,7 @@ _LOAD_FIXES = (
     Fix(
         "8bit",
         "Load the model in 8-bit",
-        "Halves the weights of a 16-bit model with little quality loss (bitsandbytes LLM.int8).",
+        "One byte per weight (half of 16-bit, a quarter of 32-bit) with little quality loss (LLM.int8).",
         _BNB_IMPORT + "# in from_pretrained(...):\n"
         'quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto"',
     ),

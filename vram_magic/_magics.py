@@ -91,7 +91,7 @@ class VramMagics(Magics):
         _parse(self.oomsafe, line, "%%oomsafe?")
         body = self._ip.transform_cell(cell)
         magic_line = f"%%oomsafe {line}".rstrip()
-        filename = self._ip.compile.cache(f"{magic_line}\n{body}", self._ip.execution_count)
+        filename = self._ip.compile.cache(f"{magic_line}\n{body}", _running_cell_number(self._ip))
         statements, last_expression = self._compile(body, filename)
         try:
             exec(statements, self._ip.user_global_ns, self._ip.user_ns)
@@ -180,6 +180,21 @@ def counted_device() -> str:
     """The device whose memory a failed cell can pin: CUDA when a GPU is visible, else CPU RAM."""
     torch = sys.modules.get("torch")
     return "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
+
+
+def _running_cell_number(shell: Any) -> int:
+    """The number IPython gave the cell now running, so tracebacks say "Cell In[n]" as for a plain cell.
+
+    ``execution_count`` is already the next number while a stored cell runs; the running cell's own code
+    is found among our callers, and IPython's compiler maps its file name to its number.
+    """
+    numbers: dict[str, int] = getattr(shell.compile, "_filename_map", {})
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename in numbers:
+            return numbers[frame.f_code.co_filename]
+        frame = frame.f_back  # type: ignore[assignment]
+    return int(shell.execution_count)
 
 
 def _ends_with_semicolon(body: str) -> bool:
