@@ -46,7 +46,7 @@ def test_a_request_above_the_cap_offers_no_freeing_even_with_holders() -> None:
     assert _keys(causes)[:2] == ["too-big", "cap"]
     assert "1.50 GiB" in causes[1].text
     assert "free" not in _keys(fixes)
-    assert _keys(fixes) == ["8bit", "offload", "4bit", "cpu", "lift-cap"]
+    assert _keys(fixes) == ["bf16", "8bit", "offload", "4bit", "cpu", "lift-cap"]
 
 
 def test_an_old_copy_being_rebound_is_the_first_thing_to_free() -> None:
@@ -58,7 +58,7 @@ def test_an_old_copy_being_rebound_is_the_first_thing_to_free() -> None:
     assert "`model` (LlamaForCausalLM) from an earlier run still holds 8.00 GiB" in rebind.text
     assert "re-binds `model`" in rebind.text
     assert fixes[0].code == "%vram free model"  # the small dict is not worth naming
-    assert _keys(fixes)[1:] == ["8bit", "offload", "4bit", "cpu"]
+    assert _keys(fixes)[1:] == ["bf16", "8bit", "offload", "4bit", "cpu"]
 
 
 def test_a_merge_keeps_the_model_it_merges_and_frees_the_trainer() -> None:
@@ -112,7 +112,7 @@ def test_each_kind_of_cell_gets_its_own_fixes(cell: str, line: int, kind: str) -
     assert analysis.kind == kind
     _, fixes = diagnose(_oom("seed_qlora_torch1.txt"), NO_GPU, (), analysis, NO_CLEANUP)
     expected = {
-        "load": ["8bit", "offload", "4bit", "cpu"],
+        "load": ["bf16", "8bit", "offload", "4bit", "cpu"],
         "training": ["half-batch", "checkpointing"],
         "generation": ["smaller-generation"],
         "merge": ["merge-cpu"],
@@ -134,7 +134,7 @@ def test_freeing_too_little_to_cover_the_shortfall_is_ranked_after_the_cell_fixe
     holders = (Holder("scratch", "Tensor", 100 * 2**20),)
     analysis = analyse_cell("\nmodel = AutoModelForCausalLM.from_pretrained(path)\n", 2)
     _, fixes = diagnose(oom, NO_GPU, holders, analysis, NO_CLEANUP)
-    assert _keys(fixes) == ["8bit", "offload", "4bit", "cpu", "free"]
+    assert _keys(fixes) == ["bf16", "8bit", "offload", "4bit", "cpu", "free"]
     assert fixes[-1].why == (
         "It holds about 100.00 MiB that this cell does not need. "
         "Not enough alone: the cell was 512.00 MiB short."

@@ -189,7 +189,7 @@ def test_bad_cell_magic_option_is_a_usage_error(ip: Any) -> None:
 
 def test_help_comes_from_the_docstring(ip: Any) -> None:
     doc = ip.find_line_magic("vram").__doc__
-    assert "%vram who" in doc and "%vram [--device DEVICE] [command] [names ...]" in doc
+    assert "%vram who" in doc and "%vram [--device DEVICE] [--diff] [--insert] [command] [names ...]" in doc
 
 
 def test_unload_leaves_no_magic_behind(session_shell: Any) -> None:

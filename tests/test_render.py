@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 
 import vram_magic._render_widget as rw
 from vram_magic._render_text import (
+    details_text,
     format_bytes,
     render_cleanup,
     render_holders,
@@ -111,6 +113,7 @@ def capped_report(**changes: Any) -> Report:
                 "from transformers import BitsAndBytesConfig\n"
                 "model = AutoModelForCausalLM.from_pretrained(\n"
                 "    path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))",
+                rewritten_cell="model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q)\n",
             ),
             Fix(
                 "offload",
@@ -266,9 +269,12 @@ def test_report_text_other_process_pid_and_unknowns_omitted() -> None:
 
 def test_report_text_numbers_fixes_and_indents_code() -> None:
     lines = render_report(capped_report()).splitlines()
-    assert "Fixes (most promising first)" in lines
+    assert (
+        "Fixes (most promising first; run one with %vram fix N, see its change with %vram fix N --diff)"
+        in lines
+    )
     assert "  1. Load in 4-bit (NF4)" in lines
-    assert "  2. Offload layers to CPU" in lines
+    assert "  2. Offload layers to CPU (by hand)" in lines  # advice only: it has no cell to run
     i = lines.index("  1. Load in 4-bit (NF4)")
     assert lines[i + 1] == "     Weights shrink to about a quarter."
     assert lines[i + 2] == "       from transformers import BitsAndBytesConfig"
@@ -284,6 +290,14 @@ def test_report_text_holders_by_name_with_sharing() -> None:
     assert base.endswith("shares 1.59 GiB with peft_model")
     cache = next(ln for ln in lines if ln.strip().startswith("cache "))
     assert "518.00 MiB" in cache and "shares" not in cache
+
+
+def test_details_text_does_not_repeat_the_error_after_its_traceback() -> None:
+    assert details_text(capped_report()) == TRACEBACK  # it ends with the error already
+    error = "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 172.00 MiB."
+    assert details_text(other_report()) == error  # no traceback: the error alone
+    elsewhere = capped_report(traceback_text="Cell In[3], line 4\n----> 4 model = load()")
+    assert details_text(elsewhere) == f"Cell In[3], line 4\n----> 4 model = load()\n{elsewhere.error_text}"
 
 
 def test_render_holders_for_vram_who() -> None:
@@ -369,16 +383,108 @@ def test_report_widget_tree() -> None:
     view = rw.report_widget(r)
     assert isinstance(view, ipywidgets.VBox)
     first = view.children[0]
-    assert first.value == f"<b>{summary_line(r)}</b>"
+    assert first.value == f'<div style="line-height:1.4"><b>{summary_line(r)}</b></div>'
     html = html_of(view)
     assert "GPU 0 when it failed" in html and "vram-cap" in html
     assert "<li>The model needs 1.59 GiB in bf16" in html
     assert "<b>1. Load in 4-bit (NF4)</b>" in html and "<b>2. Offload layers to CPU</b>" in html
-    assert "shares 1.59 GiB with peft_model" in html
+    assert "peft_model</code> (1.59 GiB)" in html
     accordions = [w for w in walk(view) if isinstance(w, ipywidgets.Accordion)]
     assert len(accordions) == 1 and accordions[0].titles == ("Details",)
     details = html_of(accordions[0])
     assert "Tried to allocate 1.59 GiB" in details and "caching_allocator_warmup" in details
+
+
+def html_values(widget: Any) -> list[str]:
+    return [w.value for w in walk(widget) if type(w).__name__ == "HTML"]
+
+
+def test_widgets_follow_the_theme_with_light_fallbacks() -> None:
+    pytest.importorskip("ipywidgets")
+    r = capped_report(causes=(Cause("stale", "`old_model` still holds 64.00 MiB."),))
+    html = html_of(rw.report_widget(r)) + html_of(rw.snapshot_widget(MemorySnapshot(gpus=(H100,), cpu=CPU)))
+    for variable in (
+        "var(--jp-layout-color2,#f6f6f6)",
+        "var(--jp-content-font-color2,#444)",
+        "var(--jp-border-color1,#999)",
+        "var(--jp-ui-font-color0,#000)",
+    ):
+        assert variable in html, variable
+    bare = re.sub(r"var\([^)]*\)", "", html)  # colours left outside a theme variable
+    for colour in ("#f6f6f6", "#444", "#555", "#000", "#999"):
+        assert colour not in bare, colour
+
+
+def test_every_html_value_has_a_readable_line_height() -> None:
+    pytest.importorskip("ipywidgets")
+    views = [
+        rw.report_widget(capped_report()),
+        rw.report_widget(other_report()),
+        rw.snapshot_widget(MemorySnapshot(gpus=(T4,), cpu=CPU, problems=("psutil not installed",))),
+        rw.snapshot_widget(NO_GPU),
+    ]
+    for view in views:
+        for value in html_values(view):
+            assert value.startswith('<div style="line-height:1.4'), value[:80]
+
+
+def test_code_keeps_its_lines_and_messages_wrap_between_words() -> None:
+    pytest.importorskip("ipywidgets")
+    view = rw.report_widget(capped_report())
+    pres = re.findall(r'<pre style="([^"]*)">', html_of(view))
+    assert len(pres) == 4  # the failed statement, two fixes' code, and the details
+    code, text = pres[:3], pres[3]
+    for style in code:
+        assert "white-space:pre;" in style and "overflow-x:auto" in style, style
+    assert "white-space:pre-wrap" in text and "word-break:normal" in text and "overflow-wrap:anywhere" in text
+
+
+def test_backticked_names_become_code() -> None:
+    pytest.importorskip("ipywidgets")
+    r = capped_report(
+        causes=(Cause("stale", "`old_model` (Linear) still holds 64.00 MiB; `a<b` too."),),
+        fixes=(
+            Fix("free", "Free `old_model`, then run the cell again", "Frees `old_model`.", "del old_model"),
+        ),
+        notes=("Set `PYTORCH_CUDA_ALLOC_CONF` first.",),
+    )
+    html = html_of(rw.report_widget(r))
+    prose = re.sub(r"<pre.*?</pre>", "", html, flags=re.S)  # code blocks keep what they say
+    assert "`" not in prose
+    code = re.compile(r"<code[^>]*>([^<]*)</code>")
+    assert code.findall(html).count("old_model") >= 3  # the cause, the fix title and its why
+    assert "a&lt;b" in code.findall(html)  # escaped first, then made code
+    assert "PYTORCH_CUDA_ALLOC_CONF" in code.findall(html)
+    assert re.search(r"<b>1\. Free <code[^>]*>old_model</code>, then run the cell again</b>", html)
+
+
+def test_holders_table_has_a_header_row_and_padding() -> None:
+    pytest.importorskip("ipywidgets")
+    html = html_of(rw.report_widget(capped_report()))
+    table = html[html.index("<table") : html.index("</table>")]
+    headers = re.findall(r"<th[^>]*>([^<]*)</th>", table)
+    assert headers == ["name", "type", "size", "shared with"]
+    assert "<thead>" in table and table.count("<tr>") == 4  # the header and three holders
+    assert all("padding:" in style for style in re.findall(r'<t[dh] style="([^"]*)"', table))
+
+
+def test_report_widget_details_show_the_error_once() -> None:
+    ipywidgets = pytest.importorskip("ipywidgets")
+    for r, once in (
+        (capped_report(), "Tried to allocate 1.59 GiB."),
+        (other_report(), "Tried to allocate 172.00 MiB."),
+    ):
+        accordion = next(w for w in walk(rw.report_widget(r)) if isinstance(w, ipywidgets.Accordion))
+        assert html_of(accordion).count(once) == 1, r.error_text
+
+
+def test_sections_share_one_heading_and_list_spacing() -> None:
+    pytest.importorskip("ipywidgets")
+    html = html_of(rw.report_widget(capped_report()))
+    headings = re.findall(r'<div style="([^"]*)"><b>(What holds|Why|Fixes|Notes|GPU 0)', html)
+    assert len(headings) == 5 and len({style for style, _ in headings}) == 1
+    lists = re.findall(r'<[ou]l style="([^"]*)">', html)
+    assert len(lists) == 2 and len(set(lists)) == 1
 
 
 def test_fix_row_escapes_code_and_is_a_box() -> None:
@@ -411,16 +517,38 @@ def test_snapshot_widget_bar_segments_and_cap() -> None:
     html = html_of(rw.snapshot_widget(MemorySnapshot(gpus=(T4,), cpu=CPU)))
     assert "Tesla T4" in html
     assert 'title="PyTorch allocated: 12.91 GiB"' in html
-    assert 'title="other processes: 1.10 GiB"' in html and "pid 20417" in html
+    assert 'title="other processes: 1.10 GiB"' in html and "pid 20417: 1.10 GiB" in html
     assert "vram-cap" not in html  # no cap set on this GPU
     capped = html_of(rw.snapshot_widget(MemorySnapshot(gpus=(H100,), cpu=CPU)))
     assert "vram-cap" in capped and "cap on this process 1.50 GiB" in capped
+
+
+def test_bar_segments_have_a_minimum_width_and_fill_the_bar() -> None:
+    pytest.importorskip("ipywidgets")
+    tiny = GpuSnapshot(
+        index=0,
+        name=None,
+        total_bytes=100 * GiB,
+        free_bytes=MiB,  # far under a pixel in proportion
+        allocated_bytes=90 * GiB,
+        reserved_bytes=90 * GiB,
+        process_bytes=90 * GiB,
+        others_bytes=5 * GiB,
+    )
+    html = rw.bar_html(tiny)
+    segments = re.findall(r'<div title="([^"]*)" style="flex:([0-9.]+) 1 0px;min-width:3px;', html)
+    assert [title.split(":")[0] for title, _ in segments] == ["PyTorch allocated", "other processes", "free"]
+    grow = [float(g) for _, g in segments] + [
+        float(g) for g in re.findall(r'<div style="flex:([0-9.]+) 1 0px;">', html)
+    ]
+    assert sum(grow) == pytest.approx(100, abs=0.01)  # the unaccounted remainder is a spacer: the bar is full
 
 
 def test_snapshot_widget_without_gpus_explains() -> None:
     pytest.importorskip("ipywidgets")
     html = html_of(rw.snapshot_widget(NO_GPU))
     assert "NVML library not found" in html and "CPU RAM" in html
+    assert re.search(r"<code[^>]*>%%oomsafe</code> still catches", html)
 
 
 # --- the bundle ----------------------------------------------------------------------------------

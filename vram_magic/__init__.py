@@ -6,7 +6,7 @@ torch nor IPython; the magics module is imported only when the extension is load
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vram_magic._oom import is_oom, parse_oom_message
 from vram_magic._types import (
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
 __version__ = "0.1.0"
+_Model = TypeVar("_Model")
 
 __all__ = [
     "Cause",
@@ -43,7 +44,9 @@ __all__ = [
     "is_oom",
     "load_ipython_extension",
     "parse_oom_message",
+    "rewrite",
     "snapshot",
+    "to_gpu_if_it_fits",
     "unload_ipython_extension",
 ]
 
@@ -60,6 +63,21 @@ def find_holders(namespace: dict[str, Any], device: str = "cuda") -> tuple[Holde
     from vram_magic._who import find_holders as _find_holders
 
     return _find_holders(namespace, device=device)
+
+
+def rewrite(source: str, fix: str, **options: object) -> str:
+    """``source`` with ``fix`` applied ("4bit", "8bit", "bf16", "offload", "cpu", "merge-cpu",
+    "half-batch"); raises ``vram_magic._rewrite.NotApplicable`` (a ValueError) saying why not."""
+    from vram_magic._rewrite import rewrite as _rewrite
+
+    return _rewrite(source, fix, **options)
+
+
+def to_gpu_if_it_fits(model: _Model) -> _Model:
+    """Move ``model`` to the GPU if its weights fit there; else keep it on the CPU and say why."""
+    from vram_magic._fitting import to_gpu_if_it_fits as _to_gpu_if_it_fits
+
+    return _to_gpu_if_it_fits(model)
 
 
 def load_ipython_extension(ipython: InteractiveShell) -> None:

@@ -39,7 +39,7 @@ def analyse_cell(source: str, failed_line: int | None = None) -> CellAnalysis:
         kind=kind,
         failed_line=failed_line,
         failed_statement=statement,
-        assigned_names=_assigned_names(tree),
+        assigned_names=assigned_names(tree),
         used_names=tuple(
             dict.fromkeys(
                 n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
@@ -71,7 +71,7 @@ def _kind_of(node: ast.AST) -> CellKind:
     return "other"
 
 
-def _assigned_names(tree: ast.Module) -> tuple[str, ...]:
+def assigned_names(tree: ast.Module) -> tuple[str, ...]:
     """Names the cell binds at top level (assignments, for/with targets, imports, defs)."""
     names: list[str] = []
     pending: list[ast.AST] = list(tree.body)

@@ -116,7 +116,7 @@ def _too_big_for_the_gpu(evidence: Evidence, result: Diagnosis) -> None:
         )
         return
     free = evidence.oom.free_bytes if evidence.oom else None
-    room = _room_bytes(evidence)
+    room = message_room_bytes(evidence.oom)
     text = f"{what.capitalize()} asked for {format_bytes(requested)} more"
     if room is not None:
         text += f"; only {format_bytes(room)} was left to this process"
@@ -125,9 +125,8 @@ def _too_big_for_the_gpu(evidence: Evidence, result: Diagnosis) -> None:
     result.causes.append(Cause("need", text + "."))
 
 
-def _room_bytes(evidence: Evidence) -> int | None:
-    """How much more this process could have taken when it failed."""
-    oom = evidence.oom
+def message_room_bytes(oom: OOMInfo | None) -> int | None:
+    """How much more this process could have taken when it failed, by the message."""
     if oom is None:
         return None
     if oom.allowed_bytes is not None and oom.reserved_bytes is not None:
@@ -189,19 +188,15 @@ def _earlier_holders(evidence: Evidence, result: Diagnosis) -> None:
     if shortfall is not None and total < shortfall:
         why += f" Not enough alone: the cell was {format_bytes(shortfall)} short."
         result.demoted.add("free")
-    result.fixes.append(
-        Fix(
-            "free",
-            f"Free {_join_names(names)}, then run the cell again",
-            why,
-            f"%vram free {' '.join(names)}",
-        )
-    )
+    title = f"Free {_join_names(names)}, then run the cell again"
+    fits = None if shortfall is None else total >= shortfall
+    code = f"%vram free {' '.join(names)}"
+    result.fixes.append(Fix("free", title, why, code, free_names=tuple(names), fits=fits))
 
 
 def _shortfall_bytes(evidence: Evidence) -> int | None:
     """How much more room the failed allocation needed."""
-    room = _room_bytes(evidence)
+    room = message_room_bytes(evidence.oom)
     if evidence.requested_bytes is None or room is None:
         return None
     return max(evidence.requested_bytes - room, 0)
@@ -290,6 +285,12 @@ _KIND_WORDS = {
 
 _BNB_IMPORT = "from transformers import BitsAndBytesConfig\n"
 _LOAD_FIXES = (
+    Fix(
+        "bf16",
+        "Load the model in bfloat16",
+        "Half the memory of float32 weights, in the precision most models were trained in.",
+        "# in from_pretrained(...):\ndtype=torch.bfloat16",
+    ),
     Fix(
         "8bit",
         "Load the model in 8-bit",

@@ -11,25 +11,45 @@ from __future__ import annotations
 import ast
 import contextlib
 import sys
+import time
 import traceback
+from dataclasses import dataclass, replace
 from types import CodeType, TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-from vram_magic._cells import analyse_cell
+from vram_magic._cells import analyse_cell, assigned_names
 from vram_magic._cleanup import free_memory
 from vram_magic._diagnose import diagnose
 from vram_magic._oom import exception_text, is_oom, oom_from_exception
+from vram_magic._plan import make_runnable, room_after_cleanup
 from vram_magic._probe import take_snapshot
-from vram_magic._render_text import render_cleanup, render_holders, summary_line
-from vram_magic._types import MemorySnapshot, OutOfMemoryHandled, Report
+from vram_magic._render_text import (
+    render_auto_result,
+    render_cleanup,
+    render_fix_worked,
+    render_holders,
+    summary_line,
+)
+from vram_magic._rewrite import NotApplicable, rewrite
+from vram_magic._types import Attempt, Fix, OutOfMemoryHandled, Report
 from vram_magic._who import find_holders
 
 _SHORT_TRACEBACK_FRAMES = 4
+_DEFAULT_MAX_ATTEMPTS = 4
+
+
+@dataclass
+class _Outcome:
+    """How one run of a cell ended: its value, or the report of its OOM."""
+
+    value: Any = None
+    report: Report | None = None
+    seconds: float = 0.0
 
 
 @magics_class
@@ -47,21 +67,25 @@ class VramMagics(Magics):
     @argument(
         "command",
         nargs="?",
-        help="nothing: a VRAM snapshot; 'who': names holding VRAM; 'free': release memory",
+        help="nothing: a VRAM snapshot; 'who': names holding VRAM; 'free': release memory; "
+        "'fix': apply fix N of the last report",
     )
-    @argument("names", nargs="*", help="with 'free': variables to delete first")
+    @argument("names", nargs="*", help="with 'free': variables to delete first; with 'fix': the fix number")
     @argument(
         "--device",
         default=None,
         help="the device to count with 'who'/'free' (default: cuda when a GPU is visible, else cpu)",
     )
+    @argument("--diff", action="store_true", help="with 'fix': show what the fix changes, run nothing")
+    @argument("--insert", action="store_true", help="with 'fix': put the fixed cell in a new cell below")
     @line_magic
-    def vram(self, line: str) -> MemorySnapshot | None:
+    def vram(self, line: str) -> Any:
         """Where VRAM goes.
 
         %vram               a snapshot of every visible GPU and of CPU RAM (s = %vram keeps it)
         %vram who           which names in the notebook hold VRAM, biggest first
         %vram free [NAME …] delete NAMEs, release what the last error keeps alive, empty the cache
+        %vram fix N         run fix N of the last %%oomsafe report (--diff: show it; --insert: new cell)
         """
         args = _parse(self.vram, line, "%vram?")
         device = args.device or counted_device()
@@ -78,47 +102,144 @@ class VramMagics(Magics):
                 raise UsageError(
                     f"No variable named {missing[0]!r}; type `%vram who` to see what holds VRAM."
                 )
-            print(render_cleanup(free_memory(self.shell, names=args.names, device=device)))
+            print(render_cleanup(free_memory(self._ip, names=args.names, device=device)))
             return None
+        if args.command == "fix":
+            return self._fix_command(args.names, diff_only=args.diff, insert=args.insert)
         raise UsageError(
-            f"Unknown %vram command {args.command!r}; type `%vram`, `%vram who` or `%vram free NAME`."
+            f"Unknown %vram command {args.command!r}; type `%vram`, `%vram who`, `%vram free NAME` "
+            "or `%vram fix N`."
         )
 
     @magic_arguments()
+    @argument("--auto", action="store_true", help="on an OOM, try the fixes in order until one works")
+    @argument(
+        "--max-attempts",
+        type=int,
+        default=_DEFAULT_MAX_ATTEMPTS,
+        help=f"with --auto: how many runs at most, the first included (default {_DEFAULT_MAX_ATTEMPTS})",
+    )
     @cell_magic
     def oomsafe(self, line: str, cell: str) -> Any:
         """Run the cell; on a CUDA out-of-memory error free what it pinned, explain why, offer fixes."""
-        _parse(self.oomsafe, line, "%%oomsafe?")
-        body = self._ip.transform_cell(cell)
-        magic_line = f"%%oomsafe {line}".rstrip()
-        filename = self._ip.compile.cache(f"{magic_line}\n{body}", _running_cell_number(self._ip))
-        statements, last_expression = self._compile(body, filename)
-        try:
-            exec(statements, self._ip.user_global_ns, self._ip.user_ns)
-            if last_expression is not None:
-                return eval(last_expression, self._ip.user_global_ns, self._ip.user_ns)
+        args = _parse(self.oomsafe, line, "%%oomsafe?")
+        if args.max_attempts < 1:
+            raise UsageError(
+                "--max-attempts needs 1 or more runs, e.g. `%%oomsafe --auto --max-attempts 3`."
+            )
+        outcome = self._run(cell, f"%%oomsafe {line}".rstrip())
+        if outcome.report is None:
+            return outcome.value
+        if args.auto:
+            return self._walk_ladder(outcome, args.max_attempts)
+        self._fail(outcome.report)
+
+    def apply_fix(self, report: Report, number: int) -> Any:
+        """Run fix ``number`` of ``report``: delete what it frees, run its cell, report how it went."""
+        fix = report.fixes[number - 1]
+        outcome = self._attempt(fix, number)
+        if outcome.report is not None:
+            self._fail(outcome.report)
+        print(render_fix_worked(number, fix, outcome.seconds, take_snapshot()))
+        return outcome.value
+
+    def _fix_command(self, words: list[str], *, diff_only: bool, insert: bool) -> Any:
+        report = self.last_report
+        if report is None:
+            raise UsageError("No %%oomsafe cell has run out of memory yet, so there is no fix to apply.")
+        if len(words) != 1 or not words[0].isdigit() or not 1 <= int(words[0]) <= len(report.fixes):
+            raise UsageError(
+                f"Type `%vram fix N` with N from 1 to {len(report.fixes)} (the fixes of the last report)."
+            )
+        number = int(words[0])
+        fix = report.fixes[number - 1]
+        if fix.rewritten_cell is None:
+            raise UsageError(
+                f"Fix {number} ({fix.title}) is advice to follow by hand; its code is in the report."
+            )
+        if diff_only:
+            print(fix.code)
             return None
+        if insert:
+            self._ip.set_next_input(f"%%oomsafe\n{fix.rewritten_cell}", replace=False)
+            print(f"Fix {number} is in a new cell below, ready to run; your cell is unchanged.")
+            return None
+        return self.apply_fix(report, number)
+
+    def _walk_ladder(self, first: _Outcome, max_attempts: int) -> Any:
+        """``--auto``: try the runnable fixes expected to fit, in order, until one works."""
+        assert first.report is not None
+        report = first.report
+        attempts = [Attempt("the cell as written", first.seconds, succeeded=False)]
+        for number, fix in enumerate(report.fixes, start=1):
+            if not fix.runnable or fix.fits is False:
+                continue
+            while len(attempts) < max_attempts:
+                outcome = self._attempt(fix, number)
+                attempts.append(Attempt(fix.title, outcome.seconds, succeeded=outcome.report is None))
+                if outcome.report is None:
+                    print(render_auto_result(number, fix, tuple(attempts), take_snapshot()))
+                    return outcome.value
+                report = outcome.report
+                smaller = _halve_again(fix)  # only a smaller batch is worth repeating
+                if smaller is None:
+                    break
+                fix = smaller
+        self.last_report = replace(report, attempts=tuple(attempts))
+        self._fail(self.last_report)
+
+    def _attempt(self, fix: Fix, number: int) -> _Outcome:
+        """Free what ``fix`` names, then run its cell."""
+        assert fix.rewritten_cell is not None
+        if fix.free_names:
+            present = [name for name in fix.free_names if name in self._ip.user_ns]
+            cleanup = free_memory(self._ip, names=present, device=counted_device())
+            print(render_cleanup(cleanup))
+        return self._run(fix.rewritten_cell, f"# %vram fix {number}: {fix.title}")
+
+    def _run(self, source: str, first_line: str) -> _Outcome:
+        """Run cell text as the shell would; on an OOM free what it pinned and explain it."""
+        body = self._ip.transform_cell(source)
+        filename = self._ip.compile.cache(f"{first_line}\n{body}", _running_cell_number(self._ip))
+        statements, last_expression, assigned = self._compile(body, filename)
+        namespace = self._ip.user_ns
+        ids_before = {name: id(namespace.get(name)) for name in assigned}
+        started = time.perf_counter()
+        try:
+            exec(statements, self._ip.user_global_ns, namespace)
+            value = None
+            if last_expression is not None:
+                value = eval(last_expression, self._ip.user_global_ns, namespace)
+            return _Outcome(value=value, seconds=time.perf_counter() - started)
         except (Exception, KeyboardInterrupt) as error:
             if not is_oom(error):
                 self._show_as_without_us(error)
                 raise
-            report = self._rescue(error, body, filename)
+            seconds = time.perf_counter() - started
+            rebound = tuple(name for name in assigned if id(namespace.get(name)) != ids_before[name])
+            report = self._rescue(error, source, body, filename)
+        return _Outcome(report=replace(report, rebound_names=rebound), seconds=seconds)
+
+    def _fail(self, report: Report) -> NoReturn:
+        """Show the report and end the cell as failed, with one line that holds no frame of the user's."""
         self.last_report = report
         display(report)
         raise OutOfMemoryHandled(f"{summary_line(report)} See the report above.")
 
-    def _compile(self, body: str, filename: str) -> tuple[CodeType, CodeType | None]:
-        """Compile the cell body; the last expression separately so its value is shown, as the shell does."""
+    def _compile(self, body: str, filename: str) -> tuple[CodeType, CodeType | None, tuple[str, ...]]:
+        """Compile the cell body, the last expression apart so its value is shown, as the shell does.
+        Also returns the names the cell binds at top level."""
         tree = self._ip.compile.ast_parse(body, filename=filename)
         ast.increment_lineno(tree, 1)  # line 1 of the cell is the %%oomsafe line
         tree = self._ip.transform_ast(tree)
+        assigned = assigned_names(tree)
         last_expression = None
         if tree.body and isinstance(tree.body[-1], ast.Expr) and not _ends_with_semicolon(body):
             last_expression = ast.Expression(tree.body.pop().value)
         statements = self._ip.compile(tree, filename, "exec")
         if last_expression is None:
-            return statements, None
-        return statements, self._ip.compile(last_expression, filename, "eval")
+            return statements, None, assigned
+        return statements, self._ip.compile(last_expression, filename, "eval"), assigned
 
     def _show_as_without_us(self, error: BaseException) -> None:
         """Make IPython show the error from the user's first frame, exactly as for a plain cell."""
@@ -136,7 +257,7 @@ class VramMagics(Magics):
         with contextlib.suppress(AttributeError):  # no __dict__: IPython's default display stays
             error._render_traceback_ = render  # type: ignore[attr-defined]
 
-    def _rescue(self, error: BaseException, body: str, filename: str) -> Report:
+    def _rescue(self, error: BaseException, source: str, body: str, filename: str) -> Report:
         """Free what the failed cell pinned, then explain the failure from a fresh snapshot."""
         user_frames = error.__traceback__.tb_next if error.__traceback__ else None
         error_text = exception_text(error)
@@ -144,28 +265,49 @@ class VramMagics(Magics):
         failed_line = _last_line_in(user_frames, filename)
         short_traceback = _short_traceback(self._ip, error, user_frames)
         device = counted_device()
-        cleanup = free_memory(self.shell, failure=error, device=device)
+        cleanup = free_memory(self._ip, failure=error, device=device)
         del error, user_frames
         snapshot = take_snapshot()
         holders = self._holders(device)
         analysis = analyse_cell("\n" + body, failed_line)
         causes, fixes = diagnose(oom, snapshot, holders, analysis, cleanup)
+        room = room_after_cleanup(snapshot, oom, cleanup.best_bytes)
         return Report(
             error_text=error_text,
             oom=oom,
-            cell=body,
+            cell=source,
             analysis=analysis,
             snapshot=snapshot,
             holders=holders,
             cleanup=cleanup,
             causes=causes,
-            fixes=fixes,
+            fixes=make_runnable(fixes, _rewritable(source, body), oom, room),
             traceback_text=short_traceback,
         )
 
     def _holders(self, device: str) -> Any:
         hidden = self._ip.user_ns_hidden
         return find_holders(self._ip.user_ns, device, skip=lambda name: name in hidden)
+
+
+def _halve_again(fix: Fix) -> Fix | None:
+    """The half-batch fix applied once more to its own cell, or None (other fixes are not repeated)."""
+    if fix.key != "half-batch" or fix.rewritten_cell is None:
+        return None
+    try:
+        smaller = rewrite(fix.rewritten_cell, "half-batch")
+    except NotApplicable:
+        return None
+    return replace(fix, rewritten_cell=smaller)
+
+
+def _rewritable(source: str, body: str) -> str:
+    """The user's text when it is plain Python (diffs then look like their code), else IPython's transform."""
+    try:
+        ast.parse(source)
+    except SyntaxError:
+        return body
+    return source
 
 
 def _parse(magic: Any, line: str, help_command: str) -> Any:

@@ -10,9 +10,11 @@ import textwrap
 from collections.abc import Iterable
 
 from vram_magic._types import (
+    Attempt,
     CellKind,
     Cleanup,
     CpuMemory,
+    Fix,
     GpuSnapshot,
     Holder,
     MemorySnapshot,
@@ -24,7 +26,7 @@ from vram_magic._types import (
 WIDTH = 88
 LABEL_WIDTH = 30
 HOLDERS_TITLE = "What holds memory (by name)"
-FIX_HINT = "most promising first"
+FIX_HINT = "most promising first; run one with %vram fix N, see its change with %vram fix N --diff"
 
 OOM_HEADS: dict[OOMKind, str] = {
     "cuda": "CUDA out of memory",
@@ -254,7 +256,8 @@ def _fix_lines(r: Report) -> list[str]:
         return []
     lines = [f"Fixes ({FIX_HINT})"]
     for i, fix in enumerate(r.fixes, 1):
-        lines += _wrap(fix.title, "     ", f"  {i}. ")
+        title = fix.title if fix.runnable else f"{fix.title} (by hand)"
+        lines += _wrap(title, "     ", f"  {i}. ")
         if fix.why:
             lines += _wrap(fix.why, "     ")
         if fix.code.strip():
@@ -263,11 +266,17 @@ def _fix_lines(r: Report) -> list[str]:
     return lines[:-1]
 
 
-def _details_lines(r: Report) -> list[str]:
+def details_text(r: Report) -> str:
+    """The traceback, then the error unless the traceback already ends with it (it usually does)."""
     body = r.traceback_text.rstrip()
     error = r.error_text.strip()
-    if error.split(": ", 1)[-1] not in body:  # the traceback usually ends with the error already
+    if error.split(": ", 1)[-1] not in body:
         body = f"{body}\n{error}".strip()
+    return body
+
+
+def _details_lines(r: Report) -> list[str]:
+    body = details_text(r)
     if not body:
         return []
     return ["Details", *("  " + ln if ln else "" for ln in body.splitlines())]
@@ -283,7 +292,70 @@ def render_report(r: Report) -> str:
         _holder_lines(r.holders),
         ["Why", *_numbered(c.text for c in r.causes)] if r.causes else [],
         _fix_lines(r),
+        _attempt_lines(r.attempts),
+        _rebound_lines(r.rebound_names),
         ["Notes", *(ln for n in r.notes for ln in _wrap(n, "    ", "  - "))] if r.notes else [],
         _details_lines(r),
     ]
     return "\n\n".join("\n".join(s) for s in sections if s)
+
+
+def _rebound_lines(names: tuple[str, ...]) -> list[str]:
+    if not names:
+        return []
+    listed = ", ".join(names)
+    return _wrap(
+        f"Already re-bound by the failed run before it failed: {listed} (their old values are gone).", "  "
+    )
+
+
+def _attempt_lines(attempts: tuple[Attempt, ...]) -> list[str]:
+    if not attempts:
+        return []
+    total = sum(a.seconds for a in attempts)
+    lines = [f"Attempts by --auto ({len(attempts)} runs, {total:.1f} s)"]
+    for i, attempt in enumerate(attempts, 1):
+        ended = "worked" if attempt.succeeded else "out of memory"
+        lines.append(f"  {i}. {attempt.label}: {ended} ({attempt.seconds:.1f} s)")
+    return lines
+
+
+_QUANTIZED = {"8bit": "8-bit", "4bit": "4-bit"}
+
+
+def _numerics_note(fix: Fix) -> list[str]:
+    if fix.key not in _QUANTIZED:
+        return []
+    return _wrap(
+        f"Note: the model now runs with {_QUANTIZED[fix.key]} weights, which changes its numerics slightly; "
+        "check its outputs before you rely on them.",
+        "",
+    )
+
+
+def _gpu_now(s: MemorySnapshot) -> list[str]:
+    return [
+        f"GPU {g.index} now: {format_bytes(g.free_bytes)} free of {format_bytes(g.total_bytes)}"
+        + (f" (cap {format_bytes(g.cap_bytes)})" if g.cap_bytes is not None else "")
+        + "."
+        for g in s.gpus
+    ]
+
+
+def render_fix_worked(number: int, fix: Fix, seconds: float, s: MemorySnapshot) -> str:
+    """What ``%vram fix N`` says when the fixed cell ran."""
+    lines = [f"Fix {number} worked: {fix.title} ({seconds:.1f} s).", *_numerics_note(fix), *_gpu_now(s)]
+    return "\n".join(lines)
+
+
+def render_auto_result(number: int, fix: Fix, attempts: tuple[Attempt, ...], s: MemorySnapshot) -> str:
+    """What ``%%oomsafe --auto`` says when a fix worked: which, the code, the attempts and their cost."""
+    lines = [f"--auto: fix {number} worked: {fix.title}.", *_numerics_note(fix), *_gpu_now(s), ""]
+    lines += _attempt_lines(attempts)
+    if fix.rewritten_cell is not None:
+        lines += [
+            "",
+            "The code that ran (your cell is unchanged; `%vram fix " + str(number) + " --insert` keeps it):",
+        ]
+        lines += ["    " + line for line in fix.rewritten_cell.rstrip("\n").splitlines()]
+    return "\n".join(lines)

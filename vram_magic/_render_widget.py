@@ -6,6 +6,7 @@ view will render. Every bundle's text/plain is our own text rendering (see the R
 
 from __future__ import annotations
 
+import re
 from html import escape
 from typing import Any
 
@@ -14,6 +15,7 @@ from vram_magic._render_text import (
     CELL_WORDS,
     FIX_HINT,
     HOLDERS_TITLE,
+    details_text,
     format_bytes,
     no_gpu_paragraph,
     render_report,
@@ -30,6 +32,49 @@ SEGMENTS = (
     ("other processes", "#c44e52"),
     ("free", "#e4e4e4"),
 )
+MIN_SEGMENT_PX = 3  # a non-zero segment is at least this wide, however small its share
+
+# Colours follow the JupyterLab theme (light or dark); the fallbacks are for frontends without its variables.
+CODE_BG = "var(--jp-layout-color2,#f6f6f6)"
+DIM = "var(--jp-content-font-color2,#444)"
+BORDER = "var(--jp-border-color1,#999)"
+INK = "var(--jp-ui-font-color0,#000)"
+
+# ipywidgets gives .widget-html-content a 28 px line height, which double-spaces every wrapped line.
+LINE_HEIGHT = "line-height:1.4"
+SECTION_GAP = "10px"
+HEADING = "margin:0 0 4px 0"
+LIST = "margin:0;padding-left:2em"
+# JupyterLab styles output <pre> with pre-wrap and break-all, which breaks code and words mid-way.
+CODE_BLOCK = (
+    f"margin:4px 0;padding:6px 8px;background:{CODE_BG};border-radius:3px;"
+    "white-space:pre;word-break:normal;overflow-x:auto;"
+)
+TEXT_BLOCK = "margin:4px 0;white-space:pre-wrap;word-break:normal;overflow-wrap:anywhere;"
+INLINE_CODE = f"padding:0 3px;background:{CODE_BG};border-radius:3px;"
+CELL = "padding:2px 16px 2px 0;vertical-align:top;"
+
+_BACKTICKED = re.compile(r"`([^`\n]+)`")
+
+
+def _html(body: str, first: bool = False) -> str:
+    """One HTML widget's value: readable line height, and a gap above unless it comes first."""
+    gap = "" if first else f";margin-top:{SECTION_GAP}"
+    return f'<div style="{LINE_HEIGHT}{gap}">{body}</div>'
+
+
+def _heading(inner: str) -> str:
+    return f'<div style="{HEADING}">{inner}</div>'
+
+
+def _code(escaped: str) -> str:
+    """Inline code around text that is already escaped."""
+    return f'<code style="{INLINE_CODE}">{escaped}</code>'
+
+
+def _prose(text: str) -> str:
+    """Escape ``text``, then show its `backticked` names as code."""
+    return _BACKTICKED.sub(lambda m: _code(m.group(1)), escape(text))
 
 
 def mimebundle(obj: MemorySnapshot | Report) -> dict[str, Any]:
@@ -59,46 +104,53 @@ def _segment_values(g: GpuSnapshot) -> list[int]:
 def bar_html(g: GpuSnapshot, title: str | None = None) -> str:
     """One GPU as a stacked horizontal bar with a cap marker and a legend carrying the figures."""
     heading = escape(title or (f"GPU {g.index}: {g.name}" if g.name else f"GPU {g.index}"))
-    parts = [f"<div><b>{heading}</b> &mdash; {escape(format_bytes(g.total_bytes))} total</div>"]
+    parts = [_heading(f"<b>{heading}</b> &mdash; {escape(format_bytes(g.total_bytes))} total")]
     values = _segment_values(g)
     scale = max(g.total_bytes or 0, sum(values))
     if scale > 0:
+        # Grow factors in proportion, from a zero basis, so that a segment held at its minimum width
+        # takes that width from the others and the bar stays exactly full; a spacer stands for bytes
+        # that no segment accounts for.
         divs = "".join(
             f'<div title="{escape(label)}: {format_bytes(v)}" '
-            f'style="flex:0 0 {100 * v / scale:.3f}%;background:{colour};"></div>'
+            f'style="flex:{100 * v / scale:.4f} 1 0px;min-width:{MIN_SEGMENT_PX}px;'
+            f'background:{colour};"></div>'
             for (label, colour), v in zip(SEGMENTS, values, strict=True)
             if v > 0
         )
+        if scale > sum(values):
+            divs += f'<div style="flex:{100 * (scale - sum(values)) / scale:.4f} 1 0px;"></div>'
         if g.cap_bytes is not None:
             left = min(100 * g.cap_bytes / scale, 100)
             divs += (
                 f'<div class="vram-cap" title="cap on this process: {format_bytes(g.cap_bytes)}" '
                 f'style="position:absolute;left:{left:.3f}%;top:-4px;bottom:-4px;'
-                'border-left:2px dashed #000;"></div>'
+                f'border-left:2px dashed {INK};"></div>'
             )
         parts.append(
             '<div style="position:relative;display:flex;width:100%;max-width:640px;height:18px;'
-            f'margin:4px 0;border:1px solid #999;border-radius:3px;">{divs}</div>'
+            f'margin:4px 0;border:1px solid {BORDER};border-radius:3px;">{divs}</div>'
         )
     legend = [
-        f'<span style="margin-right:12px;white-space:nowrap;">'
         f'<span style="display:inline-block;width:10px;height:10px;background:{colour};'
-        f'border:1px solid #999;margin-right:4px;"></span>{escape(label)} {format_bytes(v)}</span>'
+        f'border:1px solid {BORDER};margin-right:4px;vertical-align:-1px;"></span>'
+        f"{escape(label)} {format_bytes(v)}"
         for (label, colour), v in zip(SEGMENTS, values, strict=True)
     ]
     if g.cap_bytes is not None:
-        legend.append(f"<span>&#9478; cap on this process {format_bytes(g.cap_bytes)}</span>")
-    parts.append(f'<div style="font-size:90%;">{"".join(legend)}</div>')
+        legend.append(f"&#9478; cap on this process {format_bytes(g.cap_bytes)}")
+    items = " ".join(f'<span style="margin-right:12px;white-space:nowrap;">{item}</span>' for item in legend)
+    parts.append(f'<div style="font-size:90%;">{items}</div>')
     notes = []
     if g.others_are_remainder:
         notes.append("other processes = remainder: total - free - this process")
     elif g.other_processes:
         notes.append(
             "other processes: "
-            + ", ".join(f"pid {p.pid} {format_bytes(p.used_bytes)}" for p in g.other_processes)
+            + ", ".join(f"pid {p.pid}: {format_bytes(p.used_bytes)}" for p in g.other_processes)
         )
     notes.append(f"this process {format_bytes(g.process_bytes)}")
-    parts.append(f'<div style="font-size:90%;color:#555;">{escape("; ".join(notes))}</div>')
+    parts.append(f'<div style="font-size:90%;color:{DIM};">{escape("; ".join(notes))}</div>')
     return "".join(parts)
 
 
@@ -114,14 +166,14 @@ def snapshot_widget(s: MemorySnapshot) -> Any:
     """``%vram`` as a widget: one bar per GPU (or why there is none), then CPU RAM."""
     import ipywidgets as w
 
-    children = [w.HTML(bar_html(g)) for g in s.gpus]
+    sections = [bar_html(g) for g in s.gpus]
     if not s.gpus:
-        children.append(w.HTML(f"<p>{escape(no_gpu_paragraph(s))}</p>"))
-    children.append(w.HTML(cpu_html(s)))
+        sections.append(_prose(no_gpu_paragraph(s)).replace("%%oomsafe", _code("%%oomsafe")))
+    sections.append(cpu_html(s))
     if s.gpus and s.problems:
-        items = "".join(f"<li>{escape(p)}</li>" for p in s.problems)
-        children.append(w.HTML(f"<div>Could not read:<ul>{items}</ul></div>"))
-    return w.VBox(children)
+        items = "".join(f"<li>{_prose(p)}</li>" for p in s.problems)
+        sections.append(_heading("<b>Could not read</b>") + f'<ul style="{LIST}">{items}</ul>')
+    return w.VBox([w.HTML(_html(body, first=i == 0)) for i, body in enumerate(sections)])
 
 
 # --- reports -------------------------------------------------------------------------------------
@@ -165,15 +217,16 @@ def fix_row(number: int, fix: Fix) -> Any:
     """One fix: its number, title, why and code. A VBox, so buttons can be appended later."""
     import ipywidgets as w
 
-    head = w.HTML(
-        f'<div><b>{number}. {escape(fix.title)}</b></div><div style="color:#444;">{escape(fix.why)}</div>'
-    )
-    code = w.HTML(
-        '<pre style="margin:4px 0;padding:6px;background:#f6f6f6;border-radius:3px;'
-        f'overflow-x:auto;">{escape(fix.code)}</pre>'
-    )
+    head = f"<div><b>{number}. {_prose(fix.title)}</b></div>"
+    if fix.why:
+        head += f'<div style="color:{DIM};">{_prose(fix.why)}</div>'
+    children = [w.HTML(_html(head, first=True))]
+    if fix.code.strip():
+        children.append(
+            w.HTML(_html(f'<pre style="{CODE_BLOCK}">{escape(fix.code.strip(chr(10)))}</pre>', True))
+        )
     return w.VBox(
-        [head, code],
+        children,
         layout=w.Layout(margin="0 0 8px 0", padding="0 0 0 8px", border_left="3px solid #4c72b0"),
     )
 
@@ -183,54 +236,61 @@ def _failed_html(r: Report) -> str:
     if a.failed_line is None and a.failed_statement is None:
         return ""
     where = f"line {a.failed_line}" if a.failed_line is not None else "a line"
-    html = f"<div>Failed at {where} of {escape(CELL_WORDS[a.kind])} cell"
-    if a.failed_statement:
-        html += f":<pre style='margin:2px 0 0 16px;'>{escape(a.failed_statement.strip())}</pre>"
-    return html + "</div>"
+    html = f"Failed at {where} of {escape(CELL_WORDS[a.kind])} cell"
+    if not a.failed_statement:
+        return f"<div>{html}.</div>"
+    statement = escape(a.failed_statement.strip("\n"))
+    return f'<div>{html}:</div><pre style="{CODE_BLOCK}">{statement}</pre>'
 
 
 def _holders_html(r: Report, limit: int = 8) -> str:
     if not r.holders:
         return ""
+    head = "".join(
+        f'<th style="{CELL}text-align:{align};font-weight:600;border-bottom:1px solid {BORDER};">{name}</th>'
+        for name, align in (("name", "left"), ("type", "left"), ("size", "right"), ("shared with", "left"))
+    )
     rows = []
     for h in r.holders[:limit]:
         shares = ""
         if h.shared_with:
-            shares = f"shares {format_bytes(h.shared_bytes)} with {', '.join(h.shared_with)}"
+            names = ", ".join(_code(escape(n)) for n in h.shared_with)
+            shares = f"{names} ({format_bytes(h.shared_bytes)})"
         rows.append(
-            f"<tr><td><code>{escape(h.name)}</code></td><td>{escape(h.type_name)}</td>"
-            f"<td style='text-align:right;'>{format_bytes(h.total_bytes)}</td><td>{escape(shares)}</td></tr>"
+            f'<tr><td style="{CELL}">{_code(escape(h.name))}</td>'
+            f'<td style="{CELL}">{escape(h.type_name)}</td>'
+            f'<td style="{CELL}text-align:right;white-space:nowrap;">{format_bytes(h.total_bytes)}</td>'
+            f'<td style="{CELL}">{shares}</td></tr>'
         )
     more = f"<div>... and {len(r.holders) - limit} more</div>" if len(r.holders) > limit else ""
-    return f"<div><b>{escape(HOLDERS_TITLE)}</b><table>{''.join(rows)}</table>{more}</div>"
+    table = (
+        f'<table style="border-collapse:collapse;"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+    return _heading(f"<b>{escape(HOLDERS_TITLE)}</b>") + table + more
 
 
 def report_widget(r: Report) -> Any:
     """A report as a VBox: summary, failing GPU's bar, causes, fixes, notes, and a Details accordion."""
     import ipywidgets as w
 
-    children = [w.HTML(f"<b>{escape(summary_line(r))}</b>")]
+    children = [w.HTML(_html(f"<b>{escape(summary_line(r))}</b>", first=True))]
     gpu = failure_gpu(r)
-    if gpu is not None:
-        children.append(w.HTML(bar_html(gpu, f"GPU {gpu.index} when it failed")))
-    extra = _failed_html(r) + _holders_html(r)
-    if extra:
-        children.append(w.HTML(extra))
+    sections = [bar_html(gpu, f"GPU {gpu.index} when it failed")] if gpu is not None else []
+    sections += [_failed_html(r), _holders_html(r)]
     if r.causes:
-        items = "".join(f"<li>{escape(c.text)}</li>" for c in r.causes)
-        children.append(w.HTML(f"<div><b>Why</b><ol>{items}</ol></div>"))
+        items = "".join(f"<li>{_prose(c.text)}</li>" for c in r.causes)
+        sections.append(_heading("<b>Why</b>") + f'<ol style="{LIST}">{items}</ol>')
+    children += [w.HTML(_html(body)) for body in sections if body]
     if r.fixes:
-        children.append(w.HTML(f"<b>Fixes</b> ({escape(FIX_HINT)})"))
+        children.append(w.HTML(_html(_heading(f"<b>Fixes</b> ({escape(FIX_HINT)})"))))
         children.append(w.VBox([fix_row(i, f) for i, f in enumerate(r.fixes, 1)]))
     if r.notes:
-        items = "".join(f"<li>{escape(n)}</li>" for n in r.notes)
-        children.append(w.HTML(f"<div><b>Notes</b><ul>{items}</ul></div>"))
-    message = r.oom.message if r.oom else r.error_text
-    details = w.VBox(
-        [
-            w.HTML(f"<pre style='white-space:pre-wrap;'>{escape(message)}</pre>"),
-            w.HTML(f"<pre>{escape(r.traceback_text)}</pre>"),
-        ]
-    )
-    children.append(w.Accordion(children=[details], titles=("Details",)))
+        items = "".join(f"<li>{_prose(n)}</li>" for n in r.notes)
+        children.append(w.HTML(_html(_heading("<b>Notes</b>") + f'<ul style="{LIST}">{items}</ul>')))
+    details = details_text(r) or (r.oom.message if r.oom else "")
+    body = w.HTML(_html(f'<pre style="{TEXT_BLOCK}">{escape(details)}</pre>', first=True))
+    accordion = w.Accordion(children=[body], titles=("Details",))
+    accordion.layout.margin = f"{SECTION_GAP} 0 0 0"
+    children.append(accordion)
     return w.VBox(children)

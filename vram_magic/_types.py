@@ -149,14 +149,34 @@ class Cause:
 
 @dataclass(frozen=True)
 class Fix:
-    """One way out. ``code`` is what the user would run; ``rewritten_cell`` is the whole cell re-written
-    for this fix when one exists (re-runnable as is)."""
+    """One way out.
+
+    ``code`` is what the user reads (a diff for a rewritten cell). A fix is runnable when it has
+    ``rewritten_cell``: the cell to run, after deleting ``free_names``. ``needed_bytes`` is a rough estimate
+    of what the fixed cell needs on the GPU and ``fits`` whether that fits the room there (None: unknown).
+    """
 
     key: str
     title: str
     why: str
     code: str
     rewritten_cell: str | None = None
+    free_names: tuple[str, ...] = ()
+    needed_bytes: int | None = None
+    fits: bool | None = None
+
+    @property
+    def runnable(self) -> bool:
+        return self.rewritten_cell is not None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One run of a cell by ``%%oomsafe --auto``: which fix, how long, and how it ended."""
+
+    label: str
+    seconds: float
+    succeeded: bool
 
 
 @dataclass(frozen=True)
@@ -185,6 +205,8 @@ class Report:
     fixes: tuple[Fix, ...]
     traceback_text: str = ""
     notes: tuple[str, ...] = field(default=())
+    rebound_names: tuple[str, ...] = ()
+    attempts: tuple[Attempt, ...] = ()
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         from vram_magic._render_widget import mimebundle

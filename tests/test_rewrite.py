@@ -1,0 +1,851 @@
+"""Tests for vram_magic._rewrite: each fix on realistic cells, compared with the exact text expected."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import subprocess
+import sys
+import tokenize
+
+import pytest
+
+from vram_magic._rewrite import FIXES, NotApplicable, applicable_fixes, diff, rewrite
+
+# The 4-bit config the "4bit" fix writes, for building expectations that are not spelled out in full.
+NF4 = (
+    'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, '
+    "bnb_4bit_compute_dtype=torch.bfloat16)"
+)
+
+
+def comments(text: str) -> list[str]:
+    tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+    return [token.string for token in tokens if token.type == tokenize.COMMENT]
+
+
+# --------------------------------------------------------------------------------------------------
+# Cells
+
+LOAD = """\
+from transformers import AutoModelForCausalLM as AMC, AutoTokenizer
+
+model_id = "meta-llama/Llama-3.1-8B"  # the base model
+tokenizer = AutoTokenizer.from_pretrained(model_id)
+model = AMC.from_pretrained(
+    model_id,
+    torch_dtype=torch.float16,  # half precision
+    device_map="cuda",
+)
+# move it to the GPU
+model.to("cuda")
+inputs = tokenizer("Hello", return_tensors="pt").to("cuda")
+out = model.generate(**inputs, max_new_tokens=20)
+"""
+
+LOAD_8BIT_KEYWORD = """\
+model = AutoModelForCausalLM.from_pretrained(
+    model_id,
+    load_in_8bit=True,  # save memory
+    trust_remote_code=True
+)
+"""
+
+EXISTING_CONFIG = """\
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+bnb_config = BitsAndBytesConfig(load_in_8bit=True)
+model = AutoModelForCausalLM.from_pretrained("gpt2", quantization_config=bnb_config, device_map="auto")
+"""
+
+CHAINED = """\
+import torch
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("gpt2").to("cuda")
+"""
+
+PIPE = """\
+from transformers import pipeline
+
+pipe = pipeline("text-generation", model="Qwen/Qwen2.5-7B-Instruct", device=0)
+print(pipe("Hi")[0]["generated_text"])
+"""
+
+PEFT = """\
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+
+base = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B")
+model = PeftModel.from_pretrained(base, "./lora-adapter")
+model = model.to("cuda")
+model.eval()
+"""
+
+ADAPTER_ONLY = """\
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(base, "./lora-adapter")
+"""
+
+MAGIC = """\
+get_ipython().run_line_magic('pip', 'install -q bitsandbytes')
+import torch
+from transformers import AutoModelForCausalLM
+device = "cuda" if torch.cuda.is_available() else "cpu"
+model = AutoModelForCausalLM.from_pretrained("gpt2").to(device)
+x = torch.zeros(3, device="cuda")
+"""
+
+CPU = """\
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+tok = AutoTokenizer.from_pretrained("gpt2")
+model = AutoModelForCausalLM.from_pretrained("gpt2", device_map="auto")
+model.cuda()  # to the GPU
+inputs = tok("Hello", return_tensors="pt").to('cuda:0')
+mask = torch.ones(1, 5, device="cuda")
+pipe = pipeline("text-generation", model="gpt2", device=0)
+"""
+
+MERGE = """\
+from peft import PeftModel
+
+# merge the LoRA weights into the base
+merged = model.merge_and_unload().to("cuda")
+merged.save_pretrained("merged")  # for vLLM
+"""
+
+TRAIN = """\
+from transformers import Trainer, TrainingArguments
+
+args = TrainingArguments(
+    output_dir="out",
+    per_device_train_batch_size=8,  # fits a 24 GB card
+    per_device_eval_batch_size=16,
+    num_train_epochs=1,
+)
+trainer = Trainer(model=model, args=args, train_dataset=train_ds)
+trainer.train()
+"""
+
+SFT = """\
+from trl import SFTConfig, SFTTrainer
+
+config = SFTConfig(output_dir="sft", per_device_train_batch_size=4, gradient_accumulation_steps=2)
+trainer = SFTTrainer(model=model, args=config, train_dataset=ds)
+trainer.train()
+"""
+
+LOADER = """\
+from torch.utils.data import DataLoader
+
+loader = DataLoader(train_ds, batch_size=32, shuffle=True)
+accelerator = Accelerator(gradient_accumulation_steps=1)
+"""
+
+SCRIPT = """\
+batch_size = 8
+GRADIENT_ACCUMULATION_STEPS = 2
+loader = DataLoader(ds, batch_size=batch_size, shuffle=True)
+for step, batch in enumerate(loader):
+    loss = model(**batch).loss / GRADIENT_ACCUMULATION_STEPS
+"""
+
+NOTHING = """\
+import numpy as np
+
+x = np.arange(10)  # just numbers
+print(x.sum())
+"""
+
+ONLY_IN_TEXT = """\
+# we used to call AutoModelForCausalLM.from_pretrained("gpt2").to("cuda") here
+note = 'model = AutoModelForCausalLM.from_pretrained("gpt2", device_map="cuda")'
+merge_note = "merged = model.merge_and_unload()"
+print(note, "batch_size=8")
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# 4bit / 8bit
+
+
+def test_4bit_quantizes_an_aliased_multiline_load_and_drops_the_later_move() -> None:
+    expected = """\
+from transformers import AutoModelForCausalLM as AMC, AutoTokenizer
+import torch
+from transformers import BitsAndBytesConfig
+
+model_id = "meta-llama/Llama-3.1-8B"  # the base model
+tokenizer = AutoTokenizer.from_pretrained(model_id)
+model = AMC.from_pretrained(
+    model_id,
+    torch_dtype=torch.float16,  # half precision
+    device_map="auto",
+    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16),
+)
+# move it to the GPU
+inputs = tokenizer("Hello", return_tensors="pt").to("cuda")
+out = model.generate(**inputs, max_new_tokens=20)
+"""  # noqa: E501
+    assert rewrite(LOAD, "4bit") == expected
+
+
+def test_8bit_quantizes_the_same_load_without_importing_torch() -> None:
+    expected = """\
+from transformers import AutoModelForCausalLM as AMC, AutoTokenizer
+from transformers import BitsAndBytesConfig
+
+model_id = "meta-llama/Llama-3.1-8B"  # the base model
+tokenizer = AutoTokenizer.from_pretrained(model_id)
+model = AMC.from_pretrained(
+    model_id,
+    torch_dtype=torch.float16,  # half precision
+    device_map="auto",
+    quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+)
+# move it to the GPU
+inputs = tokenizer("Hello", return_tensors="pt").to("cuda")
+out = model.generate(**inputs, max_new_tokens=20)
+"""
+    assert rewrite(LOAD, "8bit") == expected
+
+
+def test_4bit_replaces_a_load_in_8bit_keyword_in_place() -> None:
+    expected = """\
+import torch
+from transformers import BitsAndBytesConfig
+model = AutoModelForCausalLM.from_pretrained(
+    model_id,
+    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16),  # save memory
+    trust_remote_code=True,
+    device_map="auto"
+)
+"""  # noqa: E501
+    assert rewrite(LOAD_8BIT_KEYWORD, "4bit") == expected
+
+
+def test_4bit_removes_load_in_4bit_when_a_config_is_already_there() -> None:
+    cell = (
+        'm = AutoModel.from_pretrained("x", quantization_config=BitsAndBytesConfig(load_in_8bit=True), '
+        "load_in_4bit=True)\n"
+    )
+    assert rewrite(cell, "4bit") == (
+        "import torch\n"
+        "from transformers import BitsAndBytesConfig\n"
+        f'm = AutoModel.from_pretrained("x", quantization_config={NF4}, device_map="auto")\n'
+    )
+
+
+def test_4bit_replaces_an_existing_8bit_quantization_config() -> None:
+    expected = """\
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+bnb_config = BitsAndBytesConfig(load_in_8bit=True)
+model = AutoModelForCausalLM.from_pretrained("gpt2", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16), device_map="auto")
+"""  # noqa: E501
+    assert rewrite(EXISTING_CONFIG, "4bit") == expected
+
+
+def test_4bit_keeps_a_4bit_config_the_user_wrote() -> None:
+    cell = EXISTING_CONFIG.replace("load_in_8bit", "load_in_4bit")
+    with pytest.raises(NotApplicable, match="already loaded in 4-bit"):
+        rewrite(cell, "4bit")
+    assert "load_in_8bit=True), device_map" in rewrite(cell, "8bit")
+
+
+def test_8bit_drops_a_move_chained_on_the_load() -> None:
+    expected = """\
+import torch
+from transformers import AutoModelForCausalLM
+from transformers import BitsAndBytesConfig
+
+model = AutoModelForCausalLM.from_pretrained("gpt2", quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto")
+"""  # noqa: E501
+    assert rewrite(CHAINED, "8bit") == expected
+
+
+def test_4bit_compute_dtype_follows_the_option() -> None:
+    fixed = rewrite(CHAINED, "4bit", compute_dtype="float16")
+    assert "bnb_4bit_compute_dtype=torch.float16)" in fixed
+    assert "bfloat16" not in fixed
+
+
+@pytest.mark.parametrize(
+    ("device_map", "expected"),
+    [
+        ('"cuda"', '"auto"'),
+        ("'cuda:0'", "'auto'"),
+        ("0", '"auto"'),
+        ('torch.device("cuda")', '"auto"'),
+        ("device", '"auto"'),  # the cell sets device = "cuda"
+        ('"auto"', '"auto"'),
+        ('"balanced"', '"balanced"'),
+        ('{"": 0}', '{"": 0}'),
+        ("my_map", "my_map"),  # comes from an earlier cell: left alone
+    ],
+)
+def test_4bit_device_map_becomes_auto_only_when_it_names_one_device(device_map: str, expected: str) -> None:
+    cell = f'device = "cuda"\nm = AutoModelForCausalLM.from_pretrained("x", device_map={device_map})\n'
+    fixed = rewrite(cell, "4bit")
+    assert (
+        f'm = AutoModelForCausalLM.from_pretrained("x", device_map={expected}, quantization_config={NF4})\n'
+        in fixed
+    )
+
+
+def test_4bit_pipeline_gets_model_kwargs_and_device_map_instead_of_device() -> None:
+    expected = """\
+from transformers import pipeline
+import torch
+from transformers import BitsAndBytesConfig
+
+pipe = pipeline("text-generation", model="Qwen/Qwen2.5-7B-Instruct", model_kwargs={"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float16)}, device_map="auto")
+print(pipe("Hi")[0]["generated_text"])
+"""  # noqa: E501
+    assert rewrite(PIPE, "4bit", compute_dtype="float16") == expected
+
+
+def test_8bit_pipeline_adds_to_existing_model_kwargs() -> None:
+    cell = 'pipe = pipeline("text-generation", model="gpt2", model_kwargs={"attn_implementation": "sdpa"})\n'
+    assert rewrite(cell, "8bit") == (
+        "from transformers import BitsAndBytesConfig\n"
+        'pipe = pipeline("text-generation", model="gpt2", model_kwargs={"attn_implementation": "sdpa", '
+        '"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}, device_map="auto")\n'
+    )
+
+
+def test_4bit_pipeline_of_a_loaded_model_quantizes_the_load_and_drops_device() -> None:
+    cell = """\
+model = AutoModel.from_pretrained("gpt2")
+pipe = pipeline("text-generation", model=model, device=0)
+"""
+    fixed = rewrite(cell, "4bit")
+    assert fixed.endswith(
+        f'model = AutoModel.from_pretrained("gpt2", quantization_config={NF4}, device_map="auto")\n'
+        'pipe = pipeline("text-generation", model=model)\n'
+    )
+
+
+def test_4bit_quantizes_the_base_not_the_peft_adapter() -> None:
+    expected = """\
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+import torch
+from transformers import BitsAndBytesConfig
+
+base = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16), device_map="auto")
+model = PeftModel.from_pretrained(base, "./lora-adapter")
+model.eval()
+"""  # noqa: E501
+    assert rewrite(PEFT, "4bit") == expected
+
+
+def test_a_cell_that_only_loads_an_adapter_says_to_fix_the_base_load() -> None:
+    for fix in ("4bit", "8bit", "bf16", "offload"):
+        with pytest.raises(NotApplicable, match="only loads a LoRA adapter"):
+            rewrite(ADAPTER_ONLY, fix)
+
+
+def test_tokenizers_processors_and_configs_are_not_quantized() -> None:
+    cell = """\
+from transformers import AutoTokenizer, AutoProcessor, AutoConfig, LlamaTokenizerFast
+tok = AutoTokenizer.from_pretrained("x")
+proc = AutoProcessor.from_pretrained("x")
+cfg = AutoConfig.from_pretrained("x")
+fast = LlamaTokenizerFast.from_pretrained("x")
+"""
+    with pytest.raises(NotApplicable, match="no from_pretrained"):
+        rewrite(cell, "4bit")
+
+
+def test_model_classes_from_other_libraries_are_left_alone() -> None:
+    cell = 'from diffusers import UNet2DConditionModel\nunet = UNet2DConditionModel.from_pretrained("x")\n'
+    with pytest.raises(NotApplicable):
+        rewrite(cell, "4bit")
+
+
+@pytest.mark.parametrize(
+    ("cell", "expected"),
+    [
+        # a later assignment, a bare call, .cuda(), and through .eval()
+        ("model = model.to(device)\n", ""),
+        ("model.cuda()\n", ""),
+        ("model = model.eval().to('cuda')\n", "model = model.eval()\n"),
+        ("model.to(torch.bfloat16)\n", "model.to(torch.bfloat16)\n"),  # a cast, not a move
+        ("other.to('cuda')\n", "other.to('cuda')\n"),  # not the loaded model
+        ("x = 1; model.to('cuda'); y = 2\n", "x = 1; y = 2\n"),
+        ("if ready:\n    model.cuda()\n", "if ready:\n    pass\n"),
+        ("# to the GPU\nmodel.to('cuda')\nprint(model)\n", "# to the GPU\nprint(model)\n"),
+        ("model\n", "model\n"),  # showing the model is kept
+    ],
+)
+def test_4bit_removes_later_moves_of_the_loaded_model(cell: str, expected: str) -> None:
+    load = 'model = AutoModel.from_pretrained("x", device_map="auto")\n'
+    fixed = rewrite(load + cell, "4bit")
+    assert fixed.endswith(
+        f'model = AutoModel.from_pretrained("x", device_map="auto", quantization_config={NF4})\n' + expected
+    )
+
+
+def test_imports_go_after_the_last_import_even_after_a_magic_line() -> None:
+    fixed = rewrite(MAGIC, "4bit")
+    assert fixed.startswith(
+        "get_ipython().run_line_magic('pip', 'install -q bitsandbytes')\n"
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from transformers import BitsAndBytesConfig\n"
+        'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
+    )
+
+
+def test_imports_go_to_the_top_when_the_cell_has_none_and_are_not_repeated() -> None:
+    cell = 'model = AutoModelForCausalLM.from_pretrained("x")\n'
+    assert rewrite(cell, "4bit").startswith(
+        "import torch\nfrom transformers import BitsAndBytesConfig\nmodel ="
+    )
+    star = "from transformers import *\nimport torch\n" + cell
+    assert rewrite(star, "4bit").startswith("from transformers import *\nimport torch\nmodel =")
+
+
+def test_imports_go_before_the_first_use_when_imports_come_later() -> None:
+    cell = 'model = AutoModelForCausalLM.from_pretrained("x")\nimport os\n'
+    fixed = rewrite(cell, "8bit")
+    assert fixed.startswith("from transformers import BitsAndBytesConfig\nmodel =")
+
+
+# --------------------------------------------------------------------------------------------------
+# bf16
+
+
+def test_bf16_renames_torch_dtype_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "5.2.0")
+    expected = """\
+from transformers import AutoModelForCausalLM as AMC, AutoTokenizer
+import torch
+
+model_id = "meta-llama/Llama-3.1-8B"  # the base model
+tokenizer = AutoTokenizer.from_pretrained(model_id)
+model = AMC.from_pretrained(
+    model_id,
+    dtype=torch.bfloat16,  # half precision
+    device_map="cuda",
+)
+# move it to the GPU
+model.to("cuda")
+inputs = tokenizer("Hello", return_tensors="pt").to("cuda")
+out = model.generate(**inputs, max_new_tokens=20)
+"""
+    assert rewrite(LOAD, "bf16") == expected
+
+
+def test_bf16_keyword_follows_the_installed_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    cell = 'import torch\nm = AutoModelForCausalLM.from_pretrained("x", dtype="auto")\n'
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.46.3")
+    assert rewrite(cell, "bf16").endswith(
+        'm = AutoModelForCausalLM.from_pretrained("x", torch_dtype=torch.bfloat16)\n'
+    )
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "5.0.0")
+    assert rewrite(cell, "bf16").endswith(
+        'm = AutoModelForCausalLM.from_pretrained("x", dtype=torch.bfloat16)\n'
+    )
+    assert rewrite(cell, "bf16", dtype_keyword="torch_dtype").endswith("torch_dtype=torch.bfloat16)\n")
+
+
+def test_bf16_on_a_pipeline_and_when_already_bf16() -> None:
+    assert rewrite(PIPE, "bf16", dtype_keyword="dtype") == PIPE.replace(
+        "from transformers import pipeline\n", "from transformers import pipeline\nimport torch\n"
+    ).replace("device=0)", "device=0, dtype=torch.bfloat16)")
+    cell = 'import torch\nm = AutoModel.from_pretrained("x", dtype=torch.bfloat16)\n'
+    with pytest.raises(NotApplicable, match="already loaded in bfloat16"):
+        rewrite(cell, "bf16", dtype_keyword="dtype")
+
+
+# --------------------------------------------------------------------------------------------------
+# offload
+
+
+def test_offload_sets_auto_device_map_and_max_memory_in_gib_rounded_down() -> None:
+    expected = """\
+from transformers import AutoModelForCausalLM as AMC, AutoTokenizer
+
+model_id = "meta-llama/Llama-3.1-8B"  # the base model
+tokenizer = AutoTokenizer.from_pretrained(model_id)
+model = AMC.from_pretrained(
+    model_id,
+    torch_dtype=torch.float16,  # half precision
+    device_map="auto",
+    max_memory={0: "10.4GiB", 1: "0.5GiB", "cpu": "64.0GiB"},
+    offload_folder="offload",
+)
+# move it to the GPU
+inputs = tokenizer("Hello", return_tensors="pt").to("cuda")
+out = model.generate(**inputs, max_new_tokens=20)
+"""
+    max_memory: dict[int | str, int] = {"cpu": 64 * 2**30, 1: 2**29, 0: 10 * 2**30 + 2**29 - 1}
+    assert rewrite(LOAD, "offload", max_memory=max_memory, offload_folder="offload") == expected
+
+
+def test_offload_replaces_max_memory_and_keeps_a_strategy() -> None:
+    cell = "m = AutoModel.from_pretrained('x', device_map='sequential', max_memory={0: '20GiB'})\n"
+    assert rewrite(cell, "offload", max_memory={0: 3 * 2**30}) == (
+        "m = AutoModel.from_pretrained('x', device_map='sequential', max_memory={0: \"3.0GiB\"})\n"
+    )
+
+
+def test_offload_on_a_pipeline_uses_model_kwargs() -> None:
+    cell = 'pipe = pipeline("text-generation", model="gpt2", device="cuda")\n'
+    assert rewrite(cell, "offload", max_memory={0: 3 * 2**30, "cpu": 16 * 2**30}) == (
+        'pipe = pipeline("text-generation", model="gpt2", device_map="auto", '
+        'model_kwargs={"max_memory": {0: "3.0GiB", "cpu": "16.0GiB"}})\n'
+    )
+
+
+def test_offload_without_max_memory_only_sets_device_map() -> None:
+    assert rewrite(CHAINED, "offload").endswith(
+        'model = AutoModelForCausalLM.from_pretrained("gpt2", device_map="auto")\n'
+    )
+
+
+@pytest.mark.parametrize("max_memory", [{}, {0: -1}, {-1: 5}, {0: 1.5}, [1, 2], {True: 5}])
+def test_offload_rejects_bad_max_memory(max_memory: object) -> None:
+    with pytest.raises(ValueError, match="max_memory"):
+        rewrite(CHAINED, "offload", max_memory=max_memory)
+
+
+# --------------------------------------------------------------------------------------------------
+# cpu
+
+
+def test_cpu_moves_the_model_its_inputs_and_the_pipeline() -> None:
+    expected = """\
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+tok = AutoTokenizer.from_pretrained("gpt2")
+model = AutoModelForCausalLM.from_pretrained("gpt2", device_map="cpu")
+inputs = tok("Hello", return_tensors="pt").to('cpu')
+mask = torch.ones(1, 5, device="cpu")
+pipe = pipeline("text-generation", model="gpt2", device="cpu")
+"""
+    assert rewrite(CPU, "cpu") == expected
+
+
+def test_cpu_rewrites_the_device_variable_instead_of_its_uses() -> None:
+    expected = """\
+get_ipython().run_line_magic('pip', 'install -q bitsandbytes')
+import torch
+from transformers import AutoModelForCausalLM
+device = "cpu"
+model = AutoModelForCausalLM.from_pretrained("gpt2", device_map="cpu").to(device)
+x = torch.zeros(3, device="cpu")
+"""
+    assert rewrite(MAGIC, "cpu") == expected
+
+
+def test_cpu_handles_torch_device_and_device_names_from_earlier_cells() -> None:
+    cell = """\
+DEVICE = torch.device("cuda")
+t = torch.randn(2, 2).cuda()
+u = t.to(0)
+v = t.to(my_device)
+w = t.to(DEVICE)
+torch.set_default_device("cuda")
+print("runs on cuda")  # .to("cuda")
+"""
+    expected = """\
+DEVICE = torch.device("cpu")
+t = torch.randn(2, 2)
+u = t.to("cpu")
+v = t.to("cpu")
+w = t.to(DEVICE)
+torch.set_default_device("cpu")
+print("runs on cuda")  # .to("cuda")
+"""
+    assert rewrite(cell, "cpu") == expected
+
+
+def test_cpu_adds_device_to_a_pipeline_that_has_none() -> None:
+    assert rewrite('p = pipeline("fill-mask")\n', "cpu") == 'p = pipeline("fill-mask", device="cpu")\n'
+
+
+# --------------------------------------------------------------------------------------------------
+# merge-cpu
+
+
+def test_merge_cpu_merges_on_the_cpu_and_lets_the_helper_move_it_back() -> None:
+    expected = """\
+from peft import PeftModel
+import vram_magic
+
+# merge the LoRA weights into the base
+model = model.to("cpu")
+merged = model.merge_and_unload()
+merged = vram_magic.to_gpu_if_it_fits(merged)
+merged.save_pretrained("merged")  # for vLLM
+"""
+    assert rewrite(MERGE, "merge-cpu") == expected
+
+
+def test_merge_cpu_in_a_block_with_an_attribute_target_and_a_later_move() -> None:
+    cell = """\
+import vram_magic
+with torch.no_grad():
+    trainer.model = trainer.model.merge_and_unload(progressbar=True)
+trainer.model.to("cuda")
+"""
+    expected = """\
+import vram_magic
+with torch.no_grad():
+    trainer.model = trainer.model.to("cpu")
+    trainer.model = trainer.model.merge_and_unload(progressbar=True)
+    trainer.model = vram_magic.to_gpu_if_it_fits(trainer.model)
+"""
+    assert rewrite(cell, "merge-cpu") == expected
+
+
+def test_merge_cpu_needs_an_assigned_merge() -> None:
+    with pytest.raises(NotApplicable, match="merge_and_unload"):
+        rewrite("model.merge_and_unload()\n", "merge-cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# half-batch
+
+
+def test_half_batch_halves_training_arguments_and_doubles_accumulation() -> None:
+    expected = """\
+from transformers import Trainer, TrainingArguments
+
+args = TrainingArguments(
+    output_dir="out",
+    per_device_train_batch_size=4,  # fits a 24 GB card
+    per_device_eval_batch_size=8,
+    num_train_epochs=1,
+    gradient_accumulation_steps=2,
+)
+trainer = Trainer(model=model, args=args, train_dataset=train_ds)
+trainer.train()
+"""
+    assert rewrite(TRAIN, "half-batch") == expected
+
+
+def test_half_batch_on_sft_config_doubles_the_existing_accumulation() -> None:
+    assert rewrite(SFT, "half-batch") == SFT.replace(
+        "batch_size=4, gradient_accumulation_steps=2", "batch_size=2, gradient_accumulation_steps=4"
+    )
+
+
+def test_half_batch_on_a_dataloader_and_an_accelerator() -> None:
+    expected = """\
+from torch.utils.data import DataLoader
+
+loader = DataLoader(train_ds, batch_size=16, shuffle=True)
+accelerator = Accelerator(gradient_accumulation_steps=2)
+"""
+    assert rewrite(LOADER, "half-batch") == expected
+
+
+def test_half_batch_on_plain_variables() -> None:
+    expected = """\
+batch_size = 4
+GRADIENT_ACCUMULATION_STEPS = 4
+loader = DataLoader(ds, batch_size=batch_size, shuffle=True)
+for step, batch in enumerate(loader):
+    loss = model(**batch).loss / GRADIENT_ACCUMULATION_STEPS
+"""
+    assert rewrite(SCRIPT, "half-batch") == expected
+
+
+def test_half_batch_follows_variables_named_in_training_arguments() -> None:
+    cell = """\
+bs = 16
+eval_batch_size = 32
+grad_accum = 1
+ds = ds.map(tokenize, batched=True, batch_size=1000)
+args = TrainingArguments("o", per_device_train_batch_size=bs, gradient_accumulation_steps=grad_accum)
+"""
+    expected = """\
+bs = 8
+eval_batch_size = 16
+grad_accum = 2
+ds = ds.map(tokenize, batched=True, batch_size=1000)
+args = TrainingArguments("o", per_device_train_batch_size=bs, gradient_accumulation_steps=grad_accum)
+"""
+    assert rewrite(cell, "half-batch") == expected
+
+
+def test_half_batch_multiplies_an_unknown_accumulation_name() -> None:
+    cell = 'args = TrainingArguments("o", per_device_train_batch_size=8, gradient_accumulation_steps=steps)\n'
+    assert rewrite(cell, "half-batch") == cell.replace("=8", "=4").replace("=steps", "=steps * 2")
+
+
+def test_half_batch_eval_only_leaves_accumulation_alone() -> None:
+    cell = 'args = TrainingArguments("o", per_device_eval_batch_size=8, per_device_train_batch_size=1)\n'
+    assert rewrite(cell, "half-batch") == cell.replace("eval_batch_size=8", "eval_batch_size=4")
+
+
+def test_half_batch_factor_option() -> None:
+    assert rewrite("batch_size = 16\n", "half-batch", factor=4) == "batch_size = 4\n"
+    assert rewrite("batch_size = 3\n", "half-batch", factor=4) == "batch_size = 1\n"
+
+
+def test_half_batch_converges_to_batch_1_then_checkpointing_then_stops() -> None:
+    cell = """\
+from trl import SFTConfig
+config = SFTConfig(
+    output_dir="o",
+    per_device_train_batch_size=4,
+    optim='adamw_torch',  # default
+)
+"""
+    assert rewrite(cell, "half-batch") == rewrite(cell, "half-batch")  # deterministic
+    steps = []
+    for _ in range(10):
+        try:
+            cell = rewrite(cell, "half-batch")
+        except NotApplicable as exc:
+            assert "already 1" in exc.reason
+            break
+        compile(cell, "<cell>", "exec")
+        steps.append(cell)
+    assert len(steps) == 3
+    assert "per_device_train_batch_size=2," in steps[0] and "gradient_accumulation_steps=2," in steps[0]
+    assert "per_device_train_batch_size=1," in steps[1] and "gradient_accumulation_steps=4," in steps[1]
+    assert (
+        steps[2]
+        == """\
+from trl import SFTConfig
+config = SFTConfig(
+    output_dir="o",
+    per_device_train_batch_size=1,
+    optim='paged_adamw_8bit',  # default
+    gradient_accumulation_steps=4,
+    gradient_checkpointing=True,
+)
+"""
+    )
+
+
+def test_half_batch_at_batch_1_without_training_arguments_does_not_apply() -> None:
+    with pytest.raises(NotApplicable, match="already 1 and there is no TrainingArguments"):
+        rewrite("BATCH_SIZE = 1\nloader = DataLoader(ds, batch_size=BATCH_SIZE)\n", "half-batch")
+
+
+# --------------------------------------------------------------------------------------------------
+# Every fix
+
+
+CASES = [
+    (LOAD, "4bit"),
+    (LOAD, "8bit"),
+    (LOAD, "bf16"),
+    (LOAD, "offload"),
+    (LOAD, "cpu"),
+    (LOAD_8BIT_KEYWORD, "4bit"),
+    (LOAD_8BIT_KEYWORD, "8bit"),
+    (EXISTING_CONFIG, "4bit"),
+    (CHAINED, "4bit"),
+    (CHAINED, "cpu"),
+    (PIPE, "4bit"),
+    (PIPE, "8bit"),
+    (PIPE, "bf16"),
+    (PIPE, "offload"),
+    (PIPE, "cpu"),
+    (PEFT, "4bit"),
+    (PEFT, "offload"),
+    (PEFT, "cpu"),
+    (MAGIC, "4bit"),
+    (MAGIC, "cpu"),
+    (CPU, "cpu"),
+    (CPU, "8bit"),
+    (MERGE, "merge-cpu"),
+    (MERGE, "cpu"),
+    (TRAIN, "half-batch"),
+    (SFT, "half-batch"),
+    (LOADER, "half-batch"),
+    (SCRIPT, "half-batch"),
+]
+
+
+@pytest.mark.parametrize(("cell", "fix"), CASES)
+def test_results_compile_keep_comments_and_are_idempotent(cell: str, fix: str) -> None:
+    fixed = rewrite(cell, fix)
+    assert fixed != cell
+    compile(fixed, "<cell>", "exec")
+    lost = set(comments(cell)) - set(comments(fixed))
+    assert lost <= {"# to the GPU"}  # the only comment on a line a fix removes (model.cuda() in CPU)
+    if fix != "half-batch":
+        with pytest.raises(NotApplicable, match="already"):
+            rewrite(fixed, fix)
+
+
+@pytest.mark.parametrize("fix", FIXES)
+def test_nothing_to_rewrite(fix: str) -> None:
+    with pytest.raises(NotApplicable):
+        rewrite(NOTHING, fix)
+
+
+def test_text_in_strings_and_comments_is_never_a_target() -> None:
+    reasons = applicable_fixes(ONLY_IN_TEXT)
+    assert all(reason is not None for reason in reasons.values()), reasons
+    assert (
+        reasons["4bit"]
+        == "this cell has no from_pretrained(...) or pipeline(...) call of a model to quantize"
+    )
+
+
+def test_applicable_fixes_reports_each_fix() -> None:
+    reasons = applicable_fixes(LOAD)
+    assert list(reasons) == list(FIXES)
+    assert reasons["4bit"] is None and reasons["bf16"] is None and reasons["cpu"] is None
+    assert reasons["half-batch"] is not None and "batch size" in reasons["half-batch"]
+    assert reasons["merge-cpu"] is not None
+
+
+def test_not_applicable_is_a_value_error_with_a_reason() -> None:
+    with pytest.raises(ValueError, match="no from_pretrained") as info:
+        rewrite(NOTHING, "4bit")
+    assert isinstance(info.value, NotApplicable)
+    assert info.value.reason == str(info.value)
+
+
+def test_a_cell_that_does_not_parse_is_not_applicable() -> None:
+    with pytest.raises(NotApplicable, match="not valid Python"):
+        rewrite("model = AutoModel.from_pretrained(\n", "4bit")
+
+
+def test_unknown_fix_and_options_name_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="4bit, 8bit, bf16, offload, cpu, merge-cpu, half-batch") as info:
+        rewrite(LOAD, "3bit")
+    assert not isinstance(info.value, NotApplicable)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) for 4bit: factor; valid: compute_dtype"):
+        rewrite(LOAD, "4bit", factor=2)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        rewrite(LOAD, "4bit", compute_dtype="float32")
+    with pytest.raises(ValueError, match="dtype_keyword"):
+        rewrite(LOAD, "bf16", dtype_keyword="torch.dtype")
+    with pytest.raises(ValueError, match="factor"):
+        rewrite(SCRIPT, "half-batch", factor=1)
+
+
+def test_diff_is_labelled_and_shows_the_change() -> None:
+    text = diff(CHAINED, rewrite(CHAINED, "8bit"))
+    assert text.startswith("--- cell\n+++ fixed cell\n@@ ")
+    assert '-model = AutoModelForCausalLM.from_pretrained("gpt2").to("cuda")\n' in text
+    assert "+from transformers import BitsAndBytesConfig\n" in text
+    assert diff("x = 1", "x = 2").endswith("-x = 1\n+x = 2\n")
+    assert diff(LOAD, LOAD) == ""
+
+
+def test_importing_the_module_imports_neither_torch_nor_ipython() -> None:
+    code = (
+        "import sys, vram_magic._rewrite\n"
+        "heavy = {'torch', 'transformers', 'IPython', 'peft'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

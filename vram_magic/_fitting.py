@@ -1,0 +1,40 @@
+"""Helpers that rewritten cells call (``vram_magic.to_gpu_if_it_fits``). torch is imported when called."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from vram_magic._render_text import format_bytes
+
+_Model = TypeVar("_Model")
+_HEADROOM_BYTES = 512 * 2**20  # activations and the CUDA context need some room after the weights
+
+
+def to_gpu_if_it_fits(model: _Model, device: str = "cuda") -> _Model:
+    """Move ``model`` to the GPU when its weights fit there with some room to spare; else keep it on CPU
+    and say why. Used after a LoRA merge done on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("Kept on CPU: no GPU is visible.")
+        return model
+    needed = _weights_bytes(model)
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    fraction = torch.cuda.get_per_process_memory_fraction(torch.device(device))
+    if fraction < 1.0:
+        capped = int(fraction * torch.cuda.get_device_properties(device).total_memory)
+        free = min(free, capped - torch.cuda.memory_reserved(device))
+    if needed + _HEADROOM_BYTES > free:
+        print(
+            f"Kept on CPU: the model needs {format_bytes(needed)} and the GPU has {format_bytes(free)} free."
+        )
+        return model
+    moved: Any = model.to(device)  # type: ignore[attr-defined]
+    print(f"Moved to {device}: {format_bytes(needed)}.")
+    return moved  # type: ignore[no-any-return]
+
+
+def _weights_bytes(model: object) -> int:
+    from vram_magic._who import tensors_in
+
+    return sum(tensor.untyped_storage().nbytes() for tensor in tensors_in(model, "cpu"))

@@ -1,0 +1,120 @@
+"""The fix ladder: make diagnosed fixes runnable (the user's cell, rewritten) and estimate which fit.
+
+Pure Python: no IPython. The estimates are deliberately rough (a share of what the failed allocation asked
+for); they decide what ``--auto`` skips, never what is shown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from vram_magic._diagnose import failing_gpu, message_room_bytes
+from vram_magic._render_text import format_bytes
+from vram_magic._rewrite import NotApplicable, diff, rewrite
+from vram_magic._types import Fix, GpuSnapshot, MemorySnapshot, OOMInfo
+
+REWRITE_FIXES = frozenset({"bf16", "8bit", "offload", "4bit", "cpu", "merge-cpu", "half-batch"})
+# What a load needs after the fix, as a share of what it asked for as written (16-bit weights assumed):
+# int8 weights plus the layers bitsandbytes keeps in 16-bit; NF4 weights plus quantization state.
+_LOAD_SHARE = {"8bit": 0.6, "4bit": 0.35}
+_ALWAYS_FITS = frozenset({"offload", "cpu", "merge-cpu"})
+_GPU_HEADROOM = 0.1  # of each GPU's free memory, kept for activations and the CUDA context
+_MIN_GPU_HEADROOM_BYTES = 512 * 2**20
+_CPU_HEADROOM_BYTES = 2 * 2**30
+_LIFT_CAP = "import torch\ntorch.cuda.set_per_process_memory_fraction(1.0)\n"
+
+
+@dataclass(frozen=True)
+class Room:
+    """What the failed cell could use now, after the cleanup."""
+
+    gpu_bytes: int | None
+    gpu_free_without_cap_bytes: int | None
+    max_memory: dict[int | str, int]
+    compute_dtype: str
+
+
+def room_after_cleanup(snapshot: MemorySnapshot, oom: OOMInfo | None, freed_bytes: int) -> Room:
+    """Room on the failing GPU (the live snapshot when there is one, else the message plus what was freed)."""
+    gpu = failing_gpu(snapshot, oom)
+    if gpu is not None:
+        room = _gpu_room(gpu)
+        free = gpu.free_bytes
+    else:
+        room = message_room_bytes(oom)
+        room = None if room is None else room + freed_bytes
+        free = oom.free_bytes if oom else None
+    max_memory: dict[int | str, int] = {}
+    for each in snapshot.gpus:
+        each_room = _gpu_room(each)
+        if each_room is not None:
+            headroom = max(int(each_room * _GPU_HEADROOM), _MIN_GPU_HEADROOM_BYTES)
+            max_memory[each.index] = max(each_room - headroom, 0)
+    if snapshot.cpu.available_bytes is not None:
+        max_memory["cpu"] = max(snapshot.cpu.available_bytes - _CPU_HEADROOM_BYTES, 0)
+    return Room(room, free, max_memory, _compute_dtype())
+
+
+def make_runnable(fixes: tuple[Fix, ...], cell: str, oom: OOMInfo | None, room: Room) -> tuple[Fix, ...]:
+    """Attach to each fix the cell it runs (and a diff to show), and whether it is expected to fit."""
+    requested = oom.requested_bytes if oom else None
+    planned: list[Fix] = []
+    for fix in fixes:
+        if fix.key in REWRITE_FIXES:
+            try:
+                fixed_cell = rewrite(cell, fix.key, **_options(fix.key, room))
+            except NotApplicable as reason:
+                planned.append(replace(fix, why=f"{fix.why} (Apply it by hand: {reason.reason}.)"))
+                continue
+            fix = replace(fix, rewritten_cell=fixed_cell, code=diff(cell, fixed_cell))
+        elif fix.key == "free":
+            fix = replace(fix, rewritten_cell=cell)
+        elif fix.key == "lift-cap":
+            fix = replace(fix, rewritten_cell=_LIFT_CAP + cell)
+        planned.append(_estimate(fix, requested, room))
+    return tuple(planned)
+
+
+def _estimate(fix: Fix, requested: int | None, room: Room) -> Fix:
+    if fix.key in _ALWAYS_FITS:
+        return replace(fix, fits=True)
+    if requested is None or fix.fits is not None:  # "free" was judged by the diagnosis
+        return fix
+    needed: int | None = None
+    available = room.gpu_bytes
+    if fix.key in _LOAD_SHARE:
+        needed = int(requested * _LOAD_SHARE[fix.key])
+    elif fix.key == "lift-cap":
+        needed, available = requested, room.gpu_free_without_cap_bytes
+    if needed is None or available is None:
+        return replace(fix, needed_bytes=needed)
+    fits = needed <= available
+    if not fits:
+        fix = replace(fix, why=f"{fix.why} Estimated not to fit: needs about {format_bytes(needed)}.")
+    return replace(fix, needed_bytes=needed, fits=fits)
+
+
+def _options(fix_key: str, room: Room) -> dict[str, object]:
+    if fix_key == "4bit":
+        return {"compute_dtype": room.compute_dtype}
+    if fix_key == "offload" and room.max_memory:
+        return {"max_memory": room.max_memory}
+    return {}
+
+
+def _gpu_room(gpu: GpuSnapshot) -> int | None:
+    if gpu.free_bytes is None:
+        return None
+    if gpu.cap_bytes is None or gpu.reserved_bytes is None:
+        return gpu.free_bytes
+    return max(min(gpu.free_bytes, gpu.cap_bytes - gpu.reserved_bytes), 0)
+
+
+def _compute_dtype() -> str:
+    """bfloat16 where the GPU supports it (Ampere and newer) or there is no GPU; else float16."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return "float16"
+    return "bfloat16"
