@@ -43,3 +43,10 @@ def test_names_bound_at_top_level_only() -> None:
 def test_unparsable_code_is_other_without_a_statement() -> None:
     analysis = analyse_cell("model = (\n", 1)
     assert analysis.kind == "other" and analysis.failed_statement is None
+
+
+def test_a_cell_that_sets_batch_sizes_or_calls_a_train_function_is_training() -> None:
+    assert analyse_cell("batch_size = 8\nrun(batch_size)\n", 2).kind == "training"
+    assert analyse_cell("loader = DataLoader(data, batch_size=8)\n", 1).kind == "training"
+    assert analyse_cell("loss = train_step(model, data)\n", 1).kind == "training"
+    assert analyse_cell("size = 8\nrun(size)\n", 2).kind == "other"

@@ -251,3 +251,85 @@ def test_tracebacks_name_the_running_cell_as_ipython_does(ip: Any, monkeypatch: 
     ip.run_cell("%%oomsafe\n1 / 0\n", store_history=True)  # a stored cell: the counter has moved on
     number = ip.execution_count - 1
     assert f"Cell In[{number}], line 2" in "\n".join(shown[0])
+
+
+TRAINING_SETUP = f"""
+import torch
+def train_step(batch_size, gradient_accumulation_steps):
+    activations = torch.ones(batch_size * 2**20 // 4)
+    if batch_size > 4:
+        raise torch.OutOfMemoryError({SHORTFALL_OOM!r})
+    return batch_size * gradient_accumulation_steps
+"""
+TRAINING_CELL = (
+    "batch_size = 16\ngradient_accumulation_steps = 1\ntrain_step(batch_size, gradient_accumulation_steps)\n"
+)
+
+
+def test_vram_fix_runs_the_rewritten_cell_and_reports_again_if_it_still_fails(ip: Any) -> None:
+    ip.run_cell(TRAINING_SETUP)
+    _run(ip, "%%oomsafe\n" + TRAINING_CELL)
+    number = [fix.key for fix in _last_report(ip).fixes].index("half-batch") + 1
+    with capture_output() as captured:
+        diff_shown = ip.run_cell(f"%vram fix {number} --diff")
+    assert (
+        diff_shown.success and "-batch_size = 16" in captured.stdout and "+batch_size = 8" in captured.stdout
+    )
+    assert ip.user_ns["batch_size"] == 16  # --diff runs nothing
+    result, _ = _run(ip, f"%vram fix {number}")  # batch 8: still too big, a new report
+    assert isinstance(result.error_in_exec, OutOfMemoryHandled)
+    assert ip.user_ns["batch_size"] == 8 and ip.user_ns["gradient_accumulation_steps"] == 2
+    again = [fix.key for fix in _last_report(ip).fixes].index("half-batch") + 1
+    result, captured = _run(ip, f"%vram fix {again}")
+    assert result.success and result.result == 16  # batch 4 x accumulation 4: the same effective batch
+    assert f"Fix {again} worked: Halve the batch, double gradient accumulation" in captured.stdout
+
+
+def test_oomsafe_auto_walks_the_fixes_until_one_works(ip: Any) -> None:
+    ip.run_cell(TRAINING_SETUP)
+    result, captured = _run(ip, "%%oomsafe --auto\n" + TRAINING_CELL)
+    assert result.success and result.result == 16
+    out = captured.stdout
+    assert "--auto: fix 1 worked: Halve the batch, double gradient accumulation." in out
+    assert "Attempts by --auto (3 runs" in out
+    assert "1. the cell as written: out of memory" in out and "3. Halve the batch" in out
+    assert "    batch_size = 4\n    gradient_accumulation_steps = 4" in out
+
+
+def test_oomsafe_auto_stops_at_max_attempts_and_shows_the_last_report(ip: Any) -> None:
+    ip.run_cell(TRAINING_SETUP)
+    result, _ = _run(ip, "%%oomsafe --auto --max-attempts 2\n" + TRAINING_CELL)
+    assert isinstance(result.error_in_exec, OutOfMemoryHandled)
+    report = _last_report(ip)
+    assert [a.succeeded for a in report.attempts] == [False, False]
+    assert ip.user_ns["batch_size"] == 8
+
+
+def test_the_report_says_which_names_the_failed_run_rebound(ip: Any) -> None:
+    ip.run_cell(FAILING_LOAD)
+    ip.run_cell("tokenizer = 'old tokenizer'\n")
+    _run(ip, "%%oomsafe\ntokenizer = 'new tokenizer'\nmodel = load_model()\n")
+    assert _last_report(ip).rebound_names == ("tokenizer",)
+    assert "model" not in ip.user_ns
+
+
+def test_the_rerun_button_runs_the_fix_in_the_notebook_namespace(
+    ip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ipywidgets
+
+    monkeypatch.setenv("VRAM_MAGIC_WIDGETS", "1")
+    ip.run_cell(TRAINING_SETUP)
+    with capture_output() as captured:
+        ip.run_cell(
+            "%%oomsafe\nbatch_size = 8\ngradient_accumulation_steps = 1\n"
+            "train_step(batch_size, gradient_accumulation_steps)\n"
+        )
+    assert any("application/vnd.jupyter.widget-view+json" in o.data for o in captured.outputs)
+    buttons = [w for w in ipywidgets.Widget.widgets.values() if getattr(w, "description", "") == "Re-run"]
+    report = _last_report(ip)
+    number = [fix.key for fix in report.fixes].index("half-batch") + 1
+    button = [b for b in buttons if b.tooltip == report.fixes[number - 1].title][-1]
+    with capture_output():
+        button.click()
+    assert ip.user_ns["batch_size"] == 4 and ip.user_ns["gradient_accumulation_steps"] == 2

@@ -7,6 +7,7 @@ have become plain calls. Rewriting the cell is ``_rewrite``'s job (libcst); this
 from __future__ import annotations
 
 import ast
+import re
 
 from vram_magic._types import CellAnalysis, CellKind
 
@@ -17,6 +18,7 @@ _KIND_BY_METHOD: tuple[tuple[CellKind, frozenset[str]], ...] = (
     ("training", frozenset({"train", "backward", "training_step"})),
     ("generation", frozenset({"generate"})),
 )
+_BATCH_NAME = re.compile(r"(^|_)batch_size$|^gradient_accumulation_steps$", re.IGNORECASE)
 _KIND_BY_FUNCTION: dict[str, CellKind] = {
     "pipeline": "load",
     "Trainer": "training",
@@ -60,11 +62,20 @@ def _statement_at(tree: ast.Module, line: int | None) -> ast.stmt | None:
 
 def _kind_of(node: ast.AST) -> CellKind:
     found: set[CellKind] = set()
-    for call in (n for n in ast.walk(node) if isinstance(n, ast.Call)):
-        if isinstance(call.func, ast.Attribute):
-            found.update(kind for kind, methods in _KIND_BY_METHOD if call.func.attr in methods)
-        elif isinstance(call.func, ast.Name) and call.func.id in _KIND_BY_FUNCTION:
-            found.add(_KIND_BY_FUNCTION[call.func.id])
+    for each in ast.walk(node):
+        if isinstance(each, ast.Name) and isinstance(each.ctx, ast.Store) and _BATCH_NAME.search(each.id):
+            found.add("training")  # a cell that sets batch sizes trains (or at least batches)
+        if not isinstance(each, ast.Call):
+            continue
+        if any(keyword.arg and _BATCH_NAME.search(keyword.arg) for keyword in each.keywords):
+            found.add("training")
+        if isinstance(each.func, ast.Attribute):
+            found.update(kind for kind, methods in _KIND_BY_METHOD if each.func.attr in methods)
+        elif isinstance(each.func, ast.Name):
+            if each.func.id in _KIND_BY_FUNCTION:
+                found.add(_KIND_BY_FUNCTION[each.func.id])
+            elif each.func.id.lower().startswith("train"):
+                found.add("training")
     for kind, _ in _KIND_BY_METHOD:
         if kind in found:
             return kind

@@ -35,6 +35,7 @@ from vram_magic._render_text import (
     render_holders,
     summary_line,
 )
+from vram_magic._render_widget import mimebundle
 from vram_magic._rewrite import NotApplicable, rewrite
 from vram_magic._types import Attempt, Fix, OutOfMemoryHandled, Report
 from vram_magic._who import find_holders
@@ -124,9 +125,7 @@ class VramMagics(Magics):
         """Run the cell; on a CUDA out-of-memory error free what it pinned, explain why, offer fixes."""
         args = _parse(self.oomsafe, line, "%%oomsafe?")
         if args.max_attempts < 1:
-            raise UsageError(
-                "--max-attempts needs 1 or more runs, e.g. `%%oomsafe --auto --max-attempts 3`."
-            )
+            raise UsageError("--max-attempts needs 1 or more runs, e.g. `%%oomsafe --auto --max-attempts 3`.")
         outcome = self._run(cell, f"%%oomsafe {line}".rstrip())
         if outcome.report is None:
             return outcome.value
@@ -203,7 +202,7 @@ class VramMagics(Magics):
         filename = self._ip.compile.cache(f"{first_line}\n{body}", _running_cell_number(self._ip))
         statements, last_expression, assigned = self._compile(body, filename)
         namespace = self._ip.user_ns
-        ids_before = {name: id(namespace.get(name)) for name in assigned}
+        ids_before = {name: id(namespace[name]) for name in assigned if name in namespace}
         started = time.perf_counter()
         try:
             exec(statements, self._ip.user_global_ns, namespace)
@@ -216,14 +215,14 @@ class VramMagics(Magics):
                 self._show_as_without_us(error)
                 raise
             seconds = time.perf_counter() - started
-            rebound = tuple(name for name in assigned if id(namespace.get(name)) != ids_before[name])
+            rebound = tuple(name for name, before in ids_before.items() if id(namespace.get(name)) != before)
             report = self._rescue(error, source, body, filename)
         return _Outcome(report=replace(report, rebound_names=rebound), seconds=seconds)
 
     def _fail(self, report: Report) -> NoReturn:
         """Show the report and end the cell as failed, with one line that holds no frame of the user's."""
         self.last_report = report
-        display(report)
+        display(mimebundle(report, rerun=lambda number: self.apply_fix(report, number)), raw=True)
         raise OutOfMemoryHandled(f"{summary_line(report)} See the report above.")
 
     def _compile(self, body: str, filename: str) -> tuple[CodeType, CodeType | None, tuple[str, ...]]:

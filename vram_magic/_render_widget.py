@@ -7,6 +7,7 @@ view will render. Every bundle's text/plain is our own text rendering (see the R
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from html import escape
 from typing import Any
 
@@ -77,12 +78,13 @@ def _prose(text: str) -> str:
     return _BACKTICKED.sub(lambda m: _code(m.group(1)), escape(text))
 
 
-def mimebundle(obj: MemorySnapshot | Report) -> dict[str, Any]:
-    """The display bundle: the widget view plus our text, or our text alone where widgets cannot render."""
+def mimebundle(obj: MemorySnapshot | Report, rerun: Rerun | None = None) -> dict[str, Any]:
+    """The display bundle: the widget view plus our text, or our text alone where widgets cannot render.
+    ``rerun(n)`` gives a report's runnable fixes their buttons."""
     text = render_snapshot(obj) if isinstance(obj, MemorySnapshot) else render_report(obj)
     if not widget_frontend():
         return {"text/plain": text}
-    widget = snapshot_widget(obj) if isinstance(obj, MemorySnapshot) else report_widget(obj)
+    widget = snapshot_widget(obj) if isinstance(obj, MemorySnapshot) else report_widget(obj, rerun)
     bundle = dict(widget._repr_mimebundle_() or {})
     bundle["text/plain"] = text
     return bundle
@@ -213,22 +215,79 @@ def _gpu_from_oom(oom: OOMInfo, index: int, name: str | None) -> GpuSnapshot:
     )
 
 
-def fix_row(number: int, fix: Fix) -> Any:
-    """One fix: its number, title, why and code. A VBox, so buttons can be appended later."""
+Rerun = Callable[[int], object]
+
+
+def fix_row(number: int, fix: Fix, rerun: Rerun | None = None) -> Any:
+    """One fix: number, title, why and code. With ``rerun`` and a runnable fix: Re-run, Diff and Insert
+    buttons, the code shown on demand, and an output area where the re-run prints."""
     import ipywidgets as w
 
     head = f"<div><b>{number}. {_prose(fix.title)}</b></div>"
     if fix.why:
         head += f'<div style="color:{DIM};">{_prose(fix.why)}</div>'
     children = [w.HTML(_html(head, first=True))]
-    if fix.code.strip():
-        children.append(
-            w.HTML(_html(f'<pre style="{CODE_BLOCK}">{escape(fix.code.strip(chr(10)))}</pre>', True))
-        )
+    code = w.HTML(_html(f'<pre style="{CODE_BLOCK}">{escape(fix.code.strip(chr(10)))}</pre>', True))
+    if rerun is None or fix.rewritten_cell is None:
+        if fix.code.strip():
+            children.append(code)
+    else:
+        children += _fix_buttons(number, fix, rerun, code)
     return w.VBox(
         children,
         layout=w.Layout(margin="0 0 8px 0", padding="0 0 0 8px", border_left="3px solid #4c72b0"),
     )
+
+
+def _fix_buttons(number: int, fix: Fix, rerun: Rerun, code: Any) -> list[Any]:
+    """Re-run runs the fixed cell in the notebook's namespace; Diff shows the change; Insert explains how
+    to get the cell (Jupyter lets only a running cell add a cell, so a button cannot)."""
+    import ipywidgets as w
+
+    rerun_button = w.Button(description="Re-run", button_style="primary", icon="play", tooltip=fix.title)
+    diff_button = w.ToggleButton(description="Diff", icon="code")
+    insert_button = w.ToggleButton(description="Insert as new cell", icon="plus")
+    status = w.HTML()
+    output = w.Output()
+    insert_help = w.VBox(
+        [
+            w.HTML(
+                _html(
+                    f"Run <code>%vram fix {number} --insert</code> in any cell to get this code in a new "
+                    "cell below, or copy it from here:"
+                )
+            ),
+            w.Textarea(value=f"%%oomsafe\n{fix.rewritten_cell}", layout=w.Layout(width="100%", height="8em")),
+        ]
+    )
+    code.layout.display = "none"
+    insert_help.layout.display = "none"
+
+    def show_diff(change: dict[str, Any]) -> None:
+        code.layout.display = "" if change["new"] else "none"
+
+    def show_insert(change: dict[str, Any]) -> None:
+        insert_help.layout.display = "" if change["new"] else "none"
+
+    def run(_: Any) -> None:
+        rerun_button.disabled = True
+        status.value = _html(f"<i>Running fix {number}: {escape(fix.title)}…</i>")
+        output.clear_output()
+        worked = False
+        with output:
+            try:
+                rerun(number)
+                worked = True
+            except Exception as error:  # the report or the error is already in the output area
+                print(f"{type(error).__name__}: {error}")
+        status.value = _html(f"<b>Fix {number} {'worked' if worked else 'did not work'}.</b>")
+        rerun_button.disabled = False
+
+    diff_button.observe(show_diff, "value")
+    insert_button.observe(show_insert, "value")
+    rerun_button.on_click(run)
+    buttons = w.HBox([rerun_button, diff_button, insert_button, status])
+    return [buttons, code, insert_help, output]
 
 
 def _failed_html(r: Report) -> str:
@@ -270,7 +329,7 @@ def _holders_html(r: Report, limit: int = 8) -> str:
     return _heading(f"<b>{escape(HOLDERS_TITLE)}</b>") + table + more
 
 
-def report_widget(r: Report) -> Any:
+def report_widget(r: Report, rerun: Rerun | None = None) -> Any:
     """A report as a VBox: summary, failing GPU's bar, causes, fixes, notes, and a Details accordion."""
     import ipywidgets as w
 
@@ -284,7 +343,7 @@ def report_widget(r: Report) -> Any:
     children += [w.HTML(_html(body)) for body in sections if body]
     if r.fixes:
         children.append(w.HTML(_html(_heading(f"<b>Fixes</b> ({escape(FIX_HINT)})"))))
-        children.append(w.VBox([fix_row(i, f) for i, f in enumerate(r.fixes, 1)]))
+        children.append(w.VBox([fix_row(i, f, rerun) for i, f in enumerate(r.fixes, 1)]))
     if r.notes:
         items = "".join(f"<li>{_prose(n)}</li>" for n in r.notes)
         children.append(w.HTML(_html(_heading("<b>Notes</b>") + f'<ul style="{LIST}">{items}</ul>')))
