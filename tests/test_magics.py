@@ -333,3 +333,39 @@ def test_the_rerun_button_runs_the_fix_in_the_notebook_namespace(
     with capture_output():
         button.click()
     assert ip.user_ns["batch_size"] == 4 and ip.user_ns["gradient_accumulation_steps"] == 2
+
+
+def test_vram_fix_insert_offers_the_fixed_cell_as_a_new_cell(
+    ip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    offered: list[tuple[str, bool]] = []
+    monkeypatch.setattr(ip, "set_next_input", lambda text, replace=False: offered.append((text, replace)))
+    ip.run_cell(TRAINING_SETUP)
+    _run(ip, "%%oomsafe\n" + TRAINING_CELL)
+    number = [fix.key for fix in _last_report(ip).fixes].index("half-batch") + 1
+    with capture_output() as captured:
+        ip.run_line_magic("vram", f"fix {number} --insert")
+    assert offered == [
+        (
+            "%%oomsafe\nbatch_size = 8\ngradient_accumulation_steps = 2\n"
+            "train_step(batch_size, gradient_accumulation_steps)\n",
+            False,
+        )
+    ]
+    assert "your cell is unchanged" in captured.stdout
+    assert ip.user_ns["batch_size"] == 16  # nothing ran
+
+
+def test_vram_fix_mistakes_are_one_line_usage_errors(ip: Any) -> None:
+    ip.magics_manager.registry["VramMagics"].last_report = None
+    with pytest.raises(UsageError, match="No %%oomsafe cell has run out of memory yet"):
+        ip.run_line_magic("vram", "fix 1")
+    ip.run_cell(TRAINING_SETUP)
+    _run(ip, "%%oomsafe\n" + TRAINING_CELL)
+    count = len(_last_report(ip).fixes)
+    for words in ("fix", f"fix {count + 1}", "fix one", "fix 1 2"):
+        with pytest.raises(UsageError, match=f"Type `%vram fix N` with N from 1 to {count}"):
+            ip.run_line_magic("vram", words)
+    advice = next(i for i, fix in enumerate(_last_report(ip).fixes, 1) if not fix.runnable)
+    with pytest.raises(UsageError, match=f"Fix {advice} .* is advice to follow by hand"):
+        ip.run_line_magic("vram", f"fix {advice}")

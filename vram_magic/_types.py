@@ -13,6 +13,12 @@ OOMKind = Literal["cuda", "hip", "xpu", "mps", "cpu", "dispatch"]
 CellKind = Literal["load", "merge", "training", "generation", "other"]
 
 
+def _unallocated(reserved_bytes: int | None, allocated_bytes: int | None) -> int | None:
+    if reserved_bytes is None or allocated_bytes is None:
+        return None
+    return max(reserved_bytes - allocated_bytes, 0)
+
+
 @dataclass(frozen=True)
 class OOMInfo:
     """What an out-of-memory message says. Field names match ``shared/oom-messages/expected.json``."""
@@ -32,9 +38,7 @@ class OOMInfo:
     @property
     def unallocated_reserved_bytes(self) -> int | None:
         """Reserved by PyTorch's caching allocator but not handed out: the fragmentation figure."""
-        if self.reserved_bytes is None or self.allocated_bytes is None:
-            return None
-        return max(self.reserved_bytes - self.allocated_bytes, 0)
+        return _unallocated(self.reserved_bytes, self.allocated_bytes)
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,7 @@ class GpuSnapshot:
 
     @property
     def unallocated_reserved_bytes(self) -> int | None:
-        if self.reserved_bytes is None or self.allocated_bytes is None:
-            return None
-        return max(self.reserved_bytes - self.allocated_bytes, 0)
+        return _unallocated(self.reserved_bytes, self.allocated_bytes)
 
     @property
     def non_pytorch_bytes(self) -> int | None:
