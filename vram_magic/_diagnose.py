@@ -109,7 +109,7 @@ def _too_big_for_the_gpu(evidence: Evidence, result: Diagnosis) -> None:
         result.causes.append(
             Cause(
                 "too-big",
-                f"{what.capitalize()} asked for {format_bytes(requested)} in one allocation, more than this "
+                f"{_capitalized(what)} asked for {format_bytes(requested)} in one allocation, more than this "
                 f"process may use at all ({format_bytes(limit)}): freeing memory will not help; "
                 "what the cell runs has to change.",
             )
@@ -117,7 +117,7 @@ def _too_big_for_the_gpu(evidence: Evidence, result: Diagnosis) -> None:
         return
     free = evidence.oom.free_bytes if evidence.oom else None
     room = message_room_bytes(evidence.oom)
-    text = f"{what.capitalize()} asked for {format_bytes(requested)} more"
+    text = f"{_capitalized(what)} asked for {format_bytes(requested)} more"
     if room is not None:
         text += f"; only {format_bytes(room)} was left to this process"
     elif free is not None:
@@ -371,6 +371,10 @@ def _cell_fixes(evidence: Evidence) -> tuple[Fix, ...]:
     if evidence.oom is not None and evidence.oom.kind == "dispatch":
         return tuple(f for f in _LOAD_FIXES if f.key in {"4bit", "cpu"})
     return _FIXES_BY_KIND[evidence.analysis.kind]
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _join_names(names: list[str]) -> str:

@@ -170,22 +170,26 @@ class VramMagics(Magics):
         assert first.report is not None
         report = first.report
         attempts = [Attempt("the cell as written", first.seconds, succeeded=False)]
-        for number, fix in enumerate(report.fixes, start=1):
-            if not fix.runnable or fix.fits is False:
+        for number, fix in enumerate(first.report.fixes, start=1):
+            if not _worth_trying_unattended(fix):
                 continue
+            label = fix.title
             while len(attempts) < max_attempts:
                 outcome = self._attempt(fix, number)
-                attempts.append(Attempt(fix.title, outcome.seconds, succeeded=outcome.report is None))
+                attempts.append(Attempt(label, outcome.seconds, succeeded=outcome.report is None))
                 if outcome.report is None:
+                    # Keep what ran as fix `number`, so `%vram fix N --insert` gives exactly this code.
+                    fixes = list(first.report.fixes)
+                    fixes[number - 1] = fix
+                    self.last_report = replace(first.report, fixes=tuple(fixes), attempts=tuple(attempts))
                     print(render_auto_result(number, fix, tuple(attempts), take_snapshot()))
                     return outcome.value
                 report = outcome.report
                 smaller = _halve_again(fix)  # only a smaller batch is worth repeating
                 if smaller is None:
                     break
-                fix = smaller
-        self.last_report = replace(report, attempts=tuple(attempts))
-        self._fail(self.last_report)
+                fix, label = smaller, f"{fix.title}, again"
+        self._fail(replace(report, attempts=tuple(attempts)))
 
     def _attempt(self, fix: Fix, number: int) -> _Outcome:
         """Free what ``fix`` names, then run its cell."""
@@ -287,6 +291,14 @@ class VramMagics(Magics):
     def _holders(self, device: str) -> Any:
         hidden = self._ip.user_ns_hidden
         return find_holders(self._ip.user_ns, device, skip=lambda name: name in hidden)
+
+
+def _worth_trying_unattended(fix: Fix) -> bool:
+    """``--auto`` runs fixes that have a cell, are not expected to fail, and undo nothing the user chose:
+    a cap may be set on purpose to rehearse a smaller GPU, and bf16 helps only where it was not already."""
+    if not fix.runnable or fix.fits is False or fix.key == "lift-cap":
+        return False
+    return fix.key != "bf16" or fix.fits is True
 
 
 def _halve_again(fix: Fix) -> Fix | None:

@@ -6,9 +6,10 @@ for); they decide what ``--auto`` skips, never what is shown.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
-from vram_magic._diagnose import failing_gpu, message_room_bytes
+from vram_magic._diagnose import failing_gpu
 from vram_magic._render_text import format_bytes
 from vram_magic._rewrite import NotApplicable, diff, rewrite
 from vram_magic._types import Fix, GpuSnapshot, MemorySnapshot, OOMInfo
@@ -17,6 +18,7 @@ REWRITE_FIXES = frozenset({"bf16", "8bit", "offload", "4bit", "cpu", "merge-cpu"
 # What a load needs after the fix, as a share of what it asked for as written (16-bit weights assumed):
 # int8 weights plus the layers bitsandbytes keeps in 16-bit; NF4 weights plus quantization state.
 _LOAD_SHARE = {"8bit": 0.6, "4bit": 0.35}
+_FLOAT32 = re.compile(r"\bfloat32\b|\btorch\.float\b")
 _ALWAYS_FITS = frozenset({"offload", "cpu", "merge-cpu"})
 _GPU_HEADROOM = 0.1  # of each GPU's free memory, kept for activations and the CUDA context
 _MIN_GPU_HEADROOM_BYTES = 512 * 2**20
@@ -41,9 +43,8 @@ def room_after_cleanup(snapshot: MemorySnapshot, oom: OOMInfo | None, freed_byte
         room = _gpu_room(gpu)
         free = gpu.free_bytes
     else:
-        room = message_room_bytes(oom)
-        room = None if room is None else room + freed_bytes
-        free = oom.free_bytes if oom else None
+        room = _message_room(oom, freed_bytes)
+        free = None if oom is None or oom.free_bytes is None else oom.free_bytes + freed_bytes
     max_memory: dict[int | str, int] = {}
     for each in snapshot.gpus:
         each_room = _gpu_room(each)
@@ -56,7 +57,9 @@ def room_after_cleanup(snapshot: MemorySnapshot, oom: OOMInfo | None, freed_byte
 
 
 def make_runnable(fixes: tuple[Fix, ...], cell: str, oom: OOMInfo | None, room: Room) -> tuple[Fix, ...]:
-    """Attach to each fix the cell it runs (and a diff to show), and whether it is expected to fit."""
+    """Attach to each fix the cell it runs (and a diff to show), and whether it is expected to fit. A fix
+    the cell already has (bf16 on a bfloat16 load) is dropped; one the cell gives it nothing to change for
+    stays as advice, with the reason."""
     requested = oom.requested_bytes if oom else None
     planned: list[Fix] = []
     for fix in fixes:
@@ -64,18 +67,19 @@ def make_runnable(fixes: tuple[Fix, ...], cell: str, oom: OOMInfo | None, room: 
             try:
                 fixed_cell = rewrite(cell, fix.key, **_options(fix.key, room))
             except NotApplicable as reason:
-                planned.append(replace(fix, why=f"{fix.why} (Apply it by hand: {reason.reason}.)"))
+                if not reason.already:  # a fix the cell already has is no way out: it is dropped
+                    planned.append(replace(fix, why=f"{fix.why} (Apply it by hand: {reason.reason}.)"))
                 continue
             fix = replace(fix, rewritten_cell=fixed_cell, code=diff(cell, fixed_cell))
         elif fix.key == "free":
             fix = replace(fix, rewritten_cell=cell)
         elif fix.key == "lift-cap":
             fix = replace(fix, rewritten_cell=_LIFT_CAP + cell)
-        planned.append(_estimate(fix, requested, room))
+        planned.append(_estimate(fix, requested, room, cell))
     return tuple(planned)
 
 
-def _estimate(fix: Fix, requested: int | None, room: Room) -> Fix:
+def _estimate(fix: Fix, requested: int | None, room: Room, cell: str) -> Fix:
     if fix.key in _ALWAYS_FITS:
         return replace(fix, fits=True)
     if requested is None or fix.fits is not None:  # "free" was judged by the diagnosis
@@ -84,6 +88,8 @@ def _estimate(fix: Fix, requested: int | None, room: Room) -> Fix:
     available = room.gpu_bytes
     if fix.key in _LOAD_SHARE:
         needed = int(requested * _LOAD_SHARE[fix.key])
+    elif fix.key == "bf16" and _FLOAT32.search(cell):
+        needed = requested // 2  # only a load the cell asks for in float32 is known to halve
     elif fix.key == "lift-cap":
         needed, available = requested, room.gpu_free_without_cap_bytes
     if needed is None or available is None:
@@ -97,9 +103,24 @@ def _estimate(fix: Fix, requested: int | None, room: Room) -> Fix:
 def _options(fix_key: str, room: Room) -> dict[str, object]:
     if fix_key == "4bit":
         return {"compute_dtype": room.compute_dtype}
-    if fix_key == "offload" and room.max_memory:
+    if fix_key == "offload" and any(isinstance(key, int) for key in room.max_memory):
+        # Without a GPU's figures, limits would name only the CPU and keep the whole model off the GPU:
+        # device_map="auto" alone lets accelerate measure the GPUs itself.
         return {"max_memory": room.max_memory}
     return {}
+
+
+def _message_room(oom: OOMInfo | None, freed_bytes: int) -> int | None:
+    """Room by the message once ``freed_bytes`` went back: under a cap, the cap less what stays reserved
+    (never more than the cap, even when more than the cap was reserved before it was set); the GPU's free
+    memory plus what was freed, when that is smaller or there is no cap."""
+    if oom is None:
+        return None
+    free = None if oom.free_bytes is None else oom.free_bytes + freed_bytes
+    if oom.allowed_bytes is None or oom.reserved_bytes is None:
+        return free
+    capped = max(oom.allowed_bytes - max(oom.reserved_bytes - freed_bytes, 0), 0)
+    return capped if free is None else min(capped, free)
 
 
 def _gpu_room(gpu: GpuSnapshot) -> int | None:

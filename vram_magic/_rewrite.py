@@ -97,11 +97,14 @@ _IMPORT_LINES: dict[str, str] = {
 
 
 class NotApplicable(ValueError):
-    """The fix does not apply to this cell; ``reason`` says why in plain words."""
+    """The fix does not apply to this cell; ``reason`` says why in plain words. ``already`` is True when
+    the cell already does what the fix would do (so it is no way out), False when the cell has nothing the
+    fix could change (so it may still apply to code elsewhere, by hand)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, already: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.already = already
 
 
 def rewrite(source: str, fix: str, **options: object) -> str:
@@ -125,7 +128,8 @@ def rewrite(source: str, fix: str, **options: object) -> str:
     fixer = _make_fixer(fix, module, cell, options)
     result = module.visit(fixer).code
     if result == source:
-        raise NotApplicable(fixer.reason_unchanged(fix))
+        reason = fixer.reason_unchanged(fix)
+        raise NotApplicable(reason, already=reason == _ALREADY[fix])
     return result
 
 
