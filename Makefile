@@ -6,8 +6,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# tests/browser drives Debian's chromium (through the playwright package, not playwright's own browsers).
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: venv test lint demo clean
+.PHONY: venv chromium test lint demo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,11 +26,22 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check vram_magic tests benchmarks notebooks docs
 	$(VENV)/bin/mypy
 
-test: $(STAMP) lint
+# As root, install chromium where it is missing; elsewhere say so (the browser test then skips, or fails under CI).
+chromium:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "Installing Debian's chromium for tests/browser"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "note: $(CHROMIUM) is missing and this is not root: install it (sudo apt-get install chromium)" \
+			"or tests/browser is skipped (and fails where CI is set)"; \
+	fi
+
+test: $(STAMP) lint chromium
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) notebooks/run.py notebooks/quickstart.ipynb
+	$(PY) notebooks/run.py notebooks/quickstart.ipynb notebooks/s1_merge.ipynb notebooks/s2_qlora.ipynb notebooks/s3_load.ipynb
 
 clean:
 	rm -rf $(VENV) build *.egg-info

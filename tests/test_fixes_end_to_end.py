@@ -287,8 +287,8 @@ def test_auto_frees_the_earlier_tensor_and_merges_in_two_runs(
 def test_a_merged_model_too_big_for_the_gpu_stays_on_the_cpu_with_both_sizes_given(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """vram_magic.to_gpu_if_it_fits on a GPU capped at 20 GiB with 19.9 GiB reserved (torch.cuda answers
-    as on an 80 GiB card with 10 GiB free)."""
+    """vram_magic.to_gpu_if_it_fits on a GPU capped at 20 GiB with 19.9 GiB allocated (torch.cuda answers
+    as on an 80 GiB card with 10 GiB free; there is no GPU here to ask)."""
     from transformers import AutoModelForCausalLM
 
     import vram_magic
@@ -298,7 +298,8 @@ def test_a_merged_model_too_big_for_the_gpu_stays_on_the_cpu_with_both_sizes_giv
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.25)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: _Card(80 * 2**30))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: round(19.9 * 2**30))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: round(19.9 * 2**30))
     assert vram_magic.to_gpu_if_it_fits(model) is model
     assert capsys.readouterr().out == (
         "Kept on CPU: the model needs 224.69 KiB and the GPU has 102.40 MiB free.\n"

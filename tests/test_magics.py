@@ -291,6 +291,7 @@ def test_oomsafe_auto_walks_the_fixes_until_one_works(ip: Any) -> None:
     assert result.success and result.result == 16
     out = captured.stdout
     assert "--auto: fix 1 worked: Halve the batch, double gradient accumulation." in out
+    assert out.startswith("The cell as written: CUDA out of memory in a training step: asked for 2.00 GiB")
     assert "Attempts by --auto (3 runs" in out
     assert "1. the cell as written: out of memory" in out and "3. Halve the batch" in out
     assert "    batch_size = 4\n    gradient_accumulation_steps = 4" in out

@@ -576,3 +576,15 @@ def test_mimebundle_without_widgets_is_text_only(monkeypatch: pytest.MonkeyPatch
     r = other_report()
     assert rw.mimebundle(r) == {"text/plain": render_report(r)}
     assert NO_GPU._repr_mimebundle_() == {"text/plain": render_snapshot(NO_GPU)}
+
+
+def test_fix_buttons_have_tooltips_and_a_readable_insert_label() -> None:
+    import ipywidgets as w
+
+    fix = Fix("half-batch", "Halve the batch", "why", "--- cell", rewritten_cell="batch_size = 4\n")
+    row = rw.fix_row(2, fix, rerun=lambda number: None)
+    bar = next(c for c in row.children if isinstance(c, w.HBox))
+    buttons = [c for c in bar.children if isinstance(c, (w.Button, w.ToggleButton))]
+    assert [b.description for b in buttons] == ["Re-run", "Diff", "Insert as new cell"]
+    assert all(b.tooltip for b in buttons)
+    assert buttons[2].layout.width == "auto"

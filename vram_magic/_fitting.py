@@ -19,11 +19,12 @@ def to_gpu_if_it_fits(model: _Model, device: str = "cuda") -> _Model:
         print("Kept on CPU: no GPU is visible.")
         return model
     needed = _weights_bytes(model)
+    torch.cuda.empty_cache()  # blocks the merge left cached count as free for this move
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     fraction = torch.cuda.get_per_process_memory_fraction(torch.device(device))
     if fraction < 1.0:
         capped = int(fraction * torch.cuda.get_device_properties(device).total_memory)
-        free = min(free, capped - torch.cuda.memory_reserved(device))
+        free = min(free, capped - torch.cuda.memory_allocated(device))
     if needed + _HEADROOM_BYTES > free:
         print(
             f"Kept on CPU: the model needs {format_bytes(needed)} and the GPU has {format_bytes(free)} free."

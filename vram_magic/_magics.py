@@ -182,7 +182,7 @@ class VramMagics(Magics):
                     fixes = list(first.report.fixes)
                     fixes[number - 1] = fix
                     self.last_report = replace(first.report, fixes=tuple(fixes), attempts=tuple(attempts))
-                    print(render_auto_result(number, fix, tuple(attempts), take_snapshot()))
+                    print(render_auto_result(self.last_report, number, fix, take_snapshot()))
                     return outcome.value
                 report = outcome.report
                 smaller = _halve_again(fix)  # only a smaller batch is worth repeating

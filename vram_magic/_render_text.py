@@ -348,9 +348,12 @@ def render_fix_worked(number: int, fix: Fix, seconds: float, s: MemorySnapshot) 
     return "\n".join(lines)
 
 
-def render_auto_result(number: int, fix: Fix, attempts: tuple[Attempt, ...], s: MemorySnapshot) -> str:
-    """What ``%%oomsafe --auto`` says when a fix worked: which, the code, the attempts and their cost."""
-    lines = [f"--auto: fix {number} worked: {fix.title}.", *_numerics_note(fix), *_gpu_now(s), ""]
+def render_auto_result(report: Report, number: int, fix: Fix, s: MemorySnapshot) -> str:
+    """What ``%%oomsafe --auto`` says when a fix worked: what failed, which fix worked, the attempts and
+    their cost, the code that ran. ``report`` is the first run's, with the attempts."""
+    attempts = report.attempts
+    lines = [f"The cell as written: {summary_line(report)}", ""]
+    lines += [f"--auto: fix {number} worked: {fix.title}.", *_numerics_note(fix), *_gpu_now(s), ""]
     lines += _attempt_lines(attempts)
     if fix.rewritten_cell is not None:
         lines += [

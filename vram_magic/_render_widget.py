@@ -245,16 +245,21 @@ def _fix_buttons(number: int, fix: Fix, rerun: Rerun, code: Any) -> list[Any]:
     import ipywidgets as w
 
     rerun_button = w.Button(description="Re-run", button_style="primary", icon="play", tooltip=fix.title)
-    diff_button = w.ToggleButton(description="Diff", icon="code")
-    insert_button = w.ToggleButton(description="Insert as new cell", icon="plus")
+    diff_button = w.ToggleButton(description="Diff", icon="code", tooltip="Show what this fix changes")
+    insert_button = w.ToggleButton(
+        description="Insert as new cell",
+        icon="plus",
+        tooltip="Get the fixed cell as a new cell",
+        layout=w.Layout(width="auto"),
+    )
     status = w.HTML()
     output = w.Output()
     insert_help = w.VBox(
         [
             w.HTML(
                 _html(
-                    f"Run <code>%vram fix {number} --insert</code> in any cell to get this code in a new "
-                    "cell below, or copy it from here:"
+                    "Copy the fixed cell from here into a new cell, or, while this is the latest report, "
+                    f"run <code>%vram fix {number} --insert</code> to have it put below:"
                 )
             ),
             w.Textarea(value=f"%%oomsafe\n{fix.rewritten_cell}", layout=w.Layout(width="100%", height="8em")),
@@ -280,7 +285,8 @@ def _fix_buttons(number: int, fix: Fix, rerun: Rerun, code: Any) -> list[Any]:
                 worked = True
             except Exception as error:  # the report or the error is already in the output area
                 print(f"{type(error).__name__}: {error}")
-        status.value = _html(f"<b>Fix {number} {'worked' if worked else 'did not work'}.</b>")
+        ended = "worked" if worked else "did not work: its own report is below"
+        status.value = _html(f"<b>Fix {number} {ended}.</b>")
         rerun_button.disabled = False
 
     diff_button.observe(show_diff, "value")
