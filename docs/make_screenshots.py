@@ -118,7 +118,7 @@ def bounds(locator: Locator) -> FloatRect:
 
 def shoot(page: Page, cell_index: int, ready: str, path: Path) -> None:
     """Wait for ``ready`` in the cell's output, then screenshot its outputs (without the prompt column)."""
-    area = page.locator(".jp-Notebook .jp-Cell").nth(cell_index).locator(".jp-OutputArea")
+    area = page.locator(".jp-Notebook .jp-Cell").nth(cell_index).locator(".jp-Cell-outputArea")
     area.locator(ready).first.wait_for(state="visible", timeout=60_000)
     page.wait_for_timeout(500)  # let the widget finish laying out
     whole, first = bounds(area), bounds(area.locator(".jp-OutputArea-output").first)
