@@ -1,0 +1,79 @@
+"""%vram cap: presets and sizes, and the target kept when there is no GPU to cap."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from IPython.core.error import UsageError
+from IPython.utils.capture import capture_output
+
+from vram_magic import _caps
+from vram_magic._caps import PRESETS, parse_cap
+
+GiB = 2**30
+
+
+@pytest.fixture(autouse=True)
+def no_target() -> Iterator[None]:
+    _caps.set_target_bytes(None)
+    yield
+    _caps.set_target_bytes(None)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected_bytes"),
+    [
+        (
+            "t4",
+            round(14.75 * GiB),
+        ),  # what torch reports on a T4 (see oom-messages/torch2_1_other_process.txt)
+        ("T4", round(14.75 * GiB)),
+        ("h100", round(79.18 * GiB)),  # what torch reports on an H100 (torch2_11_h100_plain.txt)
+        ("v100", PRESETS["v100-16"]),
+        ("4090", PRESETS["rtx4090"]),
+        ("12GiB", 12 * GiB),
+        ("12 GB", 12 * GiB),
+        ("1.5g", round(1.5 * GiB)),
+        ("512MiB", 512 * 2**20),
+    ],
+)
+def test_presets_and_sizes(text: str, expected_bytes: int) -> None:
+    assert parse_cap(text)[0] == expected_bytes
+
+
+@pytest.mark.parametrize("text", ["t5", "-1GiB", "0GiB", "12 parsecs", "GiB"])
+def test_anything_else_says_what_to_type(text: str) -> None:
+    with pytest.raises(
+        ValueError, match=r"type `%vram cap t4`, `%vram cap 12GiB` or `%vram cap off` \(presets: t4"
+    ):
+        parse_cap(text)
+
+
+def test_without_a_gpu_the_cap_becomes_the_target_to_plan_for(ip: Any) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: tests/gpu covers the real cap")
+    with capture_output() as captured:
+        ip.run_line_magic("vram", "cap t4")
+        ip.run_line_magic("vram", "cap")
+    assert captured.stdout.splitlines() == [
+        "No GPU here: estimates and preflight will plan for 14.75 GiB (T4).",
+        "No GPU here; estimates and preflight plan for 14.75 GiB.",
+    ]
+    assert _caps.target_bytes() == round(14.75 * GiB)
+    with capture_output() as captured:
+        ip.run_line_magic("vram", "cap off")
+        ip.run_line_magic("vram", "cap")
+    assert _caps.target_bytes() is None
+    assert captured.stdout.splitlines() == [
+        "No cap now.",
+        "No cap is set. Type `%vram cap t4` to rehearse a T4.",
+    ]
+
+
+@pytest.mark.parametrize("line", ["cap t5", "cap t4 l4"])
+def test_bad_caps_are_one_line_usage_errors(ip: Any, line: str) -> None:
+    with pytest.raises(UsageError, match="`%vram cap t4`"):
+        ip.run_line_magic("vram", line)
