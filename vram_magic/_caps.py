@@ -1,12 +1,15 @@
 """Per-process GPU caps: rehearse the card a notebook will run on (``%vram cap t4``).
 
-Pure Python: presets, size parsing and the target kept when there is no GPU to cap. The magic applies a
-cap on a real GPU with ``torch.cuda.set_per_process_memory_fraction``.
+Presets, size parsing, and the target kept when there is no GPU to cap; on a real GPU the cap is
+``torch.cuda.set_per_process_memory_fraction`` (torch is imported only when a cap is applied).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
+
+from vram_magic._render_text import format_bytes
 
 _GiB = 2**30
 
@@ -56,3 +59,44 @@ def target_bytes() -> int | None:
 def set_target_bytes(value: int | None) -> None:
     global _target_bytes
     _target_bytes = value
+
+
+def apply_cap(text: str | None) -> str:
+    """``%vram cap [SIZE|PRESET|off]``: cap every visible GPU (imports torch), or keep the target when there
+    is none; no text: say what is set. Returns what to tell the user; raises ValueError on a bad size."""
+    import torch
+
+    gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else range(0)
+    if text is None:
+        capped = [
+            f"GPU {i} is capped at {format_bytes(cap)}."
+            for i in gpus
+            if (cap := _cap_bytes(torch, i)) is not None
+        ]
+        if _target_bytes is not None:
+            capped.append(f"No GPU here; estimates and preflight plan for {format_bytes(_target_bytes)}.")
+        return "\n".join(capped) or "No cap is set. Type `%vram cap t4` to rehearse a T4."
+    if text.lower() == "off":
+        for i in gpus:
+            torch.cuda.set_per_process_memory_fraction(1.0, i)
+        set_target_bytes(None)
+        return "No cap now: the whole GPU is this process's again." if gpus else "No cap now."
+    size, label = parse_cap(text)
+    if not gpus:
+        set_target_bytes(size)
+        return f"No GPU here: estimates and preflight will plan for {format_bytes(size)} ({label})."
+    lines = []
+    for i in gpus:
+        total = torch.cuda.get_device_properties(i).total_memory
+        if size > total:
+            raise ValueError(f"GPU {i} has {format_bytes(total)}: a cap must be smaller than that.")
+        torch.cuda.set_per_process_memory_fraction(size / total, i)
+        lines.append(f"GPU {i} capped at {format_bytes(size)} ({label}): allocations past it raise an OOM.")
+    return "\n".join([*lines, "`%vram cap off` lifts the cap."])
+
+
+def _cap_bytes(torch: Any, index: int) -> int | None:
+    fraction = float(torch.cuda.get_per_process_memory_fraction(index))
+    if fraction >= 1.0:
+        return None
+    return int(fraction * torch.cuda.get_device_properties(index).total_memory)

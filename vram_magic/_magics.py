@@ -22,7 +22,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-from vram_magic._caps import parse_cap, set_target_bytes, target_bytes
+from vram_magic._caps import apply_cap
 from vram_magic._cells import analyse_cell, assigned_names
 from vram_magic._cleanup import free_memory
 from vram_magic._diagnose import diagnose
@@ -30,7 +30,6 @@ from vram_magic._oom import exception_text, is_oom, oom_from_exception
 from vram_magic._plan import make_runnable, room_after_cleanup
 from vram_magic._probe import take_snapshot
 from vram_magic._render_text import (
-    format_bytes,
     render_auto_result,
     render_cleanup,
     render_fix_worked,
@@ -111,7 +110,14 @@ class VramMagics(Magics):
         if args.command == "fix":
             return self._fix_command(args.names, diff_only=args.diff, insert=args.insert)
         if args.command == "cap":
-            print(_cap_command(args.names))
+            if len(args.names) > 1:
+                raise UsageError(
+                    "Type one size or preset: `%vram cap t4`, `%vram cap 12GiB` or `%vram cap off`."
+                )
+            try:
+                print(apply_cap(args.names[0] if args.names else None))
+            except ValueError as error:
+                raise UsageError(str(error)) from None
             return None
         raise UsageError(
             f"Unknown %vram command {args.command!r}; type `%vram`, `%vram who`, `%vram free NAME`, "
@@ -297,54 +303,6 @@ class VramMagics(Magics):
     def _holders(self, device: str) -> Any:
         hidden = self._ip.user_ns_hidden
         return find_holders(self._ip.user_ns, device, skip=lambda name: name in hidden)
-
-
-def _cap_command(words: list[str]) -> str:
-    """``%vram cap [SIZE|PRESET|off]``: cap every visible GPU, or set the target when there is none."""
-    if len(words) > 1:
-        raise UsageError("Type one size or preset: `%vram cap t4`, `%vram cap 12GiB` or `%vram cap off`.")
-    import torch
-
-    gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else range(0)
-    if not words:
-        capped = [
-            f"GPU {i} is capped at {format_bytes(cap)}."
-            for i in gpus
-            if (cap := _cap_bytes(torch, i)) is not None
-        ]
-        target = target_bytes()
-        if target is not None:
-            capped.append(f"No GPU here; estimates and preflight plan for {format_bytes(target)}.")
-        return "\n".join(capped) or "No cap is set. Type `%vram cap t4` to rehearse a T4."
-    if words[0].lower() == "off":
-        for i in gpus:
-            torch.cuda.set_per_process_memory_fraction(1.0, i)
-        set_target_bytes(None)
-        return "No cap now: the whole GPU is this process's again." if gpus else "No cap now."
-    try:
-        size, label = parse_cap(words[0])
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    if not gpus:
-        set_target_bytes(size)
-        return f"No GPU here: estimates and preflight will plan for {format_bytes(size)} ({label})."
-    lines = []
-    for i in gpus:
-        total = torch.cuda.get_device_properties(i).total_memory
-        if size > total:
-            raise UsageError(f"GPU {i} has {format_bytes(total)}: a cap must be smaller than that.")
-        torch.cuda.set_per_process_memory_fraction(size / total, i)
-        lines.append(
-            f"GPU {i} capped at {format_bytes(size)} ({label}): allocations past it raise a real OOM."
-        )
-    return "\n".join([*lines, "`%vram cap off` lifts the cap."])
-
-
-def _cap_bytes(torch: Any, index: int) -> int | None:
-    fraction = float(torch.cuda.get_per_process_memory_fraction(index))
-    if fraction >= 1.0:
-        return None
-    return int(fraction * torch.cuda.get_device_properties(index).total_memory)
 
 
 def _worth_trying_unattended(fix: Fix) -> bool:
