@@ -77,3 +77,25 @@ def test_without_a_gpu_the_cap_becomes_the_target_to_plan_for(ip: Any) -> None:
 def test_bad_caps_are_one_line_usage_errors(ip: Any, line: str) -> None:
     with pytest.raises(UsageError, match="`%vram cap t4`"):
         ip.run_line_magic("vram", line)
+
+
+def test_vram_estimate_plans_a_load_for_a_named_card_offline(
+    ip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with capture_output() as captured:
+        ip.run_line_magic("vram", "estimate meta-llama/Llama-3.1-8B --gpu t4")
+    table = captured.stdout.split("How this was estimated:")[0]
+    rows = {line.split()[0]: line for line in table.splitlines() if line.startswith("  ")}
+    assert "8.03 B parameters" in captured.stdout
+    assert rows["bfloat16"].rstrip().endswith("no")  # 15 GiB of bf16 weights cannot fit a T4
+    assert rows["4-bit"].rstrip().endswith("yes")
+
+
+def test_vram_estimate_mistakes_are_one_line_usage_errors(ip: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match="Type `%vram estimate MODEL`"):
+        ip.run_line_magic("vram", "estimate")
+    with pytest.raises(UsageError, match="Pass a local path, or run once online") as raised:
+        ip.run_line_magic("vram", "estimate no-such-org/no-such-model")
+    assert "\n" not in str(raised.value)

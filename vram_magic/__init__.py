@@ -40,6 +40,7 @@ __all__ = [
     "ProcessMemory",
     "Report",
     "__version__",
+    "estimate",
     "find_holders",
     "is_oom",
     "load_ipython_extension",
@@ -63,6 +64,15 @@ def find_holders(namespace: dict[str, Any], device: str = "cuda") -> tuple[Holde
     from vram_magic._who import find_holders as _find_holders
 
     return _find_holders(namespace, device=device)
+
+
+def estimate(model: Any, **options: Any) -> Any:
+    """What loading ``model`` (a hub id, a local folder or a config) needs on the GPU, from its config alone:
+    ``params``, ``weights_bytes``, ``peak_bytes`` and notes. Options: ``dtype``, ``quantization`` ("4bit",
+    "8bit"), ``device_map``, ``context``, ``training`` ("lora", "qlora", "full"), ``batch_size``."""
+    from vram_magic._estimate import estimate as _estimate
+
+    return _estimate(model, **options)
 
 
 def rewrite(source: str, fix: str, **options: object) -> str:

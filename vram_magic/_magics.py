@@ -22,7 +22,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-from vram_magic._caps import apply_cap
+from vram_magic._caps import apply_cap, parse_cap, target_bytes
 from vram_magic._cells import analyse_cell, assigned_names
 from vram_magic._cleanup import free_memory
 from vram_magic._diagnose import diagnose
@@ -38,7 +38,7 @@ from vram_magic._render_text import (
 )
 from vram_magic._render_widget import mimebundle
 from vram_magic._rewrite import NotApplicable, rewrite
-from vram_magic._types import Attempt, Fix, OutOfMemoryHandled, Report
+from vram_magic._types import Attempt, Fix, MemorySnapshot, OutOfMemoryHandled, Report
 from vram_magic._who import find_holders
 
 _SHORT_TRACEBACK_FRAMES = 4
@@ -78,6 +78,21 @@ class VramMagics(Magics):
         default=None,
         help="the device to count with 'who'/'free' (default: cuda when a GPU is visible, else cpu)",
     )
+    @argument(
+        "--dtype", default=None, help="with 'estimate': bfloat16, float16 or float32 (default: the config's)"
+    )
+    @argument("--quant", choices=("4bit", "8bit"), default=None, help="with 'estimate': one quantized load")
+    @argument(
+        "--gpu",
+        default=None,
+        help="with 'estimate': plan for a preset or size (t4, 12GiB) instead of this GPU",
+    )
+    @argument(
+        "--context", type=int, default=None, help="with 'estimate': add a KV cache for this many tokens"
+    )
+    @argument(
+        "--train", choices=("lora", "qlora", "full"), default=None, help="with 'estimate': add training"
+    )
     @argument("--diff", action="store_true", help="with 'fix': show what the fix changes, run nothing")
     @argument("--insert", action="store_true", help="with 'fix': put the fixed cell in a new cell below")
     @line_magic
@@ -89,6 +104,7 @@ class VramMagics(Magics):
         %vram free [NAME …] delete NAMEs, release what the last error keeps alive, empty the cache
         %vram fix N         run fix N of the last %%oomsafe report (--diff: show it; --insert: new cell)
         %vram cap T4|12GiB  behave like a smaller GPU (real OOMs past the cap); %vram cap off lifts it
+        %vram estimate MODEL  what loading MODEL needs in bf16, 8-bit, 4-bit and offloaded, vs the room here
         """
         args = _parse(self.vram, line, "%vram?")
         device = args.device or counted_device()
@@ -109,6 +125,16 @@ class VramMagics(Magics):
             return None
         if args.command == "fix":
             return self._fix_command(args.names, diff_only=args.diff, insert=args.insert)
+        if args.command == "estimate":
+            if len(args.names) != 1:
+                raise UsageError(
+                    "Type `%vram estimate MODEL`, e.g. `%vram estimate meta-llama/Llama-3.1-8B --gpu t4`."
+                )
+            try:
+                print(estimate_table(args.names[0], args, take_snapshot()))
+            except ValueError as error:
+                raise UsageError(str(error).splitlines()[0]) from None
+            return None
         if args.command == "cap":
             if len(args.names) > 1:
                 raise UsageError(
@@ -303,6 +329,26 @@ class VramMagics(Magics):
     def _holders(self, device: str) -> Any:
         hidden = self._ip.user_ns_hidden
         return find_holders(self._ip.user_ns, device, skip=lambda name: name in hidden)
+
+
+def estimate_table(model: str, args: Any, snapshot: MemorySnapshot) -> str:
+    """``%vram estimate``: the load plans for ``model`` against the room on the first GPU, the ``--gpu`` card,
+    or the cap planned for without a GPU."""
+    from vram_magic._estimate import estimate, plans, render_estimate_table
+
+    if args.quant is not None:
+        one = estimate(
+            model, dtype=args.dtype, quantization=args.quant, context=args.context, training=args.train
+        )
+        return render_estimate_table([one])
+    free = snapshot.gpus[0].free_bytes if snapshot.gpus else None
+    cap = parse_cap(args.gpu)[0] if args.gpu else target_bytes()
+    if args.gpu:
+        free = None  # a rehearsal plans for the named card, whatever this GPU has free
+    rows = plans(
+        model, free_bytes=free, cap_bytes=cap, dtype=args.dtype, context=args.context, training=args.train
+    )
+    return render_estimate_table(rows)
 
 
 def _worth_trying_unattended(fix: Fix) -> bool:

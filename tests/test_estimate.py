@@ -1,0 +1,491 @@
+"""Estimates from a config alone, checked against real models loaded on the CPU (bf16, fp32, and
+bitsandbytes 8-bit/4-bit, which work on CPU), published parameter counts, and the GPU facts in
+shared/DESIGN.md. Nothing here reaches the network: the Hub is blocked and HF_HUB_OFFLINE is set."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vram_magic import _estimate
+from vram_magic._estimate import (
+    CONFIGS_DIR,
+    Estimate,
+    Plan,
+    bundled_models,
+    estimate,
+    load_config,
+    plans,
+    render_estimate_table,
+)
+from vram_magic._who import tensors_in
+
+MiB = 2**20
+GiB = 2**30
+HINT = "Pass a local path, or run once online so the config is cached."
+# The 0.85 B Llama of tests/gpu/scenarios.py, measured on an H100 (shared/DESIGN.md, "Facts measured").
+LLAMA_085B = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
+    """Every test runs offline, with sockets that refuse to connect (and record who tried)."""
+    attempts: list[object] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(args)
+        raise OSError("network blocked by tests/test_estimate.py")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield attempts
+
+
+@pytest.fixture
+def empty_hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def real_bytes(model: Any) -> int:
+    """What a loaded model holds, counted the way vram_magic counts holders: one per storage."""
+    return sum(tensor.untyped_storage().nbytes() for tensor in tensors_in(model, "cpu"))
+
+
+def tiny_configs() -> dict[str, tuple[Any, str]]:
+    from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen2Config
+
+    small = {"num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 1000}
+    llama = {"hidden_size": 256, "intermediate_size": 704, "num_key_value_heads": 2, **small}
+    return {
+        "llama": (LlamaConfig(**llama), "AutoModelForCausalLM"),
+        "llama-tied": (LlamaConfig(**llama, tie_word_embeddings=True), "AutoModelForCausalLM"),
+        "qwen2": (Qwen2Config(**llama), "AutoModelForCausalLM"),  # biases on q, k, v
+        "gpt2": (  # Conv1D, not Linear
+            GPT2Config(n_embd=256, n_layer=2, n_head=4, vocab_size=1000, n_positions=128),
+            "AutoModelForCausalLM",
+        ),
+        "bert": (  # an encoder, with int64 buffers
+            BertConfig(hidden_size=256, intermediate_size=512, max_position_embeddings=128, **small),
+            "AutoModelForMaskedLM",
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each tiny model built from its config and saved in bfloat16 to its own folder."""
+    import transformers
+
+    folders = {}
+    for name, (config, auto) in tiny_configs().items():
+        torch.manual_seed(0)
+        model = getattr(transformers, auto).from_config(config, dtype=torch.bfloat16)
+        folders[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folders[name])
+    return folders
+
+
+def load(folder: Path, **kwargs: Any) -> Any:
+    import transformers
+
+    auto = getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
+    return auto.from_pretrained(folder, device_map="cpu", **kwargs)
+
+
+# --- weights against real models ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("name", list(tiny_configs()))
+def test_weights_equal_a_real_load_byte_for_byte(saved: dict[str, Path], name: str, dtype: str) -> None:
+    model = load(saved[name], dtype=getattr(torch, dtype))
+    found = estimate(str(saved[name]), dtype=dtype)
+
+    assert found.weights_bytes == real_bytes(model)
+    assert found.weights_bytes == sum(
+        t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+    )
+    assert found.params == sum(p.numel() for p in model.parameters())  # tied weights once
+    assert found.weights_bytes == found.peak_bytes == found.load_peak_bytes  # one warm-up allocation
+    assert found.offloaded_bytes == 0
+    assert found.kv_cache_bytes is None and found.training_bytes is None
+
+
+@pytest.mark.parametrize(("quantization", "double_quant"), [("8bit", False), ("4bit", True), ("4bit", False)])
+@pytest.mark.parametrize("name", list(tiny_configs()))
+def test_quantized_weights_match_a_real_bitsandbytes_load_on_cpu(
+    saved: dict[str, Path], name: str, quantization: str, double_quant: bool
+) -> None:
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    model = load(saved[name], dtype=torch.bfloat16, quantization_config=bnb)
+    found = estimate(str(saved[name]), dtype="bfloat16", quantization=quantization, double_quant=double_quant)
+    real = real_bytes(model)
+
+    assert found.weights_bytes == pytest.approx(real, rel=0.01)  # byte-exact with bitsandbytes 0.50
+    assert found.weights_bytes < estimate(str(saved[name]), dtype="bfloat16").weights_bytes
+    assert found.load_peak_bytes > found.weights_bytes  # a 16-bit weight is converted on the GPU
+
+
+def test_tied_embeddings_are_counted_once(saved: dict[str, Path]) -> None:
+    untied = estimate(str(saved["llama"]))
+    tied = estimate(str(saved["llama-tied"]))
+
+    assert untied.params - tied.params == 1000 * 256  # the lm_head that is the embedding
+
+
+def test_lora_parameters_are_the_ones_peft_adds(saved: dict[str, Path]) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        load(saved["llama"], dtype=torch.bfloat16),
+        LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
+    trainable, _ = model.get_nb_trainable_parameters()
+    found = estimate(str(saved["llama"]), training="lora")
+
+    assert found.trainable_params == trainable
+    assert found.training_bytes == 16 * trainable
+
+
+# --- bundled configs --------------------------------------------------------------------------------
+
+# Published parameter counts (model cards and the counts the Hub shows), with embeddings.
+KNOWN_PARAMS = {
+    "meta-llama/Llama-3.1-8B": 8.03e9,
+    "meta-llama/Llama-3.1-70B": 70.6e9,
+    "meta-llama/Llama-3.2-1B": 1.24e9,
+    "meta-llama/Llama-3.2-3B": 3.21e9,
+    "meta-llama/Meta-Llama-3-8B": 8.03e9,
+    "meta-llama/Llama-2-7b-hf": 6.74e9,
+    "mistralai/Mistral-7B-v0.3": 7.25e9,
+    "Qwen/Qwen2.5-0.5B": 0.494e9,
+    "Qwen/Qwen2.5-1.5B": 1.54e9,
+    "Qwen/Qwen2.5-3B": 3.09e9,
+    "Qwen/Qwen2.5-7B": 7.62e9,
+    "Qwen/Qwen2.5-14B": 14.7e9,
+    "google/gemma-2-2b": 2.61e9,
+    "google/gemma-2-9b": 9.24e9,
+    "microsoft/Phi-3-mini-4k-instruct": 3.82e9,
+    "microsoft/Phi-3.5-mini-instruct": 3.82e9,
+    "google-bert/bert-base-uncased": 110e6,
+    "google-bert/bert-large-uncased": 336e6,
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": 1.1e9,
+    "HuggingFaceTB/SmolLM2-135M": 135e6,
+    "HuggingFaceTB/SmolLM2-360M": 362e6,
+    "HuggingFaceTB/SmolLM2-1.7B": 1.71e9,
+    "openai-community/gpt2": 124e6,
+}
+
+
+def test_every_bundled_config_has_a_known_count() -> None:
+    assert set(bundled_models()) == set(KNOWN_PARAMS)
+    assert len(bundled_models()) >= 20
+
+
+@pytest.mark.parametrize("repo_id", sorted(KNOWN_PARAMS))
+def test_bundled_configs_give_the_published_parameter_counts(repo_id: str, empty_hub_cache: Path) -> None:
+    found = estimate(repo_id)
+
+    assert found.params == pytest.approx(KNOWN_PARAMS[repo_id], rel=0.01)
+    assert "bundled copy" in found.notes[0]
+
+
+def test_bundled_files_are_config_json_content() -> None:
+    from transformers import AutoConfig
+
+    for path in CONFIGS_DIR.glob("*--*.json"):
+        values = json.loads(path.read_text())
+        assert values["architectures"] and values["model_type"], path.name
+        assert AutoConfig.for_model(**values).model_type == values["model_type"]
+    aliases = json.loads((CONFIGS_DIR / "aliases.json").read_text())
+    assert set(aliases.values()) <= set(bundled_models())
+
+
+def test_bundled_dtypes_follow_the_published_configs(empty_hub_cache: Path) -> None:
+    assert estimate("google/gemma-2-2b").dtype == "float32"  # loads in float32 unless told otherwise
+    assert estimate("meta-llama/Llama-2-7b-hf").dtype == "float16"
+    bert = estimate("google-bert/bert-base-uncased")  # its config names no dtype
+    assert bert.dtype == "bfloat16"
+    assert any("assumed" in note for note in bert.notes)
+
+
+def test_short_names_and_instruct_variants_find_the_bundled_config(empty_hub_cache: Path) -> None:
+    assert estimate("bert-base-uncased").params == estimate("google-bert/bert-base-uncased").params
+    assert estimate("gpt2").params == estimate("openai-community/gpt2").params
+    instruct = estimate("meta-llama/Llama-3.1-8B-Instruct")
+    assert instruct.params == estimate("meta-llama/Llama-3.1-8B").params
+    assert "same architecture" in instruct.notes[0]
+
+
+# --- config lookup, offline -------------------------------------------------------------------------
+
+
+def test_an_unknown_model_offline_says_what_to_do_without_touching_the_network(
+    no_network: list[object], empty_hub_cache: Path
+) -> None:
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE") as raised:
+        estimate("some-org/not-a-model-anyone-has")
+
+    assert HINT in str(raised.value)
+    assert no_network == []
+
+
+def test_bundled_and_local_configs_need_no_network(
+    no_network: list[object], empty_hub_cache: Path, saved: dict[str, Path]
+) -> None:
+    estimate("Qwen/Qwen2.5-7B", quantization="4bit", context=4096)
+    estimate(str(saved["llama"]))
+
+    assert no_network == []
+
+
+def test_the_hugging_face_cache_is_read_first(empty_hub_cache: Path, saved: dict[str, Path]) -> None:
+    snapshot = empty_hub_cache / "models--meta-llama--Llama-3.1-8B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((saved["llama"] / "config.json").read_text())
+    (empty_hub_cache / "models--meta-llama--Llama-3.1-8B" / "refs").mkdir()
+    (empty_hub_cache / "models--meta-llama--Llama-3.1-8B" / "refs" / "main").write_text("abc123")
+
+    found = estimate("meta-llama/Llama-3.1-8B")  # the cached (tiny) config wins over the bundled one
+
+    assert found.params == estimate(str(saved["llama"])).params
+    assert "cache" in found.notes[0]
+
+
+def test_online_but_unreachable_is_a_value_error(
+    monkeypatch: pytest.MonkeyPatch, no_network: list[object], empty_hub_cache: Path
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    with pytest.raises(ValueError, match="Could not reach the Hugging Face Hub") as raised:
+        estimate("some-org/not-a-model-anyone-has")
+
+    assert "some-org/not-a-model-anyone-has" in str(raised.value) and HINT in str(raised.value)
+    assert len(no_network) == 1  # it tried once (online is allowed when not offline), without retrying
+
+
+def test_load_config_returns_the_transformers_config(saved: dict[str, Path]) -> None:
+    config = load_config(str(saved["gpt2"]))
+
+    assert config.model_type == "gpt2"
+    assert load_config(config) is config
+    assert load_config(str(saved["gpt2"] / "config.json")).model_type == "gpt2"
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "message"),
+    [
+        ("", {}, "empty"),
+        (42, {}, "not int"),
+        ("./no/such/folder", {}, "No such folder"),
+        ("not a model id!", {}, "neither a folder nor a Hub model id"),
+        ("gpt2", {"dtype": "int3"}, "bfloat16, float16, float32"),
+        ("gpt2", {"quantization": "3bit"}, "'8bit' or '4bit'"),
+        ("gpt2", {"training": "rlhf"}, "'lora', 'qlora'"),
+        ("gpt2", {"training": "full", "quantization": "4bit"}, "QLoRA"),
+        ("gpt2", {"batch_size": 0}, "batch_size must be a whole number of at least 1"),
+        ("gpt2", {"context": -5}, "context must be"),
+        ("gpt2", {"device_map": "tpu"}, "device_map 'tpu'"),
+        ("gpt2", {"gpu_bytes": -1}, "gpu_bytes must be a number of bytes"),
+        ("gpt2", {"training": "lora", "device_map": "cpu"}, "nothing on the GPU"),
+        ("gpt2", {"gpu_bytes": 2**30}, "device_map='auto'"),
+    ],
+)
+def test_bad_inputs_say_what_is_wrong(
+    empty_hub_cache: Path, model: Any, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        estimate(model, **kwargs)
+
+
+def test_a_folder_without_config_json_is_a_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"has no config\.json"):
+        estimate(str(tmp_path))
+
+
+def test_a_config_transformers_cannot_read_is_a_value_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+
+    with pytest.raises(ValueError, match="transformers cannot read"):
+        estimate(str(tmp_path))
+
+
+# --- loading peaks, offload, KV cache, training ------------------------------------------------------------
+
+
+def llama_085b() -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**LLAMA_085B)
+
+
+def test_the_h100_facts_under_a_1_5_gib_cap() -> None:
+    """bf16 (1.59 GiB) does not fit; 8-bit peaked at 0.955 GiB and 4-bit NF4 at 0.654 GiB; offload loads."""
+    rows = {plan.key: plan for plan in plans(llama_085b(), free_bytes=round(1.5 * GiB), dtype="bfloat16")}
+
+    assert [key for key in rows] == ["bf16", "8bit", "4bit", "offload"]
+    # scenarios.BF16_BYTES plus two float32 RoPE buffers (inv_freq), reserved in one warm-up allocation
+    assert rows["bf16"].need_bytes == 1_705_119_744 + 2 * 64 * 4
+    assert rows["bf16"].fits is False
+    assert rows["8bit"].fits and rows["4bit"].fits and rows["offload"].fits
+    # Conservative, and within 1% of what the H100 measured:
+    assert 0.955 * GiB <= rows["8bit"].need_bytes <= 0.955 * GiB * 1.01
+    assert 0.654 * GiB <= rows["4bit"].need_bytes <= 0.654 * GiB * 1.01
+    offload = rows["offload"].estimate
+    assert 0 < offload.weights_bytes < 1.5 * GiB - 512 * MiB < offload.weights_bytes + offload.offloaded_bytes
+
+
+def test_offload_places_what_fits_and_the_rest_in_cpu_ram() -> None:
+    whole = estimate(llama_085b(), dtype="bfloat16")
+    split = estimate(llama_085b(), dtype="bfloat16", device_map="auto", gpu_bytes=GiB)
+
+    assert split.weights_bytes + split.offloaded_bytes == whole.weights_bytes
+    assert 0 < split.weights_bytes <= GiB
+    assert split.load_peak_bytes == split.weights_bytes
+    assert "+ offload" in split.label
+    with_room = estimate(llama_085b(), dtype="bfloat16", device_map="auto", gpu_bytes=4 * GiB)
+    assert with_room.offloaded_bytes == 0
+    on_cpu = estimate(llama_085b(), dtype="bfloat16", device_map="cpu")
+    assert on_cpu.weights_bytes == on_cpu.peak_bytes == 0
+
+
+def test_kv_cache_is_two_times_layers_heads_size_tokens_batch_bytes(empty_hub_cache: Path) -> None:
+    found = estimate("meta-llama/Llama-3.1-8B", context=8192, batch_size=2)
+
+    assert found.kv_cache_bytes == 2 * 32 * 8 * 128 * 8192 * 2 * 2  # 2 GiB
+    assert found.activations_bytes is not None
+    assert found.peak_bytes == found.weights_bytes + found.kv_cache_bytes + found.activations_bytes
+    four_bit = estimate("meta-llama/Llama-3.1-8B", quantization="4bit", context=8192, batch_size=2)
+    assert four_bit.kv_cache_bytes == found.kv_cache_bytes  # the cache stays in the compute dtype
+
+
+def test_sliding_window_layers_keep_only_their_window(empty_hub_cache: Path) -> None:
+    found = estimate("google/gemma-2-2b", dtype="bfloat16", context=8192)
+
+    full, sliding = 13, 13  # gemma 2 alternates sliding (4096) and full attention over 26 layers
+    assert found.kv_cache_bytes == 2 * 4 * 256 * (full * 8192 + sliding * 4096) * 2
+
+
+def test_an_encoder_has_no_kv_cache(empty_hub_cache: Path) -> None:
+    found = estimate("bert-base-uncased", context=512)
+
+    assert found.kv_cache_bytes == 0
+    assert any("No KV cache" in note for note in found.notes)
+
+
+def test_training_adds_optimizer_states_and_activations(empty_hub_cache: Path) -> None:
+    full = estimate("meta-llama/Llama-3.2-1B", training="full", context=512)
+    lora = estimate("meta-llama/Llama-3.2-1B", training="lora", context=512)
+    qlora = estimate("meta-llama/Llama-3.2-1B", training="qlora", context=512)
+
+    assert full.training_bytes == 14 * full.params  # bf16 grads, 2 fp32 Adam states, fp32 master copy
+    assert full.trainable_params == full.params
+    assert lora.trainable_params is not None and lora.trainable_params < full.params // 100
+    assert qlora.quantization == "4bit" and qlora.weights_bytes < lora.weights_bytes
+    assert full.peak_bytes > lora.peak_bytes > qlora.peak_bytes
+    assert full.kv_cache_bytes is None  # training keeps activations, not a cache
+
+
+def test_activations_grow_with_the_batch_and_shrink_with_checkpointing(empty_hub_cache: Path) -> None:
+    def activations(**kwargs: Any) -> int:
+        # TinyLlama's 32k vocabulary keeps the logits small (Qwen's 152k would dominate either way)
+        found = estimate("TinyLlama/TinyLlama-1.1B-Chat-v1.0", training="lora", context=1024, **kwargs)
+        assert found.activations_bytes is not None
+        return found.activations_bytes
+
+    assert activations(batch_size=4) == 4 * activations(batch_size=1)
+    assert activations(gradient_checkpointing=True) < activations() / 2
+
+
+def test_fp32_full_training_has_no_master_copy(empty_hub_cache: Path) -> None:
+    found = estimate("gpt2", dtype="float32", training="full")
+
+    assert found.training_bytes == 12 * found.params
+
+
+# --- plans and the table -----------------------------------------------------------------------------------
+
+
+def test_plans_without_room_do_not_guess() -> None:
+    rows = plans(llama_085b(), free_bytes=None)
+
+    assert all(plan.fits is None and plan.room_bytes is None for plan in rows)
+    assert "?" in render_estimate_table(rows)
+
+
+def test_the_cap_limits_the_room() -> None:
+    rows = plans(llama_085b(), free_bytes=70 * GiB, cap_bytes=GiB)
+
+    assert {plan.room_bytes for plan in rows} == {GiB}
+
+
+def test_training_plans_leave_out_what_cannot_train(empty_hub_cache: Path) -> None:
+    assert [plan.key for plan in plans("gpt2", free_bytes=GiB, training="full")] == ["bf16"]
+    assert [plan.key for plan in plans("gpt2", free_bytes=GiB, training="lora")] == ["bf16", "8bit", "4bit"]
+
+
+def test_the_table_shows_every_row_and_each_note_once() -> None:
+    rows = plans(llama_085b(), free_bytes=round(1.5 * GiB), dtype="bfloat16")
+    text = render_estimate_table(rows)
+
+    for label in ("bfloat16", "8-bit", "4-bit NF4", "offload", "1.59 GiB", "1.50 GiB"):
+        assert label in text
+    assert [line.split()[-1] for line in text.splitlines()[2:6]] == ["no", "yes", "yes", "yes"]
+    assert text.count("caching_allocator_warmup") == 1
+    assert str(rows[0].estimate).startswith("llama (852.56 M parameters, LlamaForCausalLM)")
+    assert isinstance(rows[0], Plan) and isinstance(rows[0].estimate, Estimate)
+
+
+def test_importing_the_module_imports_no_torch() -> None:
+    code = (
+        "import sys, vram_magic._estimate; "
+        "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'IPython') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+    assert out.strip() == "[]"
+
+
+def test_a_second_estimate_reuses_the_build(monkeypatch: pytest.MonkeyPatch, empty_hub_cache: Path) -> None:
+    estimate("Qwen/Qwen2.5-1.5B")
+    monkeypatch.setattr(_estimate, "_build", lambda *args: pytest.fail("built again"))
+
+    estimate("Qwen/Qwen2.5-1.5B", quantization="8bit", context=2048)
+    plans("Qwen/Qwen2.5-1.5B", free_bytes=4 * GiB)
