@@ -189,7 +189,9 @@ def test_bad_cell_magic_option_is_a_usage_error(ip: Any) -> None:
 
 def test_help_comes_from_the_docstring(ip: Any) -> None:
     doc = ip.find_line_magic("vram").__doc__
-    assert "%vram who" in doc and "%vram [--device DEVICE] [--diff] [--insert] [command] [names ...]" in doc
+    assert "%vram who" in doc and "%vram estimate MODEL" in doc and "%vram cap T4|12GiB" in doc
+    assert "  %vram [--device DEVICE]" in doc and "[command] [names ...]" in doc  # the usage line
+    assert "--insert              with 'fix': put the fixed cell in a new cell below" in doc
 
 
 def test_unload_leaves_no_magic_behind(session_shell: Any) -> None:
