@@ -6,17 +6,16 @@ On a GPU its out-of-memory error is real; without one the notebook simulates it 
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import re
 import shutil
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import nbformat
 import pytest
 import torch
+
+from tests.notebook_runner import runner
 
 pytestmark = pytest.mark.notebook
 
@@ -25,15 +24,6 @@ QUICKSTART = NOTEBOOKS / "quickstart.ipynb"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 SIMULATED = not torch.cuda.is_available()
-
-
-@functools.cache
-def _runner() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("notebooks_run", NOTEBOOKS / "run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +35,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     with pytest.MonkeyPatch.context() as env:  # the kernel inherits this environment: a plain Jupyter one
         env.delenv("VRAM_MAGIC_WIDGETS", raising=False)
         env.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
-        notebook = _runner().run_notebook(copy)
+        notebook = runner().run_notebook(copy)
     return notebook, folder
 
 

@@ -15,17 +15,16 @@ helper cell and says so.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import re
 import shutil
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import nbformat
 import pytest
 import torch
+
+from tests.notebook_runner import runner
 
 pytestmark = pytest.mark.notebook
 
@@ -34,15 +33,6 @@ SCENARIOS = ("s1_merge", "s2_qlora", "s3_load")
 # The cells whose error is the point (a %%oomsafe cell ending in OutOfMemoryHandled): tagged, and no others.
 FAILING_CELLS = {"s1_merge": ["oom"], "s2_qlora": [], "s3_load": []}
 SIMULATED = not torch.cuda.is_available()
-
-
-@functools.cache
-def _runner() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("notebooks_run", NOTEBOOKS / "run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class _Runs:
@@ -60,7 +50,7 @@ class _Runs:
             with pytest.MonkeyPatch.context() as env:  # the kernel inherits this environment: a plain Jupyter
                 env.delenv("VRAM_MAGIC_WIDGETS", raising=False)
                 env.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
-                self._done[name] = (_runner().run_notebook(copy), folder)
+                self._done[name] = (runner().run_notebook(copy), folder)
         return self._done[name]
 
 
