@@ -284,7 +284,7 @@ _KIND_WORDS = {
 }
 
 _BNB_IMPORT = "from transformers import BitsAndBytesConfig\n"
-_LOAD_FIXES = (
+LOAD_FIXES = (
     Fix(
         "bf16",
         "Load the model in bfloat16",
@@ -351,7 +351,7 @@ _GENERATION_FIXES = (
     ),
 )
 _FIXES_BY_KIND: dict[str, tuple[Fix, ...]] = {
-    "load": _LOAD_FIXES,
+    "load": LOAD_FIXES,
     "merge": _MERGE_FIXES,
     "training": _TRAINING_FIXES,
     "generation": _GENERATION_FIXES,
@@ -369,7 +369,7 @@ _FREEING_FIXES = {"free", "other-process", "expandable-segments"}
 def _cell_fixes(evidence: Evidence) -> tuple[Fix, ...]:
     """Changes to the cell itself for its kind, least quality loss first."""
     if evidence.oom is not None and evidence.oom.kind == "dispatch":
-        return tuple(f for f in _LOAD_FIXES if f.key in {"4bit", "cpu"})
+        return tuple(f for f in LOAD_FIXES if f.key in {"4bit", "cpu"})
     return _FIXES_BY_KIND[evidence.analysis.kind]
 
 

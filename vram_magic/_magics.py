@@ -152,6 +152,7 @@ class VramMagics(Magics):
 
     @magic_arguments()
     @argument("--auto", action="store_true", help="on an OOM, try the fixes in order until one works")
+    @argument("--force", action="store_true", help="run a model load even when it is estimated not to fit")
     @argument(
         "--max-attempts",
         type=int,
@@ -164,12 +165,40 @@ class VramMagics(Magics):
         args = _parse(self.oomsafe, line, "%%oomsafe?")
         if args.max_attempts < 1:
             raise UsageError("--max-attempts needs 1 or more runs, e.g. `%%oomsafe --auto --max-attempts 3`.")
+        if not args.force and "from_pretrained" in cell:
+            report = self._preflight(cell)
+            if report is not None:
+                return self._run_first_plan(report) if args.auto else self._fail(report)
         outcome = self._run(cell, f"%%oomsafe {line}".rstrip())
         if outcome.report is None:
             return outcome.value
         if args.auto:
             return self._walk_ladder(outcome, args.max_attempts)
         self._fail(outcome.report)
+
+    def _preflight(self, cell: str) -> Report | None:
+        """A report when the cell's model loads are estimated not to fit the room (the GPU's, or the cap
+        planned for without one); None when they fit or cannot be estimated."""
+        from vram_magic._preflight import check, preflight_report
+
+        snapshot = take_snapshot()
+        room = room_after_cleanup(snapshot, None, 0)
+        room_bytes = room.gpu_bytes if snapshot.gpus else target_bytes()
+        verdict = check(cell, self._ip.user_ns, room_bytes) if room_bytes is not None else None
+        if verdict is None or verdict.fits:
+            return None
+        return preflight_report(cell, verdict, snapshot, room)
+
+    def _run_first_plan(self, report: Report) -> Any:
+        """``--auto`` after preflight: run the first fix estimated to fit, so the load never runs out."""
+        number, fix = next(
+            ((n, f) for n, f in enumerate(report.fixes, 1) if f.runnable and f.fits), (0, None)
+        )
+        if fix is None:
+            self._fail(report)
+        print(f"{report.headline} Running fix {number} instead: {fix.title}.")
+        self.last_report = report
+        return self.apply_fix(report, number)
 
     def apply_fix(self, report: Report, number: int) -> Any:
         """Run fix ``number`` of ``report``: delete what it frees, run its cell, report how it went."""

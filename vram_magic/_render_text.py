@@ -89,6 +89,8 @@ def _cap_headroom(oom: OOMInfo) -> int | None:
 
 def summary_line(r: Report) -> str:
     """One line: what ran out, where, the figures that matter, and what was freed."""
+    if r.headline is not None:
+        return r.headline
     oom = r.oom
     head = OOM_HEADS[oom.kind] if oom else "Out of memory"
     text = f"{head} in {CELL_WORDS[r.analysis.kind]}"

@@ -209,6 +209,7 @@ class Report:
     notes: tuple[str, ...] = field(default=())
     rebound_names: tuple[str, ...] = ()
     attempts: tuple[Attempt, ...] = ()
+    headline: str | None = None  # replaces the OOM summary (preflight: a load that was not run)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         from vram_magic._render_widget import mimebundle

@@ -67,7 +67,7 @@ def _assert_real_oom(report: Report, cap: int) -> None:
 def _fails(ip: Any, cell: str, cap: int) -> Report:
     """Run ``cell`` under ``%%oomsafe``: it must end in a real OOM, with what it pinned given back."""
     before = sc.allocated()
-    result, shown = _run(ip, "%%oomsafe\n" + cell)
+    result, shown = _run(ip, "%%oomsafe --force\n" + cell)  # --force: past preflight, to the real OOM
     assert isinstance(result.error_in_exec, OutOfMemoryHandled), shown
     report = sc.magics(ip).last_report
     assert isinstance(report, Report)
@@ -79,7 +79,7 @@ def _fails(ip: Any, cell: str, cap: int) -> Report:
 def _auto(ip: Any, cell: str, cap: int) -> str:
     """Run ``cell`` under ``%%oomsafe --auto``: its first run must be a real OOM and the second must work."""
     with sc.recording_reports(ip) as reports:
-        result, shown = _run(ip, "%%oomsafe --auto\n" + cell)
+        result, shown = _run(ip, "%%oomsafe --auto --force\n" + cell)
     assert result.success, shown
     assert reports, "the cell as written did not run out of memory"
     _assert_real_oom(reports[0], cap)
@@ -222,3 +222,25 @@ def test_s3_load_rescued_by_auto_in_8bit(gpu: Any, llama: Path, tmp_path: Path) 
     assert isinstance(_first_linear(ip), bnb.nn.Linear8bitLt)
     assert sc.allocated() < cap
     _assert_generates(ip)
+
+
+def test_s3_preflight_does_not_run_the_doomed_load_and_auto_loads_8bit_with_no_oom(
+    gpu: Any, llama: Path, tmp_path: Path
+) -> None:
+    import bitsandbytes as bnb
+
+    ip = gpu
+    cap = sc.prepare(ip, sc.SCENARIOS["load"], llama, tmp_path)
+    before = sc.allocated()
+    result, shown = _run(ip, "%%oomsafe\n" + sc.LOAD_CELL)
+    assert isinstance(result.error_in_exec, OutOfMemoryHandled), shown
+    report = sc.magics(ip).last_report
+    assert report.oom is None and report.headline is not None and report.headline.startswith("Not run:")
+    assert sc.allocated() == before  # nothing was loaded
+    with sc.recording_reports(ip) as reports:
+        result, shown = _run(ip, "%%oomsafe --auto\n" + sc.LOAD_CELL)
+    assert result.success, shown
+    assert reports == []  # zero OOMs: the 8-bit plan ran straight away
+    assert "Running fix 1 instead: Load the model in 8-bit." in shown
+    assert isinstance(_first_linear(ip), bnb.nn.Linear8bitLt)
+    assert sc.allocated() < cap

@@ -1,0 +1,123 @@
+"""Preflight: a %%oomsafe cell whose model load is estimated not to fit is not run (unless --force);
+with --auto the first plan that fits runs straight away."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from IPython.utils.capture import capture_output
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vram_magic import _caps
+from vram_magic._preflight import Load, loads_in
+from vram_magic._types import OutOfMemoryHandled
+
+MiB = 2**20
+LOAD_CELL = (
+    "import torch\nfrom transformers import AutoModelForCausalLM\n"
+    "model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)\n"
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 7 M-parameter Llama saved in bfloat16: 13.35 MiB of weights; 8-bit needs about 11.3 MiB."""
+    folder = tmp_path_factory.mktemp("llama")
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=8000,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def rehearsal(ip: Any, checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """No GPU here: a 12 MiB cap is the target preflight plans for."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; tests/gpu covers preflight for real")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ip.user_ns["path"] = str(checkpoint)
+    _caps.set_target_bytes(12 * MiB)
+    yield ip
+    _caps.set_target_bytes(None)
+
+
+def test_the_loads_of_a_cell_are_read_without_running_it() -> None:
+    cell = (
+        "tok = AutoTokenizer.from_pretrained(name)\n"
+        'base = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.float16, device_map="auto")\n'
+        "quant = LlamaForCausalLM.from_pretrained('org/m', quantization_config=bnb)\n"
+        "peft = PeftModel.from_pretrained(base, 'adapter')\n"
+        "unknown = AutoModel.from_pretrained(some_call())\n"
+    )
+    namespace = {"name": "org/base", "bnb": SimpleNamespace(load_in_4bit=True, load_in_8bit=False)}
+    assert loads_in(cell, namespace) == (
+        Load("org/base", dtype="float16", device_map="auto"),
+        Load("org/m", quantization="4bit"),
+    )
+    assert loads_in("x = 1\n", {}) == ()
+
+
+def test_a_load_that_cannot_fit_is_not_run(rehearsal: Any) -> None:
+    ip = rehearsal
+    with capture_output() as captured:
+        result = ip.run_cell("%%oomsafe\n" + LOAD_CELL)
+    assert isinstance(result.error_in_exec, OutOfMemoryHandled)
+    assert "model" not in ip.user_ns
+    headline = (
+        "Not run: the model load would need about 13.35 MiB at its peak, more than the 12.00 MiB under the "
+        "cap planned for (no GPU here)."
+    )
+    assert captured.outputs[0].data["text/plain"].startswith(headline)
+    assert captured.stdout == f"OutOfMemoryHandled: {headline} See the report above.\n"
+    report = ip.magics_manager.registry["VramMagics"].last_report
+    assert [(fix.key, fix.fits) for fix in report.fixes] == [
+        ("8bit", True),
+        ("offload", True),
+        ("4bit", True),
+        ("cpu", True),
+    ]
+
+
+def test_force_runs_it_anyway_and_a_load_that_fits_runs_silently(rehearsal: Any) -> None:
+    ip = rehearsal
+    with capture_output() as captured:
+        forced = ip.run_cell("%%oomsafe --force\n" + LOAD_CELL)
+    assert forced.success and "Not run" not in captured.stdout
+    _caps.set_target_bytes(20 * MiB)
+    del ip.user_ns["model"]
+    with capture_output() as captured:
+        fits = ip.run_cell("%%oomsafe\n" + LOAD_CELL)
+    assert fits.success and "model" in ip.user_ns and "Not run" not in captured.stdout
+
+
+def test_auto_runs_the_first_plan_that_fits_with_no_oom(rehearsal: Any) -> None:
+    import bitsandbytes as bnb
+
+    ip = rehearsal
+    with capture_output() as captured:
+        result = ip.run_cell("%%oomsafe --auto\n" + LOAD_CELL)
+    assert result.success
+    assert "Running fix 1 instead: Load the model in 8-bit." in captured.stdout
+    assert "Fix 1 worked: Load the model in 8-bit" in captured.stdout
+    assert isinstance(ip.user_ns["model"].model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
+
+
+def test_without_a_gpu_or_a_planned_cap_there_is_no_preflight(ip: Any, checkpoint: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _caps.set_target_bytes(None)
+    ip.user_ns["path"] = str(checkpoint)
+    with capture_output() as captured:
+        result = ip.run_cell("%%oomsafe\n" + LOAD_CELL)
+    assert result.success and captured.stdout.strip() == ""

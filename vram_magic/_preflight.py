@@ -1,0 +1,176 @@
+"""Preflight: before a ``%%oomsafe`` cell runs, estimate its model loads against the room on the GPU.
+
+The cell is read with ``ast`` (no run): ``X.from_pretrained(MODEL, ...)`` of model classes, where MODEL is a
+string or a name bound to one in the notebook. Estimates come from ``_estimate`` (the config alone). A cell
+without ``from_pretrained`` costs one substring test.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from vram_magic._cells import analyse_cell
+from vram_magic._diagnose import LOAD_FIXES
+from vram_magic._estimate import Estimate, estimate, plans
+from vram_magic._plan import Room, make_runnable
+from vram_magic._render_text import format_bytes
+from vram_magic._types import Cause, Cleanup, MemorySnapshot, Report
+
+# Classes whose from_pretrained loads no weights onto the GPU (or an adapter on an already-loaded base).
+_NOT_MODELS = ("Tokenizer", "Processor", "Config", "FeatureExtractor", "ImageProcessor", "PeftModel")
+_DTYPES = {"bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"}
+
+
+@dataclass(frozen=True)
+class Load:
+    """One model load a cell makes, as far as its text and the notebook's names tell."""
+
+    model: str
+    dtype: str | None = None
+    quantization: str | None = None
+    device_map: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The loads of a cell and what they need at their peak, against the room."""
+
+    loads: tuple[Load, ...]
+    estimates: tuple[Estimate, ...]
+    need_bytes: int
+    room_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.need_bytes <= self.room_bytes
+
+
+def loads_in(cell: str, namespace: Mapping[str, object]) -> tuple[Load, ...]:
+    """The model loads of ``cell`` whose model is known without running it."""
+    if "from_pretrained" not in cell:
+        return ()
+    try:
+        tree = ast.parse(cell)
+    except SyntaxError:
+        return ()
+    loads = []
+    for call in (node for node in ast.walk(tree) if isinstance(node, ast.Call)):
+        if not _is_model_load(call):
+            continue
+        keywords = {k.arg: k.value for k in call.keywords if k.arg}
+        model = _text(call.args[0] if call.args else keywords.get("pretrained_model_name_or_path"), namespace)
+        if model is None:
+            continue
+        loads.append(
+            Load(
+                model=model,
+                dtype=_dtype(keywords.get("dtype") or keywords.get("torch_dtype"), namespace),
+                quantization=_quantization(keywords, namespace),
+                device_map=_text(keywords.get("device_map"), namespace),
+            )
+        )
+    return tuple(loads)
+
+
+def check(cell: str, namespace: Mapping[str, object], room_bytes: int) -> Verdict | None:
+    """The verdict on the cell's loads, or None when it has none we can estimate (then say nothing)."""
+    loads = loads_in(cell, namespace)
+    estimates = []
+    for load in loads:
+        try:
+            estimates.append(
+                estimate(
+                    load.model, dtype=load.dtype, quantization=load.quantization, device_map=load.device_map
+                )
+            )
+        except ValueError:  # no config to read (or an option we cannot estimate): no verdict on this load
+            continue
+    if not estimates:
+        return None
+    need = sum(e.weights_bytes for e in estimates) + max(e.peak_bytes - e.weights_bytes for e in estimates)
+    return Verdict(loads, tuple(estimates), need, room_bytes)
+
+
+def _is_model_load(call: ast.Call) -> bool:
+    func = call.func
+    if not (isinstance(func, ast.Attribute) and func.attr == "from_pretrained"):
+        return False
+    owner = func.value.id if isinstance(func.value, ast.Name) else getattr(func.value, "attr", "")
+    return not any(part in owner for part in _NOT_MODELS)
+
+
+def _text(node: ast.expr | None, namespace: Mapping[str, object]) -> str | None:
+    """A string literal, or a name the notebook binds to a string (or a path)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (str, int)):
+        return str(node.value)
+    if isinstance(node, ast.Name):
+        value = namespace.get(node.id)
+        if isinstance(value, str) or type(value).__name__.endswith("Path"):
+            return str(value)
+    return None
+
+
+def _dtype(node: ast.expr | None, namespace: Mapping[str, object]) -> str | None:
+    if isinstance(node, ast.Attribute) and node.attr in _DTYPES:  # torch.bfloat16
+        return node.attr
+    text = _text(node, namespace)
+    return text if text in _DTYPES else None
+
+
+def _quantization(keywords: Mapping[str, ast.expr], namespace: Mapping[str, object]) -> str | None:
+    for flag, name in (("load_in_4bit", "4bit"), ("load_in_8bit", "8bit")):
+        value = keywords.get(flag)
+        if isinstance(value, ast.Constant) and value.value is True:
+            return name
+    config = keywords.get("quantization_config")
+    if isinstance(config, ast.Call):
+        for keyword in config.keywords:
+            if (
+                keyword.arg in ("load_in_4bit", "load_in_8bit")
+                and getattr(keyword.value, "value", None) is True
+            ):
+                return "4bit" if keyword.arg == "load_in_4bit" else "8bit"
+    if isinstance(config, ast.Name):
+        bound = namespace.get(config.id)
+        if getattr(bound, "load_in_4bit", False):
+            return "4bit"
+        if getattr(bound, "load_in_8bit", False):
+            return "8bit"
+    return None
+
+
+def preflight_report(cell: str, verdict: Verdict, snapshot: MemorySnapshot, room: Room) -> Report:
+    """A load estimated not to fit, as a report: why, and the load fixes with the estimator's verdicts."""
+    first = verdict.estimates[0]
+    where = "on this GPU" if snapshot.gpus else "under the cap planned for (no GPU here)"
+    headline = (
+        f"Not run: the model load would need about {format_bytes(verdict.need_bytes)} at its peak, "
+        f"more than the {format_bytes(verdict.room_bytes)} {where}."
+    )
+    cause = Cause(
+        "estimate",
+        f"Loading {first.model} ({first.label}) needs about {format_bytes(first.peak_bytes)} at its peak: "
+        f"{format_bytes(first.weights_bytes)} of weights, reserved in one allocation while loading. "
+        "Run it anyway with `%%oomsafe --force`.",
+    )
+    verdicts = {plan.key: plan for plan in plans(first.model, free_bytes=verdict.room_bytes)}
+    fixes = []
+    for fix in make_runnable(LOAD_FIXES, cell, None, room):
+        plan = verdicts.get(fix.key)
+        if plan is not None:
+            fix = replace(fix, needed_bytes=plan.need_bytes, fits=plan.fits)
+        fixes.append(fix)
+    return Report(
+        error_text=headline,
+        oom=None,
+        cell=cell,
+        analysis=analyse_cell(cell),
+        snapshot=snapshot,
+        holders=(),
+        cleanup=Cleanup(released=(), reclaimed_bytes=None, freed_tensor_bytes=0),
+        causes=(cause,),
+        fixes=tuple(fixes),
+        headline=headline,
+    )
