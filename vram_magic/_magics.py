@@ -147,7 +147,7 @@ class VramMagics(Magics):
             return None
         raise UsageError(
             f"Unknown %vram command {args.command!r}; type `%vram`, `%vram who`, `%vram free NAME`, "
-            "`%vram fix N` or `%vram cap t4`."
+            "`%vram fix N`, `%vram estimate MODEL` or `%vram cap t4`."
         )
 
     @magic_arguments()
