@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _machine import cpu_name  # benchmarks/_machine.py: scripts run from this folder
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_RUNS = 2
 MAX_RATIO = 1.2
@@ -42,12 +44,7 @@ def machine() -> str:
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        models = [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        if models:
-            cpu = models[0].split(":", 1)[1].strip()
+    cpu = cpu_name()
     return (
         f"Machine: {cpu}, Python {platform.python_version()}, IPython {IPython.__version__}, torch "
         f"{torch.__version__}, transformers {transformers.__version__}, GPU: {torch.cuda.get_device_name(0)}"

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _machine import cpu_name  # benchmarks/_machine.py: scripts run from this folder
+
 REPO = Path(__file__).resolve().parents[1]
 GiB = 2**30
 MAX_OVER = 10.0  # % our estimate may be above the measured peak
@@ -129,12 +131,7 @@ def machine() -> str:
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        models = [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        if models:
-            cpu = models[0].split(":", 1)[1].strip()
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (
         f"Machine: {cpu}, Python {platform.python_version()}, torch {torch.__version__}, transformers "

@@ -17,6 +17,7 @@ from typing import Any
 
 import IPython
 import torch
+from _machine import cpu_name  # benchmarks/_machine.py: scripts run from this folder
 from IPython.testing.globalipapp import get_ipython
 from IPython.utils.capture import capture_output
 
@@ -47,15 +48,7 @@ def load_model(nbytes, device, message):
 
 
 def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    models = (
-        [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        if cpuinfo.exists()
-        else []
-    )
-    if models:
-        cpu = models[0].split(":", 1)[1].strip()
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (
         f"Machine: {cpu} ({platform.system()}), Python {platform.python_version()}, IPython "
