@@ -149,10 +149,14 @@ def test_s2_auto_halves_the_batch_and_keeps_the_effective_batch(runs: _Runs) -> 
 def test_s3_auto_loads_the_model_in_8bit(runs: _Runs) -> None:
     notebook, _ = runs("s3_load")
     out = _stdout(_cell(notebook, "oom"))
-    assert "--auto: fix 1 worked: Load the model in 8-bit." in out
-    assert "Attempts by --auto (2 runs, " in out
-    assert "  1. the cell as written: out of memory (" in out
-    assert "quantization_config=BitsAndBytesConfig(load_in_8bit=True)" in out
+    if SIMULATED:  # no GPU and no cap planned for: no preflight, so the load runs out and --auto rescues it
+        assert "--auto: fix 1 worked: Load the model in 8-bit." in out
+        assert "Attempts by --auto (2 runs, " in out
+        assert "  1. the cell as written: out of memory (" in out
+        assert "quantization_config=BitsAndBytesConfig(load_in_8bit=True)" in out
+    else:  # on a GPU, preflight sees the load cannot fit and --auto runs the 8-bit plan first: no OOM at all
+        assert "Running fix 1 instead: Load the model in 8-bit." in out
+        assert "Fix 1 worked: Load the model in 8-bit" in out
     cap = re.search(
         r"may now use (\d+) MiB of the GPU; the model needs (\d+) MiB", _stdout(_cell(notebook, "cap"))
     )
