@@ -116,22 +116,13 @@ def _too_big_for_the_gpu(evidence: Evidence, result: Diagnosis) -> None:
         )
         return
     free = evidence.oom.free_bytes if evidence.oom else None
-    room = message_room_bytes(evidence.oom)
+    room = evidence.oom.room_bytes() if evidence.oom else None
     text = f"{_capitalized(what)} asked for {format_bytes(requested)} more"
     if room is not None:
         text += f"; only {format_bytes(room)} was left to this process"
     elif free is not None:
         text += f"; the GPU had {format_bytes(free)} free"
     result.causes.append(Cause("need", text + "."))
-
-
-def message_room_bytes(oom: OOMInfo | None) -> int | None:
-    """How much more this process could have taken when it failed, by the message."""
-    if oom is None:
-        return None
-    if oom.allowed_bytes is not None and oom.reserved_bytes is not None:
-        return max(oom.allowed_bytes - oom.reserved_bytes, 0)
-    return oom.free_bytes
 
 
 def _cap(evidence: Evidence, result: Diagnosis) -> None:
@@ -196,7 +187,7 @@ def _earlier_holders(evidence: Evidence, result: Diagnosis) -> None:
 
 def _shortfall_bytes(evidence: Evidence) -> int | None:
     """How much more room the failed allocation needed."""
-    room = message_room_bytes(evidence.oom)
+    room = evidence.oom.room_bytes() if evidence.oom else None
     if evidence.requested_bytes is None or room is None:
         return None
     return max(evidence.requested_bytes - room, 0)

@@ -43,7 +43,7 @@ def room_after_cleanup(snapshot: MemorySnapshot, oom: OOMInfo | None, freed_byte
         room = _gpu_room(gpu)
         free = gpu.free_bytes
     else:
-        room = _message_room(oom, freed_bytes)
+        room = oom.room_bytes(freed_bytes) if oom else None
         free = None if oom is None or oom.free_bytes is None else oom.free_bytes + freed_bytes
     max_memory: dict[int | str, int] = {}
     for each in snapshot.gpus:
@@ -108,19 +108,6 @@ def _options(fix_key: str, room: Room) -> dict[str, object]:
         # device_map="auto" alone lets accelerate measure the GPUs itself.
         return {"max_memory": room.max_memory}
     return {}
-
-
-def _message_room(oom: OOMInfo | None, freed_bytes: int) -> int | None:
-    """Room by the message once ``freed_bytes`` went back: under a cap, the cap less what stays reserved
-    (never more than the cap, even when more than the cap was reserved before it was set); the GPU's free
-    memory plus what was freed, when that is smaller or there is no cap."""
-    if oom is None:
-        return None
-    free = None if oom.free_bytes is None else oom.free_bytes + freed_bytes
-    if oom.allowed_bytes is None or oom.reserved_bytes is None:
-        return free
-    capped = max(oom.allowed_bytes - max(oom.reserved_bytes - freed_bytes, 0), 0)
-    return capped if free is None else min(capped, free)
 
 
 def _gpu_room(gpu: GpuSnapshot) -> int | None:

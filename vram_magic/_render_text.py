@@ -78,15 +78,6 @@ def _wrap(text: str, indent: str, first: str | None = None) -> list[str]:
     return lines or [first.rstrip()]
 
 
-def _cap_headroom(oom: OOMInfo) -> int | None:
-    """Free memory as the failed allocation saw it: GPU free, or what is left under a cap."""
-    free = oom.free_bytes
-    if oom.allowed_bytes is not None and oom.reserved_bytes is not None:
-        left = max(oom.allowed_bytes - oom.reserved_bytes, 0)
-        free = left if free is None else min(free, left)
-    return free
-
-
 def summary_line(r: Report) -> str:
     """One line: what ran out, where, the figures that matter, and what was freed."""
     if r.headline is not None:
@@ -96,7 +87,7 @@ def summary_line(r: Report) -> str:
     text = f"{head} in {CELL_WORDS[r.analysis.kind]}"
     figures: list[str] = []
     if oom is not None:
-        free = _cap_headroom(oom)
+        free = oom.room_bytes()
         if oom.requested_bytes is not None:
             figures.append(f"asked for {format_bytes(oom.requested_bytes)}")
             if free is not None:

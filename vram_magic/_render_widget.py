@@ -11,6 +11,7 @@ from collections.abc import Callable
 from html import escape
 from typing import Any
 
+from vram_magic._diagnose import failing_gpu
 from vram_magic._frontend import widget_frontend
 from vram_magic._render_text import (
     CELL_WORDS,
@@ -185,8 +186,7 @@ def failure_gpu(r: Report) -> GpuSnapshot | None:
     """The failing GPU as the OOM message saw it; else the snapshot's GPU of that index (or its only one)."""
     oom = r.oom
     index = oom.device_index if oom and oom.device_index is not None else 0
-    known = {g.index: g for g in r.snapshot.gpus}
-    seen = known.get(index) or (r.snapshot.gpus[0] if len(r.snapshot.gpus) == 1 else None)
+    seen = failing_gpu(r.snapshot, oom)
     if oom is None or oom.total_bytes is None:
         return seen
     return _gpu_from_oom(oom, index, seen.name if seen else None)

@@ -40,6 +40,15 @@ class OOMInfo:
         """Reserved by PyTorch's caching allocator but not handed out: the fragmentation figure."""
         return _unallocated(self.reserved_bytes, self.allocated_bytes)
 
+    def room_bytes(self, freed_bytes: int = 0) -> int | None:
+        """How much more this process could take, by the message, once ``freed_bytes`` went back: the GPU's
+        free memory, and under a cap no more than the cap less what stays reserved."""
+        free = None if self.free_bytes is None else self.free_bytes + freed_bytes
+        if self.allowed_bytes is None or self.reserved_bytes is None:
+            return free
+        capped = max(self.allowed_bytes - max(self.reserved_bytes - freed_bytes, 0), 0)
+        return capped if free is None else min(capped, free)
+
 
 @dataclass(frozen=True)
 class ProcessMemory:
