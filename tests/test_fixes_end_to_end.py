@@ -183,6 +183,54 @@ def test_auto_reaches_a_working_8bit_model_in_two_runs(ip: Any, gpu: SimulatedGp
     _generates(ip)
 
 
+@pytest.fixture(scope="module")
+def wide_vocab_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama whose untied embeddings are most of its weights (1.16 MiB in bfloat16), as in small
+    models with big vocabularies: bitsandbytes leaves embeddings and ``lm_head`` in 16-bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("wide-vocab-llama")
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=4096,
+        max_position_embeddings=128,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)  # type: ignore[arg-type]
+    return path
+
+
+def test_after_a_load_oom_the_models_own_figures_say_which_quantized_loads_fit(
+    ip: Any, gpu: SimulatedGpu, wide_vocab_checkpoint: Path
+) -> None:
+    """A share of the failed request would say 8-bit (60%) and 4-bit (35%) fit in 1000 KiB; this model's
+    embeddings alone take 1 MiB, so neither does, and the report says so with the estimator's figures."""
+    from vram_magic import estimate
+    from vram_magic._render_text import format_bytes
+
+    ip.run_cell("import torch\nfrom transformers import AutoModelForCausalLM\n")
+    ip.user_ns["path"] = str(wide_vocab_checkpoint)
+    gpu.budget_bytes = 1000 * KiB
+    cell = 'model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")\n'
+    result, _ = _run(ip, f"%%oomsafe\n{cell}")
+    _assert_handled(result)
+    report = _report(ip)
+    for key in ("8bit", "4bit"):
+        fix = _fix(report, key)
+        expected = estimate(str(wide_vocab_checkpoint), dtype="bfloat16", quantization=key).peak_bytes
+        assert fix.fits is False and fix.needed_bytes == expected
+        assert f"Estimated not to fit: needs about {format_bytes(expected)}." in fix.why
+    assert _fix(report, "cpu").fits is True
+    # The simulated GPU agrees: the 8-bit load really does not fit (bitsandbytes refuses to spill to the CPU).
+    result, _ = _run(ip, f"%vram fix {_number(report, '8bit')}")
+    _assert_handled(result)
+    again = _report(ip).oom
+    assert again is not None and again.kind == "dispatch" and "model" not in ip.user_ns
+
+
 # --------------------------------------------------------------------------------------------------
 # What the failed run had already changed
 

@@ -1,4 +1,4 @@
-"""The fix ladder: diagnosed fixes get the user's cell rewritten, a diff to show, and a rough fit estimate.
+"""The fix ladder: diagnosed fixes get the user's cell rewritten, a diff to show, and a fit estimate.
 
 Fed with real OOM messages (tests/fixtures/oom_messages) and the fixes ``diagnose`` ranks for them.
 """
@@ -47,6 +47,7 @@ def _plan(
     snapshot: MemorySnapshot = NO_GPU,
     holders: tuple[Holder, ...] = (),
     freed_bytes: int = 0,
+    needs: dict[str, int] | None = None,
 ) -> tuple[Room, dict[str, Fix]]:
     """What the magic does after an OOM: diagnose, measure the room, make the fixes runnable."""
     oom = _oom(message)
@@ -56,7 +57,7 @@ def _plan(
     )
     _, fixes = diagnose(oom, snapshot, holders, analyse_cell(cell, line), cleanup)
     room = room_after_cleanup(snapshot, oom, freed_bytes)
-    planned = make_runnable(fixes, cell, oom, room)
+    planned = make_runnable(fixes, cell, oom, room, needs)
     assert len({fix.key for fix in planned}) == len(planned)
     return room, {fix.key: fix for fix in planned}
 
@@ -174,6 +175,16 @@ def test_8bit_is_estimated_not_to_fit_when_its_share_is_more_than_the_room() -> 
     assert fixes["8bit"].why.endswith("Estimated not to fit: needs about 120.00 GiB.")
     assert fixes["4bit"].fits is True and fixes["4bit"].needed_bytes == int(0.35 * 200 * GiB)
     assert fixes["offload"].fits is True and fixes["cpu"].fits is True  # spill to / run on the CPU
+
+
+def test_the_estimators_figures_for_the_model_decide_over_the_share_of_the_request() -> None:
+    # The same 1.59 GiB load under a 1.50 GiB cap; the model's config says 8-bit needs 1.55 GiB at its peak
+    # (big embeddings stay 16-bit), 4-bit 1.2 GiB.
+    needs = {"8bit": round(1.55 * GiB), "4bit": round(1.2 * GiB)}
+    _, fixes = _plan("torch2_11_h100_from_pretrained_capped.txt", LOAD, freed_bytes=3 * GiB, needs=needs)
+    assert fixes["8bit"].fits is False and fixes["8bit"].needed_bytes == needs["8bit"]
+    assert fixes["8bit"].why.endswith("Estimated not to fit: needs about 1.55 GiB.")
+    assert fixes["4bit"].fits is True and fixes["4bit"].needed_bytes == needs["4bit"]
 
 
 def test_lifting_the_cap_fits_when_the_request_fits_the_gpu_without_it() -> None:

@@ -187,7 +187,7 @@ class VramMagics(Magics):
         verdict = check(cell, self._ip.user_ns, room_bytes) if room_bytes is not None else None
         if verdict is None or verdict.fits:
             return None
-        return preflight_report(cell, verdict, snapshot, room)
+        return preflight_report(cell, self._ip.user_ns, verdict, snapshot, room)
 
     def _run_first_plan(self, report: Report) -> Any:
         """``--auto`` after preflight: run the first fix estimated to fit, so the load never runs out."""
@@ -329,6 +329,8 @@ class VramMagics(Magics):
 
     def _rescue(self, error: BaseException, source: str, body: str, filename: str) -> Report:
         """Free what the failed cell pinned, then explain the failure from a fresh snapshot."""
+        from vram_magic._preflight import load_needs
+
         user_frames = error.__traceback__.tb_next if error.__traceback__ else None
         error_text = exception_text(error)
         oom = oom_from_exception(error)
@@ -342,6 +344,8 @@ class VramMagics(Magics):
         analysis = analyse_cell("\n" + body, failed_line)
         causes, fixes = diagnose(oom, snapshot, holders, analysis, cleanup)
         room = room_after_cleanup(snapshot, oom, cleanup.best_bytes)
+        cell = _rewritable(source, body)
+        needs = load_needs(cell, self._ip.user_ns, room.gpu_bytes) if analysis.kind == "load" else {}
         return Report(
             error_text=error_text,
             oom=oom,
@@ -351,7 +355,7 @@ class VramMagics(Magics):
             holders=holders,
             cleanup=cleanup,
             causes=causes,
-            fixes=make_runnable(fixes, _rewritable(source, body), oom, room),
+            fixes=make_runnable(fixes, cell, oom, room, needs),
             traceback_text=short_traceback,
         )
 

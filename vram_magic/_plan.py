@@ -1,12 +1,14 @@
 """The fix ladder: make diagnosed fixes runnable (the user's cell, rewritten) and estimate which fit.
 
-Pure Python: no IPython. The estimates are deliberately rough (a share of what the failed allocation asked
-for); they decide what ``--auto`` skips, never what is shown.
+Pure Python: no IPython. Whether a fix fits is judged from the estimator's figures for the cell's model
+when the caller has them (``needs``), else roughly (a share of what the failed allocation asked for). The
+judgement decides what ``--auto`` skips, never what is shown.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from vram_magic._diagnose import failing_gpu
@@ -56,10 +58,17 @@ def room_after_cleanup(snapshot: MemorySnapshot, oom: OOMInfo | None, freed_byte
     return Room(room, free, max_memory, _compute_dtype())
 
 
-def make_runnable(fixes: tuple[Fix, ...], cell: str, oom: OOMInfo | None, room: Room) -> tuple[Fix, ...]:
+def make_runnable(
+    fixes: tuple[Fix, ...],
+    cell: str,
+    oom: OOMInfo | None,
+    room: Room,
+    needs: Mapping[str, int] | None = None,
+) -> tuple[Fix, ...]:
     """Attach to each fix the cell it runs (and a diff to show), and whether it is expected to fit. A fix
     the cell already has (bf16 on a bfloat16 load) is dropped; one the cell gives it nothing to change for
-    stays as advice, with the reason."""
+    stays as advice, with the reason. ``needs``: the estimator's peak bytes per load fix key, for the
+    model the cell loads."""
     requested = oom.requested_bytes if oom else None
     planned: list[Fix] = []
     for fix in fixes:
@@ -75,18 +84,22 @@ def make_runnable(fixes: tuple[Fix, ...], cell: str, oom: OOMInfo | None, room: 
             fix = replace(fix, rewritten_cell=cell)
         elif fix.key == "lift-cap":
             fix = replace(fix, rewritten_cell=_LIFT_CAP + cell)
-        planned.append(_estimate(fix, requested, room, cell))
+        planned.append(_estimate(fix, requested, room, cell, needs or {}))
     return tuple(planned)
 
 
-def _estimate(fix: Fix, requested: int | None, room: Room, cell: str) -> Fix:
+def _estimate(fix: Fix, requested: int | None, room: Room, cell: str, needs: Mapping[str, int]) -> Fix:
     if fix.key in _ALWAYS_FITS:
         return replace(fix, fits=True)
-    if requested is None or fix.fits is not None:  # "free" was judged by the diagnosis
+    if fix.fits is not None:  # "free" was judged by the diagnosis
         return fix
     needed: int | None = None
     available = room.gpu_bytes
-    if fix.key in _LOAD_SHARE:
+    if fix.key in needs:  # from the model's config: see _estimate.plans
+        needed = needs[fix.key]
+    elif requested is None:
+        return fix
+    elif fix.key in _LOAD_SHARE:
         needed = int(requested * _LOAD_SHARE[fix.key])
     elif fix.key == "bf16" and _FLOAT32.search(cell):
         needed = requested // 2  # only a load the cell asks for in float32 is known to halve

@@ -93,6 +93,21 @@ def check(cell: str, namespace: Mapping[str, object], room_bytes: int) -> Verdic
     return Verdict(loads, tuple(estimates), need, room_bytes)
 
 
+def load_needs(cell: str, namespace: Mapping[str, object], room_bytes: int | None) -> dict[str, int]:
+    """What each load fix would need at its peak (bytes, by fix key: ``bf16``, ``8bit``, ``4bit``...) for the
+    cell's first model load that can be estimated; empty when none can. ``room_bytes`` sizes the offload."""
+    for load in loads_in(cell, namespace):
+        try:
+            rows = plans(load.model, free_bytes=room_bytes, dtype=load.dtype)
+            needs = {plan.key: plan.need_bytes for plan in rows}
+            if "bf16" not in needs:
+                needs["bf16"] = estimate(load.model, dtype="bfloat16").peak_bytes
+        except ValueError:  # no config to read: the next load, or no figures
+            continue
+        return needs
+    return {}
+
+
 def _is_model_load(call: ast.Call) -> bool:
     func = call.func
     if not (isinstance(func, ast.Attribute) and func.attr == "from_pretrained"):
@@ -141,7 +156,9 @@ def _quantization(keywords: Mapping[str, ast.expr], namespace: Mapping[str, obje
     return None
 
 
-def preflight_report(cell: str, verdict: Verdict, snapshot: MemorySnapshot, room: Room) -> Report:
+def preflight_report(
+    cell: str, namespace: Mapping[str, object], verdict: Verdict, snapshot: MemorySnapshot, room: Room
+) -> Report:
     """A load estimated not to fit, as a report: why, and the load fixes with the estimator's verdicts."""
     first = verdict.estimates[0]
     where = "on this GPU" if snapshot.gpus else "under the cap planned for (no GPU here)"
@@ -155,13 +172,8 @@ def preflight_report(cell: str, verdict: Verdict, snapshot: MemorySnapshot, room
         f"{format_bytes(first.weights_bytes)} of weights, reserved in one allocation while loading. "
         "Run it anyway with `%%oomsafe --force`.",
     )
-    verdicts = {plan.key: plan for plan in plans(first.model, free_bytes=verdict.room_bytes)}
-    fixes = []
-    for fix in make_runnable(LOAD_FIXES, cell, None, room):
-        plan = verdicts.get(fix.key)
-        if plan is not None:
-            fix = replace(fix, needed_bytes=plan.need_bytes, fits=plan.fits)
-        fixes.append(fix)
+    needs = load_needs(cell, namespace, verdict.room_bytes)
+    fixes = make_runnable(LOAD_FIXES, cell, None, replace(room, gpu_bytes=verdict.room_bytes), needs)
     return Report(
         error_text=headline,
         oom=None,
@@ -171,6 +183,6 @@ def preflight_report(cell: str, verdict: Verdict, snapshot: MemorySnapshot, room
         holders=(),
         cleanup=Cleanup(released=(), reclaimed_bytes=None, freed_tensor_bytes=0),
         causes=(cause,),
-        fixes=tuple(fixes),
+        fixes=fixes,
         headline=headline,
     )
