@@ -126,6 +126,27 @@ def test_the_report_names_the_earlier_variable_that_holds_memory(ip: Any) -> Non
     assert report.fixes[0].code == "%vram free old_model"
 
 
+def test_the_free_fix_counts_what_deleting_its_names_frees_shared_storage_once(ip: Any) -> None:
+    ip.run_cell(FAILING_LOAD_TEMPLATE.format(message=SHORTFALL_OOM))
+    # An earlier model (64 MiB) under two names, a wrapper and its base, and 64 MiB of logits: deleting the
+    # three frees the model once, and the logits.
+    ip.run_cell("base = torch.nn.Linear(4096, 4096)\nwrapped = {'base_model': base}\n")
+    ip.run_cell("logits = torch.zeros(16 * 2**20)\n")
+    _run(ip, "%%oomsafe\nmodel = load_model()\n")
+    free = _last_report(ip).fixes[0]
+    assert free.key == "free" and set(free.free_names) == {"base", "wrapped", "logits"}
+    assert free.why.startswith("Together they hold about 128.02 MiB that this cell does not need.")
+    assert "Not enough alone" in free.why and free.fits is False  # the cell was 512 MiB short
+
+
+def test_a_name_sharing_all_its_memory_with_one_the_cell_uses_is_not_offered_to_free(ip: Any) -> None:
+    ip.run_cell(FAILING_LOAD_TEMPLATE.format(message=SHORTFALL_OOM))
+    ip.run_cell("model = torch.nn.Linear(4096, 4096)\nalias = model\n")
+    _run(ip, "%%oomsafe\nshape = model.weight.shape\nmodel = load_model()\n")
+    report = _last_report(ip)
+    assert "free" not in [fix.key for fix in report.fixes]  # deleting `alias` would free nothing
+
+
 def test_vram_free_releases_a_plain_cells_failure_and_named_variables(ip: Any) -> None:
     ip.run_cell(FAILING_LOAD)
     _run(ip, "load_model()\n")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vram_magic._types import Holder
-from vram_magic._who import distinct_total_bytes, find_holders, tensors_in
+from vram_magic._who import bytes_only_in, find_holders, tensors_in
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,10 @@ def test_optimizer_state_counted_and_params_shared_with_model() -> None:
     opt_h, model_h = holders
     assert opt_h == Holder("opt", "AdamW", params + nbytes(*state), params, ("model",))
     assert model_h == Holder("model", "Linear", params, params, ("opt",))
-    assert distinct_total_bytes({"model": model, "opt": opt}, "cpu") == params + nbytes(*state)
+    ns = {"model": model, "opt": opt}
+    assert bytes_only_in(ns, ["model", "opt"], "cpu") == params + nbytes(*state)
+    assert bytes_only_in(ns, ["opt"], "cpu") == nbytes(*state)  # the model's weights stay, with `model`
+    assert bytes_only_in(ns, ["model"], "cpu") == 0
 
 
 def test_nested_containers() -> None:
@@ -181,7 +184,8 @@ def test_views_and_slices_count_the_whole_storage_once() -> None:
     assert {name: x.total_bytes for name, x in h.items()} == {"view": 4000, "part": 4000, "both": 4000}
     assert h["part"].shared_bytes == 4000
     assert h["part"].shared_with == ("both", "view")
-    assert distinct_total_bytes(ns, "cpu") == 4000
+    assert bytes_only_in(ns, ns, "cpu") == 4000
+    assert bytes_only_in(ns, ["view", "part"], "cpu") == 0  # `both` keeps the storage
 
 
 def test_two_names_for_one_tensor() -> None:
@@ -193,7 +197,9 @@ def test_two_names_for_one_tensor() -> None:
         Holder("y", "Tensor", 400, 400, ("x",)),
         Holder("z", "Tensor", 40),
     )
-    assert distinct_total_bytes(ns, "cpu") == 440
+    assert bytes_only_in(ns, ns, "cpu") == 440
+    assert bytes_only_in(ns, ["x", "y"], "cpu") == 400
+    assert bytes_only_in(ns, ["x", "z"], "cpu") == 40
 
 
 def test_biggest_first_and_empty_names_left_out() -> None:
@@ -323,9 +329,9 @@ def test_tensors_in_a_failed_frame() -> None:
 def test_without_torch_imported_nothing_holds_memory() -> None:
     code = (
         "import sys\n"
-        "from vram_magic._who import find_holders, tensors_in, distinct_total_bytes\n"
+        "from vram_magic._who import bytes_only_in, find_holders, tensors_in\n"
         "ns = {'x': [1, 2], 'y': 'text'}\n"
-        "print(find_holders(ns), tensors_in(ns), distinct_total_bytes(ns), 'torch' in sys.modules)\n"
+        "print(find_holders(ns), tensors_in(ns), bytes_only_in(ns, ns), 'torch' in sys.modules)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)

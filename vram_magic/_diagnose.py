@@ -7,6 +7,7 @@ cell that lose the least quality.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vram_magic._render_text import format_bytes
@@ -28,6 +29,7 @@ class Evidence:
     holders: tuple[Holder, ...]
     analysis: CellAnalysis
     cleanup: Cleanup
+    bytes_freed_by: Callable[[Sequence[str]], int] | None = None
 
     @property
     def requested_bytes(self) -> int | None:
@@ -74,9 +76,11 @@ def diagnose(
     holders: tuple[Holder, ...],
     analysis: CellAnalysis,
     cleanup: Cleanup,
+    bytes_freed_by: Callable[[Sequence[str]], int] | None = None,
 ) -> tuple[tuple[Cause, ...], tuple[Fix, ...]]:
-    """Ranked causes and fixes for one OOM."""
-    evidence = Evidence(oom, failing_gpu(snapshot, oom), holders, analysis, cleanup)
+    """Ranked causes and fixes for one OOM. ``bytes_freed_by(names)``: what deleting those names would free
+    (storage shared with names that stay does not count); without it, each holder's unshared bytes."""
+    evidence = Evidence(oom, failing_gpu(snapshot, oom), holders, analysis, cleanup, bytes_freed_by)
     result = Diagnosis()
     for rule in (_too_big_for_the_gpu, _cap, _earlier_holders, _other_processes, _fragmentation):
         rule(evidence, result)
@@ -172,7 +176,12 @@ def _earlier_holders(evidence: Evidence, result: Diagnosis) -> None:
     if not freeable:
         return
     names = [h.name for h in freeable]
-    total = sum(h.total_bytes - h.shared_bytes for h in freeable) or freeable[0].total_bytes
+    if evidence.bytes_freed_by is not None:
+        total = evidence.bytes_freed_by(names)
+    else:
+        total = sum(h.total_bytes - h.shared_bytes for h in freeable)
+    if total == 0:  # all of it is shared with names the cell uses: deleting these frees nothing
+        return
     holds = "Together they hold" if len(names) > 1 else "It holds"
     why = f"{holds} about {format_bytes(total)} that this cell does not need."
     shortfall = _shortfall_bytes(evidence)

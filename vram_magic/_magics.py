@@ -13,6 +13,7 @@ import contextlib
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import CodeType, TracebackType
 from typing import Any, NoReturn
@@ -39,7 +40,7 @@ from vram_magic._render_text import (
 from vram_magic._render_widget import mimebundle
 from vram_magic._rewrite import NotApplicable, rewrite
 from vram_magic._types import Attempt, Fix, MemorySnapshot, OutOfMemoryHandled, Report
-from vram_magic._who import find_holders
+from vram_magic._who import bytes_only_in, find_holders
 
 _SHORT_TRACEBACK_FRAMES = 4
 _DEFAULT_MAX_ATTEMPTS = 4
@@ -342,7 +343,9 @@ class VramMagics(Magics):
         snapshot = take_snapshot()
         holders = self._holders(device)
         analysis = analyse_cell("\n" + body, failed_line)
-        causes, fixes = diagnose(oom, snapshot, holders, analysis, cleanup)
+        causes, fixes = diagnose(
+            oom, snapshot, holders, analysis, cleanup, lambda names: self._bytes_freed_by(names, device)
+        )
         room = room_after_cleanup(snapshot, oom, cleanup.best_bytes)
         cell = _rewritable(source, body)
         needs = load_needs(cell, self._ip.user_ns, room.gpu_bytes) if analysis.kind == "load" else {}
@@ -362,6 +365,10 @@ class VramMagics(Magics):
     def _holders(self, device: str) -> Any:
         hidden = self._ip.user_ns_hidden
         return find_holders(self._ip.user_ns, device, skip=lambda name: name in hidden)
+
+    def _bytes_freed_by(self, names: Sequence[str], device: str) -> int:
+        hidden = self._ip.user_ns_hidden
+        return bytes_only_in(self._ip.user_ns, names, device, skip=lambda name: name in hidden)
 
 
 def estimate_table(model: str, args: Any, snapshot: MemorySnapshot) -> str:

@@ -84,17 +84,25 @@ def find_holders(
     return tuple(holders)
 
 
-def distinct_total_bytes(
+def bytes_only_in(
     namespace: Mapping[str, object],
+    names: Iterable[str],
     device: str = "cuda",
     *,
     skip: Callable[[str], bool] | None = None,
 ) -> int:
-    """Bytes on ``device`` held by all names together, each storage counted once."""
-    union: _Found = {}
-    for _, found in _found_by_name(namespace, device, skip).values():
-        union.update(found)
-    return sum(nbytes for nbytes, _ in union.values())
+    """Bytes on ``device`` that deleting ``names`` would free: storages reachable from them and from no
+    other name, each counted once (two of ``names`` sharing a model count it once; a name sharing it with
+    a name that stays frees none of it)."""
+    wanted = set(names)
+    leaving: _Found = {}
+    staying: set[tuple[str, int]] = set()
+    for name, (_, found) in _found_by_name(namespace, device, skip).items():
+        if name in wanted:
+            leaving.update(found)
+        else:
+            staying.update(found)
+    return sum(nbytes for key, (nbytes, _) in leaving.items() if key not in staying)
 
 
 def tensors_in(obj: object, device: str = "cuda") -> list[Any]:
