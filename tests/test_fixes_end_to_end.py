@@ -8,6 +8,7 @@ the widget's Re-run button) and ``%%oomsafe --auto``, as a user types them.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,7 +151,7 @@ def test_a_load_that_does_not_fit_is_offered_8bit_and_4bit_with_their_code(
 
 @pytest.mark.parametrize(("key", "layer"), [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
 def test_vram_fix_loads_the_quantized_model_for_real_and_it_generates(
-    ip: Any, gpu: SimulatedGpu, checkpoint: Path, key: str, layer: str
+    ip: Any, gpu: SimulatedGpu, checkpoint: Path, key: str, layer: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     report = _fail_to_load(ip, gpu, checkpoint)
     number = _number(report, key)
@@ -161,7 +162,10 @@ def test_vram_fix_loads_the_quantized_model_for_real_and_it_generates(
     layers = {type(module).__name__ for module in ip.user_ns["model"].modules()}
     assert layer in layers
     assert 0 < gpu.in_use_bytes() <= LOAD_BUDGET  # on the (simulated) GPU, under its cap
-    _generates(ip)
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+        _generates(ip)
+    casts = [text for text in caplog.messages if text.startswith("MatMul8bitLt: inputs will be cast")]
+    assert len(casts) <= 1, "the 8-bit model's cast warning repeats on every matmul"
 
 
 def test_auto_reaches_a_working_8bit_model_in_two_runs(ip: Any, gpu: SimulatedGpu, checkpoint: Path) -> None:

@@ -165,4 +165,5 @@ def test_s3_auto_loads_the_model_in_8bit(runs: _Runs) -> None:
     size = re.search(r"^(\d+) MiB in memory; layers like q_proj: Linear8bitLt$", works, re.MULTILINE)
     assert size is not None and int(size.group(1)) < int(cap.group(1)) < int(cap.group(2))
     assert "generate() works: 8 new tokens" in works
-    assert "MatMul8bitLt" not in "".join(o.get("text", "") for o in _cell(notebook, "works").outputs)
+    # bitsandbytes' cast warning, once (after the 8-bit fix), not once per matmul of generate()
+    assert "".join(o.get("text", "") for o in _cell(notebook, "works").outputs).count("MatMul8bitLt") == 1

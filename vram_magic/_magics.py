@@ -30,6 +30,7 @@ from vram_magic._diagnose import diagnose
 from vram_magic._oom import exception_text, is_oom, oom_from_exception
 from vram_magic._plan import make_runnable, room_after_cleanup
 from vram_magic._probe import take_snapshot
+from vram_magic._quiet import show_int8_cast_warning_once
 from vram_magic._render_text import (
     render_auto_result,
     render_cleanup,
@@ -262,6 +263,8 @@ class VramMagics(Magics):
     def _attempt(self, fix: Fix, number: int) -> _Outcome:
         """Free what ``fix`` names, then run its cell."""
         assert fix.rewritten_cell is not None
+        if fix.key == "8bit":
+            show_int8_cast_warning_once()
         if fix.free_names:
             present = [name for name in fix.free_names if name in self._ip.user_ns]
             cleanup = free_memory(self._ip, names=present, device=counted_device())

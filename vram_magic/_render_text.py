@@ -319,11 +319,16 @@ _QUANTIZED = {"8bit": "8-bit", "4bit": "4-bit"}
 def _numerics_note(fix: Fix) -> list[str]:
     if fix.key not in _QUANTIZED:
         return []
-    return _wrap(
+    note = (
         f"Note: the model now runs with {_QUANTIZED[fix.key]} weights, which changes its numerics slightly; "
-        "check its outputs before you rely on them.",
-        "",
+        "check its outputs before you rely on them."
     )
+    if fix.key == "8bit":
+        note += (
+            " Its 8-bit matmuls compute in float16 (LLM.int8), so bitsandbytes warns that bfloat16 inputs "
+            "are cast: vram_magic shows that warning once, not on every matmul."
+        )
+    return _wrap(note, "")
 
 
 def _gpu_now(s: MemorySnapshot) -> list[str]:
