@@ -30,20 +30,11 @@ MESSAGES = Path(__file__).parent / "fixtures" / "oom_messages"
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama saved in bfloat16 (as hub checkpoints are) with a word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     path = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=256,
-        max_position_embeddings=128,
-    )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)  # type: ignore[arg-type]
+    _save_tiny_llama(path, vocab_size=256)
     words = Tokenizer(
         models.WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, 256)}}, unk_token="[UNK]")
     )
@@ -191,20 +182,25 @@ def test_auto_reaches_a_working_8bit_model_in_two_runs(ip: Any, gpu: SimulatedGp
 def wide_vocab_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama whose untied embeddings are most of its weights (1.16 MiB in bfloat16), as in small
     models with big vocabularies: bitsandbytes leaves embeddings and ``lm_head`` in 16-bit."""
+    path = tmp_path_factory.mktemp("wide-vocab-llama")
+    _save_tiny_llama(path, vocab_size=4096)
+    return path
+
+
+def _save_tiny_llama(path: Path, vocab_size: int) -> None:
+    """Hidden 64, 2 layers, untied embeddings, saved in bfloat16 (as hub checkpoints are)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("wide-vocab-llama")
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        vocab_size=4096,
+        vocab_size=vocab_size,
         max_position_embeddings=128,
     )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)  # type: ignore[arg-type]
-    return path
 
 
 def test_after_a_load_oom_the_models_own_figures_say_which_quantized_loads_fit(
