@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -73,6 +74,33 @@ def test_a_non_oom_error_is_shown_exactly_as_without_the_magic(
     without_us, with_us = ("\n".join(stb) for stb in shown)
     assert "run_cell_magic" not in with_us and "oomsafe" not in with_us.replace("%%oomsafe", "")
     assert with_us.replace("%%oomsafe", "# plain") == without_us
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["x = 1\nx = (\n", "if True:\nx = 1\n", "return 5\n", "print('a' 'b' c)\n"],
+    ids=["incomplete", "indentation", "return-outside-function", "invalid-syntax"],
+)
+def test_a_syntax_error_is_shown_exactly_as_without_the_magic(
+    ip: Any, monkeypatch: pytest.MonkeyPatch, body: str
+) -> None:
+    shown = _tracebacks(ip, monkeypatch)
+    plain = ip.run_cell(body)
+    ours = ip.run_cell(f"%%oomsafe\n{body}")
+    assert isinstance(plain.error_before_exec, SyntaxError)
+    assert isinstance(ours.error_in_exec.__cause__, type(plain.error_before_exec))
+    without_us, with_us = ("\n".join(stb) for stb in shown)
+    assert "oomsafe" not in with_us and "Traceback" not in with_us
+    # The same lines, one line further down: the %%oomsafe line is line 1 of the cell.
+    line = re.compile(r"line (\d+)")
+    assert line.sub(lambda m: f"line {int(m.group(1)) - 1}", with_us) == without_us
+
+
+def test_top_level_await_is_a_one_line_usage_error(ip: Any) -> None:
+    result, captured = _run(ip, "%%oomsafe\nimport asyncio\nawait asyncio.sleep(0)\n")
+    assert isinstance(result.error_in_exec, UsageError)
+    assert "cannot run top-level `await`: run this cell without %%oomsafe" in str(result.error_in_exec)
+    assert "Traceback" not in captured.stdout + captured.stderr
 
 
 def test_keyboard_interrupt_passes_through(ip: Any) -> None:

@@ -40,7 +40,7 @@ from vram_magic._render_text import (
 )
 from vram_magic._render_widget import mimebundle
 from vram_magic._rewrite import NotApplicable, rewrite
-from vram_magic._types import Attempt, Fix, MemorySnapshot, OutOfMemoryHandled, Report
+from vram_magic._types import Attempt, CellSyntaxError, Fix, MemorySnapshot, OutOfMemoryHandled, Report
 from vram_magic._who import bytes_only_in, find_holders
 
 _SHORT_TRACEBACK_FRAMES = 4
@@ -275,7 +275,16 @@ class VramMagics(Magics):
         """Run cell text as the shell would; on an OOM free what it pinned and explain it."""
         body = self._ip.transform_cell(source)
         filename = self._ip.compile.cache(f"{first_line}\n{body}", _running_cell_number(self._ip))
-        statements, last_expression, assigned = self._compile(body, filename)
+        try:
+            statements, last_expression, assigned = self._compile(body, filename)
+        except SyntaxError as error:
+            if _needs_an_event_loop(body):
+                raise UsageError(
+                    "%%oomsafe runs a cell synchronously, so it cannot run top-level `await`: run this cell "
+                    "without %%oomsafe."
+                ) from None
+            rendered = self._ip.SyntaxTB.structured_traceback(type(error), error, [])
+            raise CellSyntaxError(error, rendered) from error
         namespace = self._ip.user_ns
         ids_before = {name: id(namespace[name]) for name in assigned if name in namespace}
         started = time.perf_counter()
@@ -303,8 +312,8 @@ class VramMagics(Magics):
     def _compile(self, body: str, filename: str) -> tuple[CodeType, CodeType | None, tuple[str, ...]]:
         """Compile the cell body, the last expression apart so its value is shown, as the shell does.
         Also returns the names the cell binds at top level."""
-        tree = self._ip.compile.ast_parse(body, filename=filename)
-        ast.increment_lineno(tree, 1)  # line 1 of the cell is the %%oomsafe line
+        # Line 1 of the cell is the %%oomsafe line: numbered from line 2, errors point at the user's lines.
+        tree = self._ip.compile.ast_parse("\n" + body, filename=filename)
         tree = self._ip.transform_ast(tree)
         assigned = assigned_names(tree)
         last_expression = None
@@ -449,6 +458,15 @@ def _running_cell_number(shell: Any) -> int:
             return numbers[frame.f_code.co_filename]
         frame = frame.f_back  # type: ignore[assignment]
     return int(shell.execution_count)
+
+
+def _needs_an_event_loop(body: str) -> bool:
+    """True for a cell that compiles only with top-level ``await`` (IPython's autoawait runs it)."""
+    try:
+        compile(body, "<cell>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    except SyntaxError:
+        return False
+    return True
 
 
 def _ends_with_semicolon(body: str) -> bool:

@@ -239,3 +239,15 @@ class OutOfMemoryHandled(Exception):
 
     def _render_traceback_(self) -> list[str]:
         return [f"{type(self).__name__}: {self}"]
+
+
+class CellSyntaxError(Exception):
+    """A ``%%oomsafe`` cell that does not compile. IPython shows it exactly as a plain cell's SyntaxError,
+    with no frame of the magic's; the SyntaxError itself is the ``__cause__``."""
+
+    def __init__(self, error: SyntaxError, rendered: list[str]) -> None:
+        super().__init__(str(error))
+        self.rendered = rendered
+
+    def _render_traceback_(self) -> list[str]:
+        return self.rendered
