@@ -315,11 +315,14 @@ def test_load_config_returns_the_transformers_config(saved: dict[str, Path]) -> 
         ("", {}, "empty"),
         (42, {}, "not int"),
         ("./no/such/folder", {}, "No such folder"),
+        ("~no-such-user-xyz/model", {}, "No such folder"),  # Path.expanduser raises RuntimeError
+        ("a" * 300, {}, "No config for"),  # a file name too long for a path (OSError)
         ("not a model id!", {}, "neither a folder nor a Hub model id"),
         ("gpt2", {"dtype": "int3"}, "bfloat16, float16, float32"),
         ("gpt2", {"quantization": "3bit"}, "'8bit' or '4bit'"),
         ("gpt2", {"training": "rlhf"}, "'lora', 'qlora'"),
         ("gpt2", {"training": "full", "quantization": "4bit"}, "QLoRA"),
+        ("gpt2", {"training": "qlora", "quantization": "8bit"}, "LoRA on a 4-bit model"),
         ("gpt2", {"batch_size": 0}, "batch_size must be a whole number of at least 1"),
         ("gpt2", {"context": -5}, "context must be"),
         ("gpt2", {"device_map": "tpu"}, "device_map 'tpu'"),

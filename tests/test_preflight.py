@@ -14,7 +14,7 @@ from IPython.utils.capture import capture_output
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vram_magic import _caps
-from vram_magic._preflight import Load, loads_in
+from vram_magic._preflight import Load, check, loads_in
 from vram_magic._types import OutOfMemoryHandled
 
 MiB = 2**20
@@ -66,6 +66,44 @@ def test_the_loads_of_a_cell_are_read_without_running_it() -> None:
         Load("org/m", quantization="4bit"),
     )
     assert loads_in("x = 1\n", {}) == ()
+
+
+LOAD = "AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)"
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        f"def load():\n    return {LOAD}\n",
+        f"if small:\n    model = {LOAD}\n",
+        f"try:\n    model = {LOAD}\nexcept torch.OutOfMemoryError:\n    model = None\n",
+        f"for name in names:\n    model = {LOAD}\n",
+        f"load = lambda: {LOAD}\n",
+        f"model = {LOAD[:-1]}, device_map='auto')\n",  # accelerate offloads what does not fit
+        f"model = {LOAD[:-1]}, device_map=my_map)\n",  # placement unknown until it runs
+    ],
+    ids=["function", "branch", "try", "loop", "lambda", "device-map-auto", "device-map-unknown"],
+)
+def test_preflight_judges_only_loads_that_surely_run_on_the_gpu(cell: str, rehearsal: Any) -> None:
+    assert check(cell, rehearsal.user_ns, 12 * MiB) is None
+    assert check(f"model = {LOAD}\n", rehearsal.user_ns, 12 * MiB) is not None  # the same load, plainly
+
+
+def test_a_cell_that_only_defines_a_loader_runs(rehearsal: Any) -> None:
+    ip = rehearsal
+    cell = (
+        "import torch\nfrom transformers import AutoModelForCausalLM\n" + f"def load():\n    return {LOAD}\n"
+    )
+    with capture_output() as captured:
+        result = ip.run_cell("%%oomsafe\n" + cell)
+    assert result.success and "Not run" not in captured.stdout and callable(ip.user_ns["load"])
+
+
+def test_loads_in_a_with_block_and_quantized_auto_loads_are_judged(rehearsal: Any) -> None:
+    quantized = f"{LOAD[:-1]}, device_map='auto', load_in_8bit=True)"  # bitsandbytes refuses to offload
+    with_block = f"with torch.device('cuda'):\n    model = {LOAD}\n"
+    for cell in (with_block, f"model = {quantized}\n"):
+        assert check(cell, rehearsal.user_ns, 8 * MiB) is not None, cell
 
 
 def test_a_load_that_cannot_fit_is_not_run(rehearsal: Any) -> None:

@@ -367,7 +367,12 @@ def _check_options(
     if training is not None and training not in _TRAININGS:
         raise ValueError(f"training {training!r} is not one of 'lora', 'qlora' (LoRA on 4-bit) or 'full'.")
     if training == "qlora":
-        training, quant = "lora", quant or "4bit"
+        if quant not in (None, "4bit"):
+            raise ValueError(
+                "training='qlora' is LoRA on a 4-bit model: for LoRA on an 8-bit model pass training='lora' "
+                "with quantization='8bit'."
+            )
+        training, quant = "lora", "4bit"
     if training == "full" and quant is not None:
         raise ValueError(
             "Full fine-tuning needs unquantized weights (bitsandbytes weights cannot train): "
@@ -441,8 +446,8 @@ def _resolve(model: str | PretrainedConfig) -> tuple[PretrainedConfig, str, str]
     text = os.fspath(model).strip()
     if not text:
         raise ValueError("model is empty: pass a Hub id such as 'Qwen/Qwen2.5-7B' or a local folder.")
-    path = Path(text).expanduser()
-    if path.exists():
+    path = _existing_path(text)
+    if path is not None:
         return _from_path(path), text, f"Config: {path}."
     if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1:
         raise ValueError(f"No such folder: {text}. Pass a folder with a config.json, or a Hub id.")
@@ -462,6 +467,16 @@ def _resolve(model: str | PretrainedConfig) -> tuple[PretrainedConfig, str, str]
             )
         return _from_json(CONFIGS_DIR / (repo_id.replace("/", "--") + ".json")), text, source
     return _from_path(_download(text)), text, "Config: downloaded from the Hugging Face Hub."
+
+
+def _existing_path(text: str) -> Path | None:
+    """``text`` as a path that exists here, else None (also for a name no path can have: too long, an
+    unknown user's ``~``, an unreadable folder)."""
+    try:
+        path = Path(text).expanduser()
+        return path if path.exists() else None
+    except (OSError, RuntimeError):
+        return None
 
 
 def _from_path(path: Path) -> PretrainedConfig:

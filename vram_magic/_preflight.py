@@ -3,6 +3,12 @@
 The cell is read with ``ast`` (no run): ``X.from_pretrained(MODEL, ...)`` of model classes, where MODEL is a
 string or a name bound to one in the notebook. Estimates come from ``_estimate`` (the config alone). A cell
 without ``from_pretrained`` costs one substring test.
+
+Preflight stops a cell from running, so it judges only what will surely run and surely go to the GPU:
+loads in the cell's top-level statements (and ``with`` blocks), not in functions, branches, loops or ``try``
+blocks (often the user's own fallback); and not loads that accelerate places (``device_map="auto"`` without
+quantization offloads what does not fit) or whose ``device_map`` cannot be read. Those run, and an OOM
+they cause is rescued as any other.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from vram_magic._types import Cause, Cleanup, MemorySnapshot, Report
 # Classes whose from_pretrained loads no weights onto the GPU (or an adapter on an already-loaded base).
 _NOT_MODELS = ("Tokenizer", "Processor", "Config", "FeatureExtractor", "ImageProcessor", "PeftModel")
 _DTYPES = {"bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"}
+_AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,8 @@ class Verdict:
 
 
 def loads_in(cell: str, namespace: Mapping[str, object]) -> tuple[Load, ...]:
-    """The model loads of ``cell`` whose model is known without running it."""
+    """The model loads ``cell`` surely makes (top-level statements and ``with`` blocks) whose model is
+    known without running it, in order."""
     if "from_pretrained" not in cell:
         return ()
     try:
@@ -56,27 +64,47 @@ def loads_in(cell: str, namespace: Mapping[str, object]) -> tuple[Load, ...]:
     except SyntaxError:
         return ()
     loads = []
-    for call in (node for node in ast.walk(tree) if isinstance(node, ast.Call)):
+    for call in _calls_surely_run(tree.body):
         if not _is_model_load(call):
             continue
         keywords = {k.arg: k.value for k in call.keywords if k.arg}
         model = _text(call.args[0] if call.args else keywords.get("pretrained_model_name_or_path"), namespace)
-        if model is None:
-            continue
+        device_map = _text(keywords.get("device_map"), namespace)
+        if model is None or (device_map is None and "device_map" in keywords):
+            continue  # the model, or where it goes, is only known when the cell runs
         loads.append(
             Load(
                 model=model,
                 dtype=_dtype(keywords.get("dtype") or keywords.get("torch_dtype"), namespace),
                 quantization=_quantization(keywords, namespace),
-                device_map=_text(keywords.get("device_map"), namespace),
+                device_map=device_map,
             )
         )
     return tuple(loads)
 
 
+def _calls_surely_run(statements: list[ast.stmt]) -> list[ast.Call]:
+    """The calls in ``statements`` that run whenever the cell runs: not in branches, loops, ``try`` blocks,
+    functions, classes or lambdas."""
+    calls: list[ast.Call] = []
+    for statement in statements:
+        if isinstance(statement, (ast.With, ast.AsyncWith)):
+            calls.extend(_calls_surely_run(statement.body))
+        elif isinstance(statement, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Expr)):
+            pending: list[ast.AST] = [statement]
+            while pending:
+                node = pending.pop()
+                if isinstance(node, ast.Lambda):
+                    continue
+                if isinstance(node, ast.Call):
+                    calls.append(node)
+                pending.extend(ast.iter_child_nodes(node))
+    return sorted(calls, key=lambda call: (call.lineno, call.col_offset))
+
+
 def check(cell: str, namespace: Mapping[str, object], room_bytes: int) -> Verdict | None:
     """The verdict on the cell's loads, or None when it has none we can estimate (then say nothing)."""
-    loads = loads_in(cell, namespace)
+    loads = tuple(load for load in loads_in(cell, namespace) if not _placed_by_accelerate(load))
     estimates = []
     for load in loads:
         try:
@@ -106,6 +134,11 @@ def load_needs(cell: str, namespace: Mapping[str, object], room_bytes: int | Non
             continue
         return needs
     return {}
+
+
+def _placed_by_accelerate(load: Load) -> bool:
+    """An unquantized ``device_map="auto"`` load: accelerate offloads what does not fit, so it loads."""
+    return load.quantization is None and load.device_map in _AUTO_MAPS
 
 
 def _is_model_load(call: ast.Call) -> bool:
