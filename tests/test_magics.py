@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -101,6 +102,38 @@ def test_top_level_await_is_a_one_line_usage_error(ip: Any) -> None:
     assert isinstance(result.error_in_exec, UsageError)
     assert "cannot run top-level `await`: run this cell without %%oomsafe" in str(result.error_in_exec)
     assert "Traceback" not in captured.stdout + captured.stderr
+
+
+def test_a_bug_in_the_users_own_oom_fallback_is_shown_as_that_bug(
+    ip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown = _tracebacks(ip, monkeypatch)
+    ip.run_cell(f"import torch\ndef generate():\n    raise torch.OutOfMemoryError({CAPPED_LOAD_OOM!r})\n")
+    cell = "try:\n    out = generate()\nexcept torch.OutOfMemoryError:\n    out = None.chunked()\n"
+    plain = ip.run_cell(cell)
+    ours, captured = _run(ip, f"%%oomsafe\n{cell}")
+    assert isinstance(plain.error_in_exec, AttributeError)
+    assert isinstance(ours.error_in_exec, AttributeError)  # not OutOfMemoryHandled
+    assert "OutOfMemoryHandled" not in captured.stdout
+    assert "'NoneType' object has no attribute 'chunked'" in "\n".join(shown[-1])
+
+
+def test_a_library_that_turns_an_oom_into_another_error_is_still_rescued(
+    ip: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "some_library.py").write_text(
+        "import torch\n"
+        "def load():\n"
+        "    try:\n"
+        f"        raise torch.OutOfMemoryError({CAPPED_LOAD_OOM!r})\n"
+        "    except torch.OutOfMemoryError:\n"
+        "        raise RuntimeError('The model is too big for this GPU.')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result, _ = _run(ip, "%%oomsafe\nimport some_library\nmodel = some_library.load()\n")
+    assert isinstance(result.error_in_exec, OutOfMemoryHandled)
+    report = _last_report(ip)
+    assert report.oom is not None and report.oom.requested_bytes == round(1.59 * 2**30)
 
 
 def test_keyboard_interrupt_passes_through(ip: Any) -> None:

@@ -27,7 +27,7 @@ from vram_magic._caps import apply_cap, parse_cap, target_bytes
 from vram_magic._cells import analyse_cell, assigned_names
 from vram_magic._cleanup import free_memory
 from vram_magic._diagnose import diagnose
-from vram_magic._oom import exception_text, is_oom, oom_from_exception
+from vram_magic._oom import exception_text, oom_from_exception
 from vram_magic._plan import make_runnable, room_after_cleanup
 from vram_magic._probe import take_snapshot
 from vram_magic._quiet import show_int8_cast_warning_once
@@ -40,7 +40,15 @@ from vram_magic._render_text import (
 )
 from vram_magic._render_widget import mimebundle
 from vram_magic._rewrite import NotApplicable, rewrite
-from vram_magic._types import Attempt, CellSyntaxError, Fix, MemorySnapshot, OutOfMemoryHandled, Report
+from vram_magic._types import (
+    Attempt,
+    CellSyntaxError,
+    Fix,
+    MemorySnapshot,
+    OOMInfo,
+    OutOfMemoryHandled,
+    Report,
+)
 from vram_magic._who import bytes_only_in, find_holders
 
 _SHORT_TRACEBACK_FRAMES = 4
@@ -295,12 +303,13 @@ class VramMagics(Magics):
                 value = eval(last_expression, self._ip.user_global_ns, namespace)
             return _Outcome(value=value, seconds=time.perf_counter() - started)
         except (Exception, KeyboardInterrupt) as error:
-            if not is_oom(error):
+            oom = oom_from_exception(error, own_error=self._raised_in_a_cell)
+            if oom is None:
                 self._show_as_without_us(error)
                 raise
             seconds = time.perf_counter() - started
             rebound = tuple(name for name, before in ids_before.items() if id(namespace.get(name)) != before)
-            report = self._rescue(error, source, body, filename)
+            report = self._rescue(error, oom, source, body, filename)
         return _Outcome(report=replace(report, rebound_names=rebound), seconds=seconds)
 
     def _fail(self, report: Report) -> NoReturn:
@@ -340,13 +349,12 @@ class VramMagics(Magics):
         with contextlib.suppress(AttributeError):  # no __dict__: IPython's default display stays
             error._render_traceback_ = render  # type: ignore[attr-defined]
 
-    def _rescue(self, error: BaseException, source: str, body: str, filename: str) -> Report:
+    def _rescue(self, error: BaseException, oom: OOMInfo, source: str, body: str, filename: str) -> Report:
         """Free what the failed cell pinned, then explain the failure from a fresh snapshot."""
         from vram_magic._preflight import load_needs
 
         user_frames = error.__traceback__.tb_next if error.__traceback__ else None
         error_text = exception_text(error)
-        oom = oom_from_exception(error)
         failed_line = _last_line_in(user_frames, filename)
         short_traceback = _short_traceback(self._ip, error, user_frames)
         device = counted_device()
@@ -373,6 +381,14 @@ class VramMagics(Magics):
             fixes=make_runnable(fixes, cell, oom, room, needs),
             traceback_text=short_traceback,
         )
+
+    def _raised_in_a_cell(self, error: BaseException) -> bool:
+        """True when ``error`` was raised by code written in a notebook cell (not by a library)."""
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        cells = getattr(self._ip.compile, "_filename_map", {})  # IPython's map of cell file names
+        return tb is not None and tb.tb_frame.f_code.co_filename in cells
 
     def _holders(self, device: str) -> Any:
         hidden = self._ip.user_ns_hidden

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from vram_magic._types import OOMInfo, OOMKind
 
@@ -181,8 +181,9 @@ def _is_torch_oom(exc: BaseException) -> bool:
     return isinstance(oom_type, type) and isinstance(exc, oom_type)
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc``, then its causes and contexts, breadth first, each exception once (so cycles end)."""
+def _chain(exc: BaseException, own_error: Callable[[BaseException], bool]) -> Iterator[BaseException]:
+    """``exc``, then its causes and contexts, breadth first, each exception once (so cycles end). The
+    context of an exception ``own_error`` claims is not followed."""
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -191,7 +192,10 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(current))
         yield current
-        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        if current.__cause__ is not None:
+            todo.append(current.__cause__)
+        if current.__context__ is not None and not own_error(current):
+            todo.append(current.__context__)
 
 
 def _own_oom(exc: BaseException) -> OOMInfo | None:
@@ -207,11 +211,18 @@ def _own_oom(exc: BaseException) -> OOMInfo | None:
     return info
 
 
-def oom_from_exception(exc: BaseException) -> OOMInfo | None:
-    """The first out-of-memory error in ``exc`` and its ``__cause__``/``__context__`` chain; else None."""
+def oom_from_exception(
+    exc: BaseException, *, own_error: Callable[[BaseException], bool] | None = None
+) -> OOMInfo | None:
+    """The first out-of-memory error in ``exc`` and its ``__cause__``/``__context__`` chain; else None.
+
+    ``own_error(e)``: True for an error the user's own code raised (a notebook cell). Raised while handling
+    an OOM, such an error is a different failure (a bug in the user's fallback), so its context is not
+    followed; a library that turns an OOM into another error is still reporting the OOM.
+    """
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         return None
-    for link in _chain(exc):
+    for link in _chain(exc, own_error or (lambda _: False)):
         info = _own_oom(link)
         if info is not None:
             return info
