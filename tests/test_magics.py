@@ -68,13 +68,41 @@ def test_a_non_oom_error_is_shown_exactly_as_without_the_magic(
 ) -> None:
     shown = _tracebacks(ip, monkeypatch)
     ip.run_cell("def divide():\n    return 1 / 0\n")
-    plain = ip.run_cell("# plain\ndivide()\n")
+    plain = ip.run_cell("# %%oomsafe\ndivide()\n")  # the first line as the traceback shows it
     ours = ip.run_cell("%%oomsafe\ndivide()\n")
     assert isinstance(plain.error_in_exec, ZeroDivisionError)
     assert isinstance(ours.error_in_exec, ZeroDivisionError)  # the user's own exception, not a wrapper
     without_us, with_us = ("\n".join(stb) for stb in shown)
     assert "run_cell_magic" not in with_us and "oomsafe" not in with_us.replace("%%oomsafe", "")
-    assert with_us.replace("%%oomsafe", "# plain") == without_us
+    assert with_us == without_us
+
+
+@pytest.mark.parametrize("mode", ["Verbose", "Context"])
+def test_functions_defined_in_the_cell_keep_their_traceback_details(
+    ip: Any, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    cell = (
+        "class Model:\n"
+        "    def step(self, a, b):\n"
+        "        c = a + 1\n"
+        "        return c / b\n"
+        "value = Model().step(\n"
+        "    1,\n"
+        "    0,\n"
+        ")\n"
+    )
+    ip.run_line_magic("xmode", mode)
+    try:
+        shown = _tracebacks(ip, monkeypatch)
+        ip.run_cell(f"# %%oomsafe\n{cell}")
+        ip.run_cell(f"%%oomsafe\n{cell}")
+    finally:
+        ip.run_line_magic("xmode", "Context")
+    without_us, with_us = ("\n".join(stb) for stb in shown)
+    assert "Model.step" in with_us and "    0,\n" in with_us  # qualified name; the whole statement
+    if mode == "Verbose":
+        assert "c = 2" in with_us and "b = 0" in with_us  # the values of the failing line's variables
+    assert with_us == without_us
 
 
 @pytest.mark.parametrize(

@@ -179,7 +179,9 @@ class VramMagics(Magics):
             report = self._preflight(cell)
             if report is not None:
                 return self._run_first_plan(report) if args.auto else self._fail(report)
-        outcome = self._run(cell, f"%%oomsafe {line}".rstrip())
+        # Line 1 stands for the %%oomsafe line as a comment, so the cached cell is Python that IPython's
+        # tracebacks can parse (variable values, qualified names, whole multi-line statements).
+        outcome = self._run(cell, f"# %%oomsafe {line}".rstrip())
         if outcome.report is None:
             return outcome.value
         if args.auto:
