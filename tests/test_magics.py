@@ -77,6 +77,19 @@ def test_a_non_oom_error_is_shown_exactly_as_without_the_magic(
     assert with_us == without_us
 
 
+def test_an_exception_raised_again_in_a_later_cell_shows_that_raise(
+    ip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown = _tracebacks(ip, monkeypatch)
+    ip.run_cell("STORED = ValueError('stored')\n")
+    ip.run_cell("%%oomsafe\nraise STORED\n")
+    ip.run_line_magic("tb", "")  # the same raise, shown again: still from the user's frame
+    assert "\n".join(shown[-1]) == "\n".join(shown[-2]) and "run_cell_magic" not in "".join(shown[-1])
+    ip.run_cell("a = 1\nb = 2\nraise STORED  # again\n")
+    again = "\n".join(shown[-1])
+    assert "raise STORED  # again" in again and "line 3" in again
+
+
 @pytest.mark.parametrize("mode", ["Verbose", "Context"])
 def test_functions_defined_in_the_cell_keep_their_traceback_details(
     ip: Any, monkeypatch: pytest.MonkeyPatch, mode: str

@@ -338,18 +338,11 @@ class VramMagics(Magics):
     def _show_as_without_us(self, error: BaseException) -> None:
         """Make IPython show the error from the user's first frame, exactly as for a plain cell."""
         user_frames = error.__traceback__.tb_next if error.__traceback__ else None
-        if user_frames is None or hasattr(error, "_render_traceback_"):
-            return
-        shell = self._ip
-
-        def render() -> list[str]:
-            result: list[str] = shell.InteractiveTB.structured_traceback(
-                type(error), error, user_frames, tb_offset=0
-            )
-            return result
-
+        own = getattr(error, "_render_traceback_", None)
+        if user_frames is None or (own is not None and not isinstance(own, _FromUserFrames)):
+            return  # the exception renders itself
         with contextlib.suppress(AttributeError):  # no __dict__: IPython's default display stays
-            error._render_traceback_ = render  # type: ignore[attr-defined]
+            error._render_traceback_ = _FromUserFrames(self._ip, error, user_frames)  # type: ignore[attr-defined]
 
     def _rescue(self, error: BaseException, oom: OOMInfo, source: str, body: str, filename: str) -> Report:
         """Free what the failed cell pinned, then explain the failure from a fresh snapshot."""
@@ -419,6 +412,30 @@ def estimate_table(model: str, args: Any, snapshot: MemorySnapshot) -> str:
         model, free_bytes=free, cap_bytes=cap, dtype=args.dtype, context=args.context, training=args.train
     )
     return render_estimate_table(rows)
+
+
+class _FromUserFrames:
+    """An error's ``_render_traceback_``: IPython's traceback from the user's first frame, for the raise that
+    went through ``%%oomsafe`` (its display, a later ``%tb``). Raised again later (a stored exception, a
+    Future's result), the error has a new traceback and renders as IPython renders it without us."""
+
+    def __init__(self, shell: Any, error: BaseException, user_frames: TracebackType) -> None:
+        self.shell, self.error, self.user_frames = shell, error, user_frames
+        self.shown_traceback: TracebackType | None = None  # the whole traceback, when first shown
+
+    def __call__(self) -> list[str]:
+        error = self.error
+        if self.shown_traceback is None:
+            self.shown_traceback = error.__traceback__
+        if error.__traceback__ is not self.shown_traceback:  # raised again since
+            again: list[str] = self.shell.InteractiveTB.structured_traceback(
+                type(error), error, error.__traceback__
+            )
+            return again
+        result: list[str] = self.shell.InteractiveTB.structured_traceback(
+            type(error), error, self.user_frames, tb_offset=0
+        )
+        return result
 
 
 def _worth_trying_unattended(fix: Fix) -> bool:
