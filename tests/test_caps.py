@@ -44,7 +44,7 @@ def test_presets_and_sizes(text: str, expected_bytes: int) -> None:
     assert parse_cap(text)[0] == expected_bytes
 
 
-@pytest.mark.parametrize("text", ["t5", "-1GiB", "0GiB", "12 parsecs", "GiB"])
+@pytest.mark.parametrize("text", ["t5", "-1GiB", "12 parsecs", "GiB"])  # sizes out of range: below
 def test_anything_else_says_what_to_type(text: str) -> None:
     with pytest.raises(
         ValueError, match=r"type `%vram cap t4`, `%vram cap 12GiB` or `%vram cap off` \(presets: t4"
@@ -73,10 +73,24 @@ def test_without_a_gpu_the_cap_becomes_the_target_to_plan_for(ip: Any) -> None:
     ]
 
 
-@pytest.mark.parametrize("line", ["cap t5", "cap t4 l4"])
+@pytest.mark.parametrize(
+    "line", ["cap t5", "cap t4 l4", "cap 0GiB", "cap 0.5KiB", "cap 0.0001MiB", "cap 2048GiB"]
+)
 def test_bad_caps_are_one_line_usage_errors(ip: Any, line: str) -> None:
     with pytest.raises(UsageError, match="`%vram cap t4`"):
         ip.run_line_magic("vram", line)
+
+
+def test_vram_estimate_of_one_quantized_load_says_whether_it_fits_a_named_card(
+    ip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with capture_output() as captured:
+        ip.run_line_magic("vram", "estimate meta-llama/Llama-3.1-8B --quant 4bit --gpu t4")
+    table = captured.stdout.split("How this was estimated:")[0]
+    rows = [line.split() for line in table.splitlines() if line.startswith("  ")]
+    assert rows[0][-2:] == ["room", "fits"] and len(rows) == 2
+    assert rows[1][:2] == ["4-bit", "NF4"] and rows[1][-3:] == ["14.75", "GiB", "yes"]
 
 
 def test_vram_estimate_plans_a_load_for_a_named_card_offline(

@@ -177,6 +177,20 @@ def test_a_library_that_turns_an_oom_into_another_error_is_still_rescued(
     assert report.oom is not None and report.oom.requested_bytes == round(1.59 * 2**30)
 
 
+def test_debugging_a_failed_cell_skips_the_magics_frames(ip: Any) -> None:
+    from IPython.core.debugger import Pdb
+
+    ip.run_cell("def divide():\n    return 1 / 0\n")
+    ip.run_cell("%%oomsafe\ndivide()\n")
+    debugger = Pdb()
+    stack, _ = debugger.get_stack(None, sys.last_traceback)
+    hidden = debugger.hidden_frames(stack)
+    shown = [frame.f_code.co_name for (frame, _), hide in zip(stack, hidden, strict=True) if not hide]
+    assert "divide" in shown
+    # vram_magic's own frames are hidden; IPython's run_cell_magic stays, as for any cell magic (%%time)
+    assert not {"oomsafe", "_run"} & set(shown), shown
+
+
 def test_keyboard_interrupt_passes_through(ip: Any) -> None:
     result, _ = _run(ip, "%%oomsafe\nraise KeyboardInterrupt\n")
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
@@ -295,11 +309,22 @@ def test_vram_returns_a_snapshot_usable_in_code(ip: Any) -> None:
         ("vram", "free no_such_name", "%vram who"),
         ("vram", "who extra", "%vram who"),
         ("vram", "--nope", "%vram?"),
+        ("vram", "free 'x", "No closing quotation"),
+        ("vram", 'estimate "gpt2', "%vram?"),
+        ("vram", "who --device gpu", "--device cpu"),
+        ("vram", "who --quant 4bit", "--quant goes with `%vram estimate`"),
+        ("vram", "cap t4 --diff", "--diff goes with `%vram fix`"),
+        ("vram", "--context 100", "--context goes with `%vram estimate`"),
+        ("vram", "estimate gpt2 --device cpu", "--device goes with `%vram who` or `%vram free`"),
+        ("oomsafe_line", "'x", "%%oomsafe?"),
     ],
 )
 def test_bad_input_is_a_one_line_usage_error(ip: Any, magic: str, line: str, hint: str) -> None:
     with pytest.raises(UsageError) as raised:
-        ip.run_line_magic(magic, line)
+        if magic == "oomsafe_line":
+            ip.run_cell_magic("oomsafe", line, "x = 1\n")
+        else:
+            ip.run_line_magic(magic, line)
     message = str(raised.value)
     assert hint in message
     assert "Traceback" not in message
@@ -489,9 +514,17 @@ def test_vram_fix_mistakes_are_one_line_usage_errors(ip: Any) -> None:
     ip.run_cell(TRAINING_SETUP)
     _run(ip, "%%oomsafe\n" + TRAINING_CELL)
     count = len(_last_report(ip).fixes)
-    for words in ("fix", f"fix {count + 1}", "fix one", "fix 1 2"):
+    for words in (
+        "fix",
+        f"fix {count + 1}",
+        "fix one",
+        "fix 1 2",
+        "fix \u00b2",
+    ):  # ² is a digit, not a number
         with pytest.raises(UsageError, match=f"Type `%vram fix N` with N from 1 to {count}"):
             ip.run_line_magic("vram", words)
+    with pytest.raises(UsageError, match="`%vram fix 1 --diff` or `%vram fix 1 --insert`, not both"):
+        ip.run_line_magic("vram", "fix 1 --diff --insert")
     advice = next(i for i, fix in enumerate(_last_report(ip).fixes, 1) if not fix.runnable)
     with pytest.raises(UsageError, match=f"Fix {advice} .* is advice to follow by hand"):
         ip.run_line_magic("vram", f"fix {advice}")

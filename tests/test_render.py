@@ -238,6 +238,9 @@ def test_report_text_figures_and_sections_in_order() -> None:
     assert "other processes" not in text  # the capped message names none
     assert "Freed 3.00 GiB held by the failed cell (released: sys.last_traceback, InteractiveTB.tb)." in text
     assert "Failed at line 4 of a model load cell:" in text
+    other = CellAnalysis(kind="other", failed_line=2, failed_statement="x = f()")
+    assert "Failed at line 2 of the cell:" in render_report(capped_report(analysis=other))
+    assert "Failed at line 2 of the cell:" in rw._failed_html(capped_report(analysis=other))
     assert "    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)" in lines
     order = [
         "Memory when it failed (GPU 0)",

@@ -29,6 +29,8 @@ PRESETS: dict[str, int] = {
 }
 _ALIASES = {"v100": "v100-16", "3090": "rtx3090", "4090": "rtx4090", "a100": "a100-80", "a10": "a10g"}
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)$", re.IGNORECASE)
+_MIN_CAP_BYTES = 2**20
+_MAX_CAP_BYTES = 1024 * _GiB  # more than any GPU has
 _UNIT_BYTES = {"gib": _GiB, "gb": _GiB, "g": _GiB, "mib": 2**20, "mb": 2**20, "m": 2**20}
 
 # The cap planned for when no GPU is here to cap (None: no target).
@@ -42,8 +44,13 @@ def parse_cap(text: str) -> tuple[int, str]:
     if key in PRESETS:
         return PRESETS[key], key.upper()
     match = _SIZE.match(key)
-    if match and float(match.group(1)) > 0:
+    if match:
         size = round(float(match.group(1)) * _UNIT_BYTES[match.group(2).lower()])
+        if not _MIN_CAP_BYTES <= size <= _MAX_CAP_BYTES:
+            raise ValueError(
+                f"A cap of {text.strip()} is not a GPU's memory: type a size from 1MiB to 1024GiB, or a "
+                "preset (`%vram cap t4`)."
+            )
         return size, text.strip()
     raise ValueError(
         f"{text.strip()!r} is neither a GPU preset nor a size: type `%vram cap t4`, `%vram cap 12GiB` or "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import re
 import sys
 import time
 import traceback
@@ -116,8 +117,10 @@ class VramMagics(Magics):
         %vram cap T4|12GiB  behave like a smaller GPU (real OOMs past the cap); %vram cap off lifts it
         %vram estimate MODEL  what loading MODEL needs in bf16, 8-bit, 4-bit and offloaded, vs the room here
         """
+        __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         args = _parse(self.vram, line, "%vram?")
-        device = args.device or counted_device()
+        _check_options_belong(args)
+        device = _device(args.device) if args.device else counted_device()
         if args.command is None:
             return take_snapshot()
         if args.command == "who":
@@ -172,6 +175,7 @@ class VramMagics(Magics):
     @cell_magic
     def oomsafe(self, line: str, cell: str) -> Any:
         """Run the cell; on a CUDA out-of-memory error free what it pinned, explain why, offer fixes."""
+        __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         args = _parse(self.oomsafe, line, "%%oomsafe?")
         if args.max_attempts < 1:
             raise UsageError("--max-attempts needs 1 or more runs, e.g. `%%oomsafe --auto --max-attempts 3`.")
@@ -203,6 +207,7 @@ class VramMagics(Magics):
 
     def _run_first_plan(self, report: Report) -> Any:
         """``--auto`` after preflight: run the first fix estimated to fit, so the load never runs out."""
+        __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         number, fix = next(
             ((n, f) for n, f in enumerate(report.fixes, 1) if f.runnable and f.fits), (0, None)
         )
@@ -214,6 +219,7 @@ class VramMagics(Magics):
 
     def apply_fix(self, report: Report, number: int) -> Any:
         """Run fix ``number`` of ``report``: delete what it frees, run its cell, report how it went."""
+        __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         fix = report.fixes[number - 1]
         outcome = self._attempt(fix, number)
         if outcome.report is not None:
@@ -222,10 +228,11 @@ class VramMagics(Magics):
         return outcome.value
 
     def _fix_command(self, words: list[str], *, diff_only: bool, insert: bool) -> Any:
+        __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         report = self.last_report
         if report is None:
             raise UsageError("No %%oomsafe cell has run out of memory yet, so there is no fix to apply.")
-        if len(words) != 1 or not words[0].isdigit() or not 1 <= int(words[0]) <= len(report.fixes):
+        if len(words) != 1 or not words[0].isdecimal() or not 1 <= int(words[0]) <= len(report.fixes):
             raise UsageError(
                 f"Type `%vram fix N` with N from 1 to {len(report.fixes)} (the fixes of the last report)."
             )
@@ -235,6 +242,8 @@ class VramMagics(Magics):
             raise UsageError(
                 f"Fix {number} ({fix.title}) is advice to follow by hand; its code is in the report."
             )
+        if diff_only and insert:
+            raise UsageError(f"Type `%vram fix {number} --diff` or `%vram fix {number} --insert`, not both.")
         if diff_only:
             print(fix.code)
             return None
@@ -246,6 +255,7 @@ class VramMagics(Magics):
 
     def _walk_ladder(self, first: _Outcome, max_attempts: int) -> Any:
         """``--auto``: try the runnable fixes expected to fit, in order, until one works."""
+        __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         assert first.report is not None
         report = first.report
         attempts = [Attempt("the cell as written", first.seconds, succeeded=False)]
@@ -272,6 +282,7 @@ class VramMagics(Magics):
 
     def _attempt(self, fix: Fix, number: int) -> _Outcome:
         """Free what ``fix`` names, then run its cell."""
+        __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         assert fix.rewritten_cell is not None
         if fix.key == "8bit":
             show_int8_cast_warning_once()
@@ -283,6 +294,7 @@ class VramMagics(Magics):
 
     def _run(self, source: str, first_line: str) -> _Outcome:
         """Run cell text as the shell would; on an OOM free what it pinned and explain it."""
+        __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         body = self._ip.transform_cell(source)
         filename = self._ip.compile.cache(f"{first_line}\n{body}", _running_cell_number(self._ip))
         try:
@@ -399,19 +411,21 @@ def estimate_table(model: str, args: Any, snapshot: MemorySnapshot) -> str:
     or the cap planned for without a GPU."""
     from vram_magic._estimate import estimate, plans, render_estimate_table
 
-    if args.quant is not None:
-        one = estimate(
-            model, dtype=args.dtype, quantization=args.quant, context=args.context, training=args.train
-        )
-        return render_estimate_table([one])
     free = snapshot.gpus[0].free_bytes if snapshot.gpus else None
     cap = parse_cap(args.gpu)[0] if args.gpu else target_bytes()
     if args.gpu:
         free = None  # a rehearsal plans for the named card, whatever this GPU has free
+    if args.quant is not None:
+        # Checks the options together (qlora is 4-bit only), then the one row against the room, if any.
+        one = estimate(
+            model, dtype=args.dtype, quantization=args.quant, context=args.context, training=args.train
+        )
+        if free is None and cap is None:
+            return render_estimate_table([one])
     rows = plans(
         model, free_bytes=free, cap_bytes=cap, dtype=args.dtype, context=args.context, training=args.train
     )
-    return render_estimate_table(rows)
+    return render_estimate_table([row for row in rows if args.quant in (None, row.key)])
 
 
 class _FromUserFrames:
@@ -466,12 +480,46 @@ def _rewritable(source: str, body: str) -> str:
     return source
 
 
+# The %vram options and the commands they go with.
+_OPTIONS_OF: dict[str, tuple[str, ...]] = {
+    "device": ("who", "free"),
+    "dtype": ("estimate",),
+    "quant": ("estimate",),
+    "gpu": ("estimate",),
+    "context": ("estimate",),
+    "train": ("estimate",),
+    "diff": ("fix",),
+    "insert": ("fix",),
+}
+_DEVICE = re.compile(r"^(cuda(:\d+)?|cpu(:0)?)$")
+
+
+def _check_options_belong(args: Any) -> None:
+    """An option given to a command it does not go with is a mistake, not something to ignore."""
+    for option, commands in _OPTIONS_OF.items():
+        if getattr(args, option) in (None, False) or args.command in commands:
+            continue
+        flag = f"--{option}"
+        used = f"`%vram {args.command} {flag}`" if args.command else f"`%vram {flag}`"
+        raise UsageError(f"{used}: {flag} goes with {' or '.join(f'`%vram {c}`' for c in commands)}.")
+
+
+def _device(text: str) -> str:
+    """``--device``: cuda, cuda:N or cpu (``cpu:0`` is cpu)."""
+    device = text.strip().lower()
+    if not _DEVICE.match(device):
+        raise UsageError(f"--device {text!r}: type cuda, cuda:N or cpu, e.g. `%vram who --device cpu`.")
+    return device.removesuffix(":0") if device.startswith("cpu") else device
+
+
 def _parse(magic: Any, line: str, help_command: str) -> Any:
     """Parse magic arguments; a mistake is one line that says where the help is."""
     try:
         return parse_argstring(magic, line)
     except UsageError as error:
         raise UsageError(f"{error}; type `{help_command}` for the usage.") from None
+    except ValueError as error:  # the shell-like splitting: "No closing quotation"
+        raise UsageError(f"{error} in `{line.strip()}`; type `{help_command}` for the usage.") from None
 
 
 def counted_device() -> str:

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from vram_magic._types import (
     Attempt,
+    CellAnalysis,
     CellKind,
     Cleanup,
     CpuMemory,
@@ -202,12 +203,18 @@ def render_cleanup(c: Cleanup, held: str = "") -> str:
     return text + "."
 
 
+def failed_where(a: CellAnalysis) -> str:
+    """``Failed at line 3 of a model load cell`` (``of the cell`` when the kind is unknown)."""
+    where = f"line {a.failed_line}" if a.failed_line is not None else "a line"
+    cell = "the cell" if a.kind == "other" else f"{CELL_WORDS[a.kind]} cell"
+    return f"Failed at {where} of {cell}"
+
+
 def _failed_lines(r: Report) -> list[str]:
     a = r.analysis
     if a.failed_line is None and a.failed_statement is None:
         return []
-    where = f"line {a.failed_line}" if a.failed_line is not None else "a line"
-    lines = [f"Failed at {where} of {CELL_WORDS[a.kind]} cell" + (":" if a.failed_statement else ".")]
+    lines = [failed_where(a) + (":" if a.failed_statement else ".")]
     if a.failed_statement:
         lines += ["    " + ln for ln in a.failed_statement.strip("\n").splitlines()]
     return lines

@@ -14,10 +14,10 @@ from typing import Any
 from vram_magic._diagnose import failing_gpu
 from vram_magic._frontend import widget_frontend
 from vram_magic._render_text import (
-    CELL_WORDS,
     FIX_HINT,
     HOLDERS_TITLE,
     details_text,
+    failed_where,
     format_bytes,
     no_gpu_paragraph,
     render_report,
@@ -300,8 +300,7 @@ def _failed_html(r: Report) -> str:
     a = r.analysis
     if a.failed_line is None and a.failed_statement is None:
         return ""
-    where = f"line {a.failed_line}" if a.failed_line is not None else "a line"
-    html = f"Failed at {where} of {escape(CELL_WORDS[a.kind])} cell"
+    html = escape(failed_where(a))
     if not a.failed_statement:
         return f"<div>{html}.</div>"
     statement = escape(a.failed_statement.strip("\n"))
