@@ -231,6 +231,27 @@ def test_after_a_load_oom_the_models_own_figures_say_which_quantized_loads_fit(
     assert again is not None and again.kind == "dispatch" and "model" not in ip.user_ns
 
 
+def test_after_an_oom_the_fixes_are_judged_for_the_load_that_failed(
+    ip: Any, gpu: SimulatedGpu, checkpoint: Path, wide_vocab_checkpoint: Path
+) -> None:
+    """A small model loads first, then a wider one fails: its figures, not the first's, judge the fixes."""
+    from vram_magic import estimate
+
+    ip.run_cell("import torch\nfrom transformers import AutoModelForCausalLM\n")
+    ip.user_ns.update(small=str(checkpoint), wide=str(wide_vocab_checkpoint))
+    gpu.budget_bytes = 1000 * KiB
+    cell = (
+        'draft = AutoModelForCausalLM.from_pretrained(small, dtype=torch.bfloat16, device_map="cuda")\n'
+        'model = AutoModelForCausalLM.from_pretrained(wide, dtype=torch.bfloat16, device_map="cuda")\n'
+    )
+    result, _ = _run(ip, f"%%oomsafe\n{cell}")
+    _assert_handled(result)
+    report = _report(ip)
+    assert report.analysis.failed_line == 3
+    expected = estimate(str(wide_vocab_checkpoint), dtype="bfloat16", quantization="8bit").peak_bytes
+    assert _fix(report, "8bit").needed_bytes == expected and _fix(report, "8bit").fits is False
+
+
 # --------------------------------------------------------------------------------------------------
 # What the failed run had already changed
 

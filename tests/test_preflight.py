@@ -13,6 +13,7 @@ import torch
 from IPython.utils.capture import capture_output
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.oom_budget import simulated_gpu
 from vram_magic import _caps
 from vram_magic._preflight import Load, check, loads_in
 from vram_magic._types import OutOfMemoryHandled
@@ -20,7 +21,7 @@ from vram_magic._types import OutOfMemoryHandled
 MiB = 2**20
 LOAD_CELL = (
     "import torch\nfrom transformers import AutoModelForCausalLM\n"
-    "model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)\n"
+    'model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")\n'
 )
 
 
@@ -42,13 +43,15 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def rehearsal(ip: Any, checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """No GPU here: a 12 MiB cap is the target preflight plans for."""
+    """No GPU here: a 12 MiB cap is the target preflight plans for. What a cell puts on the GPU
+    (``device_map="cuda"``) loads into a big simulated GPU (tests/oom_budget.py), so it can run."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; tests/gpu covers preflight for real")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ip.user_ns["path"] = str(checkpoint)
     _caps.set_target_bytes(12 * MiB)
-    yield ip
+    with simulated_gpu(budget_bytes=2**30):
+        yield ip
     _caps.set_target_bytes(None)
 
 
@@ -68,42 +71,95 @@ def test_the_loads_of_a_cell_are_read_without_running_it() -> None:
     assert loads_in("x = 1\n", {}) == ()
 
 
-LOAD = "AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)"
+AUTO = ", device_map='auto'"
+
+
+def _load(placement: str = ', device_map="cuda"') -> str:
+    return f"AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16{placement})"
 
 
 @pytest.mark.parametrize(
     "cell",
     [
-        f"def load():\n    return {LOAD}\n",
-        f"if small:\n    model = {LOAD}\n",
-        f"try:\n    model = {LOAD}\nexcept torch.OutOfMemoryError:\n    model = None\n",
-        f"for name in names:\n    model = {LOAD}\n",
-        f"load = lambda: {LOAD}\n",
-        f"model = {LOAD[:-1]}, device_map='auto')\n",  # accelerate offloads what does not fit
-        f"model = {LOAD[:-1]}, device_map=my_map)\n",  # placement unknown until it runs
+        f"def load():\n    return {_load()}\n",
+        f"if small:\n    model = {_load()}\n",
+        f"try:\n    model = {_load()}\nexcept torch.OutOfMemoryError:\n    model = None\n",
+        f"for name in names:\n    model = {_load()}\n",
+        f"load = lambda: {_load()}\n",
+        f"model = {_load()} if big else None\n",
+        f"model = cached or {_load()}\n",
+        f"models = [{_load()} for _ in range(2)]\n",
+        f"model = {_load(AUTO)}\n",  # accelerate offloads what does not fit
+        f"model = {_load(', device_map=my_map')}\n",  # placement unknown until it runs
+        f"model = {_load('')}\n",  # no device_map: transformers loads into CPU RAM
+        f"model = {_load('')}.to(torch.bfloat16)\n",  # a cast, not a move
+        f"path = next_checkpoint()\nmodel = {_load()}\n",  # `path` is re-bound: its old value misleads
     ],
-    ids=["function", "branch", "try", "loop", "lambda", "device-map-auto", "device-map-unknown"],
+    ids=[
+        "function",
+        "branch",
+        "try",
+        "loop",
+        "lambda",
+        "conditional-expression",
+        "or",
+        "comprehension",
+        "device-map-auto",
+        "device-map-unknown",
+        "cpu-ram",
+        "cast",
+        "rebound-name",
+    ],
 )
 def test_preflight_judges_only_loads_that_surely_run_on_the_gpu(cell: str, rehearsal: Any) -> None:
     assert check(cell, rehearsal.user_ns, 12 * MiB) is None
-    assert check(f"model = {LOAD}\n", rehearsal.user_ns, 12 * MiB) is not None  # the same load, plainly
+    assert check(f"model = {_load()}\n", rehearsal.user_ns, 12 * MiB) is not None  # the same load, plainly
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        f"model = {_load(', device_map=0')}\n",
+        f"model = {_load('')}.to('cuda')\n",
+        f"model = {_load('')}.cuda()\n",
+        f"model = {_load('')}\nmodel.to(device)\n",  # device = "cuda:0" in the notebook
+        f"model = {_load('')}\nmodel = model.cuda()\n",
+        f"with torch.device('cuda'):\n    model = {_load('')}\n",
+        f"model = {_load(', load_in_8bit=True')}\n",  # bitsandbytes puts it on the GPU
+        f"model = {_load(AUTO + ', load_in_8bit=True')}\n",  # and refuses to offload it
+    ],
+    ids=[
+        "gpu-index",
+        "to-cuda",
+        "cuda",
+        "moved-later",
+        "rebound-to-cuda",
+        "with-cuda-device",
+        "quantized",
+        "quantized-auto",
+    ],
+)
+def test_loads_that_surely_go_to_the_gpu_are_judged(cell: str, rehearsal: Any) -> None:
+    rehearsal.user_ns["device"] = "cuda:0"
+    assert check(cell, rehearsal.user_ns, 4 * MiB) is not None, cell
+
+
+def test_a_model_the_cell_names_itself_is_judged_by_the_cells_own_value(rehearsal: Any) -> None:
+    where = rehearsal.user_ns.pop("path")
+    rehearsal.user_ns["path"] = "an/old-model"  # what an earlier cell bound
+    verdict = check(f"path = {where!r}\nmodel = {_load()}\n", rehearsal.user_ns, 4 * MiB)
+    assert verdict is not None and verdict.loads[0].model == where
 
 
 def test_a_cell_that_only_defines_a_loader_runs(rehearsal: Any) -> None:
     ip = rehearsal
     cell = (
-        "import torch\nfrom transformers import AutoModelForCausalLM\n" + f"def load():\n    return {LOAD}\n"
+        "import torch\nfrom transformers import AutoModelForCausalLM\n"
+        + f"def load():\n    return {_load()}\n"
     )
     with capture_output() as captured:
         result = ip.run_cell("%%oomsafe\n" + cell)
     assert result.success and "Not run" not in captured.stdout and callable(ip.user_ns["load"])
-
-
-def test_loads_in_a_with_block_and_quantized_auto_loads_are_judged(rehearsal: Any) -> None:
-    quantized = f"{LOAD[:-1]}, device_map='auto', load_in_8bit=True)"  # bitsandbytes refuses to offload
-    with_block = f"with torch.device('cuda'):\n    model = {LOAD}\n"
-    for cell in (with_block, f"model = {quantized}\n"):
-        assert check(cell, rehearsal.user_ns, 8 * MiB) is not None, cell
 
 
 def test_a_load_that_cannot_fit_is_not_run(rehearsal: Any) -> None:
@@ -125,6 +181,27 @@ def test_a_load_that_cannot_fit_is_not_run(rehearsal: Any) -> None:
         ("4bit", True),
         ("cpu", True),
     ]
+
+
+def test_the_fixes_are_judged_for_the_load_that_does_not_fit(rehearsal: Any) -> None:
+    from vram_magic import estimate
+
+    ip = rehearsal
+    cell = (
+        "import torch\nfrom transformers import AutoModelForCausalLM\n"
+        "reference = AutoModelForCausalLM.from_pretrained('gpt2', device_map='auto')\n"  # placed: not judged
+        "model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map='cuda')\n"
+    )
+    with capture_output():
+        result = ip.run_cell("%%oomsafe\n" + cell)
+    assert isinstance(result.error_in_exec, OutOfMemoryHandled)
+    fixes = {fix.key: fix for fix in ip.magics_manager.registry["VramMagics"].last_report.fixes}
+    for key, dtype in (("8bit", "float32"), ("4bit", "float32"), ("bf16", "bfloat16")):
+        quantization = None if key == "bf16" else key
+        expected = estimate(ip.user_ns["path"], dtype=dtype, quantization=quantization).peak_bytes
+        assert fixes[key].needed_bytes == expected, key
+    # In float32 the embeddings bitsandbytes leaves alone (16 MiB) are more than the 12 MiB cap.
+    assert [fixes[key].fits for key in ("bf16", "8bit", "4bit", "offload", "cpu")] == [False] * 3 + [True] * 2
 
 
 def test_force_runs_it_anyway_and_a_load_that_fits_runs_silently(rehearsal: Any) -> None:
@@ -156,6 +233,6 @@ def test_without_a_gpu_or_a_planned_cap_there_is_no_preflight(ip: Any, checkpoin
         pytest.skip("this machine has a GPU")
     _caps.set_target_bytes(None)
     ip.user_ns["path"] = str(checkpoint)
-    with capture_output() as captured:
+    with simulated_gpu(budget_bytes=2**30), capture_output() as captured:
         result = ip.run_cell("%%oomsafe\n" + LOAD_CELL)
     assert result.success and captured.stdout.strip() == ""

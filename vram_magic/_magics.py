@@ -203,7 +203,7 @@ class VramMagics(Magics):
         verdict = check(cell, self._ip.user_ns, room_bytes) if room_bytes is not None else None
         if verdict is None or verdict.fits:
             return None
-        return preflight_report(cell, self._ip.user_ns, verdict, snapshot, room)
+        return preflight_report(cell, verdict, snapshot, room)
 
     def _run_first_plan(self, report: Report) -> Any:
         """``--auto`` after preflight: run the first fix estimated to fit, so the load never runs out."""
@@ -358,7 +358,7 @@ class VramMagics(Magics):
 
     def _rescue(self, error: BaseException, oom: OOMInfo, source: str, body: str, filename: str) -> Report:
         """Free what the failed cell pinned, then explain the failure from a fresh snapshot."""
-        from vram_magic._preflight import load_needs
+        from vram_magic._preflight import load_at, load_needs
 
         user_frames = error.__traceback__.tb_next if error.__traceback__ else None
         error_text = exception_text(error)
@@ -375,7 +375,8 @@ class VramMagics(Magics):
         )
         room = room_after_cleanup(snapshot, oom, cleanup.best_bytes)
         cell = _rewritable(source, body)
-        needs = load_needs(cell, self._ip.user_ns, room.gpu_bytes) if analysis.kind == "load" else {}
+        failed = load_at(body, self._ip.user_ns, failed_line - 1) if failed_line is not None else None
+        needs = load_needs(failed, room.gpu_bytes) if failed is not None else {}
         return Report(
             error_text=error_text,
             oom=oom,
