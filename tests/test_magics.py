@@ -145,18 +145,25 @@ def test_top_level_await_is_a_one_line_usage_error(ip: Any) -> None:
     assert "Traceback" not in captured.stdout + captured.stderr
 
 
+@pytest.mark.parametrize(
+    ("fallback", "error"),
+    [("None.chunked()", AttributeError), ("json.loads('{not json')", ValueError)],
+    ids=["in-the-cell", "in-a-library-the-fallback-calls"],
+)
 def test_a_bug_in_the_users_own_oom_fallback_is_shown_as_that_bug(
-    ip: Any, monkeypatch: pytest.MonkeyPatch
+    ip: Any, monkeypatch: pytest.MonkeyPatch, fallback: str, error: type[Exception]
 ) -> None:
     shown = _tracebacks(ip, monkeypatch)
-    ip.run_cell(f"import torch\ndef generate():\n    raise torch.OutOfMemoryError({CAPPED_LOAD_OOM!r})\n")
-    cell = "try:\n    out = generate()\nexcept torch.OutOfMemoryError:\n    out = None.chunked()\n"
+    ip.run_cell(
+        f"import json, torch\ndef generate():\n    raise torch.OutOfMemoryError({CAPPED_LOAD_OOM!r})\n"
+    )
+    cell = f"try:\n    out = generate()\nexcept torch.OutOfMemoryError:\n    out = {fallback}\n"
     plain = ip.run_cell(cell)
     ours, captured = _run(ip, f"%%oomsafe\n{cell}")
-    assert isinstance(plain.error_in_exec, AttributeError)
-    assert isinstance(ours.error_in_exec, AttributeError)  # not OutOfMemoryHandled
+    assert isinstance(plain.error_in_exec, error)
+    assert isinstance(ours.error_in_exec, error)  # not OutOfMemoryHandled
     assert "OutOfMemoryHandled" not in captured.stdout
-    assert "'NoneType' object has no attribute 'chunked'" in "\n".join(shown[-1])
+    assert shown[-1][-1] == shown[-2][-1]  # the same error line as without the magic
 
 
 def test_a_library_that_turns_an_oom_into_another_error_is_still_rescued(

@@ -164,8 +164,8 @@ def test_implicit_context_is_followed() -> None:
     assert is_oom(caught)
     info = oom_from_exception(caught)
     assert info is not None and info.total_bytes == 16 * 2**30
-    # Unless the notebook's own code raised it: then it is a different failure of its own.
-    assert oom_from_exception(caught, own_error=lambda error: error is caught) is None
+    # Unless the notebook's own code caught the OOM: what its handler raised is a failure of its own.
+    assert oom_from_exception(caught, caught_by_user=lambda error: error is caught.__context__) is None
 
 
 def test_a_chain_without_oom_is_not_oom() -> None:

@@ -317,7 +317,7 @@ class VramMagics(Magics):
                 value = eval(last_expression, self._ip.user_global_ns, namespace)
             return _Outcome(value=value, seconds=time.perf_counter() - started)
         except (Exception, KeyboardInterrupt) as error:
-            oom = oom_from_exception(error, own_error=self._raised_in_a_cell)
+            oom = oom_from_exception(error, caught_by_user=self._caught_in_a_cell)
             if oom is None:
                 self._show_as_without_us(error)
                 raise
@@ -390,11 +390,10 @@ class VramMagics(Magics):
             traceback_text=short_traceback,
         )
 
-    def _raised_in_a_cell(self, error: BaseException) -> bool:
-        """True when ``error`` was raised by code written in a notebook cell (not by a library)."""
+    def _caught_in_a_cell(self, error: BaseException) -> bool:
+        """True when code written in a notebook cell caught ``error`` (not a library): the first frame of an
+        exception's traceback is the one that caught it."""
         tb = error.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
         cells = getattr(self._ip.compile, "_filename_map", {})  # IPython's map of cell file names
         return tb is not None and tb.tb_frame.f_code.co_filename in cells
 

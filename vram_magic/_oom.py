@@ -181,9 +181,9 @@ def _is_torch_oom(exc: BaseException) -> bool:
     return isinstance(oom_type, type) and isinstance(exc, oom_type)
 
 
-def _chain(exc: BaseException, own_error: Callable[[BaseException], bool]) -> Iterator[BaseException]:
-    """``exc``, then its causes and contexts, breadth first, each exception once (so cycles end). The
-    context of an exception ``own_error`` claims is not followed."""
+def _chain(exc: BaseException, caught_by_user: Callable[[BaseException], bool]) -> Iterator[BaseException]:
+    """``exc``, then its causes and contexts, breadth first, each exception once (so cycles end). A context
+    the user's own code caught is not followed."""
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -194,7 +194,7 @@ def _chain(exc: BaseException, own_error: Callable[[BaseException], bool]) -> It
         yield current
         if current.__cause__ is not None:
             todo.append(current.__cause__)
-        if current.__context__ is not None and not own_error(current):
+        if current.__context__ is not None and not caught_by_user(current.__context__):
             todo.append(current.__context__)
 
 
@@ -212,17 +212,17 @@ def _own_oom(exc: BaseException) -> OOMInfo | None:
 
 
 def oom_from_exception(
-    exc: BaseException, *, own_error: Callable[[BaseException], bool] | None = None
+    exc: BaseException, *, caught_by_user: Callable[[BaseException], bool] | None = None
 ) -> OOMInfo | None:
     """The first out-of-memory error in ``exc`` and its ``__cause__``/``__context__`` chain; else None.
 
-    ``own_error(e)``: True for an error the user's own code raised (a notebook cell). Raised while handling
-    an OOM, such an error is a different failure (a bug in the user's fallback), so its context is not
-    followed; a library that turns an OOM into another error is still reporting the OOM.
+    ``caught_by_user(e)``: True when the user's own code (a notebook cell) caught ``e``. An error raised
+    while the user's handler deals with an OOM is a different failure (a bug in their fallback), so such a
+    context is not followed; a library that turns an OOM it caught into another error still reports the OOM.
     """
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         return None
-    for link in _chain(exc, own_error or (lambda _: False)):
+    for link in _chain(exc, caught_by_user or (lambda _: False)):
         info = _own_oom(link)
         if info is not None:
             return info
