@@ -9,7 +9,17 @@ import pytest
 from vram_magic._cells import analyse_cell
 from vram_magic._diagnose import diagnose
 from vram_magic._oom import parse_oom_message
-from vram_magic._types import Cleanup, CpuMemory, GpuSnapshot, Holder, MemorySnapshot, OOMInfo
+from vram_magic._types import (
+    Cause,
+    CellAnalysis,
+    Cleanup,
+    CpuMemory,
+    Fix,
+    GpuSnapshot,
+    Holder,
+    MemorySnapshot,
+    OOMInfo,
+)
 
 MESSAGES = Path(__file__).parent / "fixtures" / "oom_messages"
 GiB = 2**30
@@ -23,13 +33,31 @@ def _oom(name: str) -> OOMInfo:
     return info
 
 
+def _diagnose(
+    oom: OOMInfo,
+    snapshot: MemorySnapshot,
+    holders: tuple[Holder, ...],
+    analysis: CellAnalysis,
+    cleanup: Cleanup,
+) -> tuple[tuple[Cause, ...], tuple[Fix, ...]]:
+    """``diagnose`` with holders that share no storage: deleting names frees their bytes."""
+    return diagnose(
+        oom,
+        snapshot,
+        holders,
+        analysis,
+        cleanup,
+        lambda names: sum(h.total_bytes for h in holders if h.name in names),
+    )
+
+
 def _keys(items: tuple[object, ...]) -> list[str]:
     return [item.key for item in items]  # type: ignore[attr-defined]
 
 
 def test_another_process_and_fragmentation_are_named_with_their_figures() -> None:
     analysis = analyse_cell("\nloss = model(**batch).loss\nloss.backward()\n", 3)
-    causes, fixes = diagnose(_oom("torch2_1_other_process.txt"), NO_GPU, (), analysis, NO_CLEANUP)
+    causes, fixes = _diagnose(_oom("torch2_1_other_process.txt"), NO_GPU, (), analysis, NO_CLEANUP)
     texts = " ".join(cause.text for cause in causes)
     assert "Process 20417 holds 1.10 GiB" in texts
     assert "455.37 MiB was reserved by PyTorch but unallocated" in texts
@@ -40,7 +68,7 @@ def test_another_process_and_fragmentation_are_named_with_their_figures() -> Non
 def test_a_request_above_the_cap_offers_no_freeing_even_with_holders() -> None:
     holders = (Holder("old_model", "LlamaForCausalLM", 3 * GiB),)
     analysis = analyse_cell("\nmodel = AutoModelForCausalLM.from_pretrained(path)\n", 2)
-    causes, fixes = diagnose(
+    causes, fixes = _diagnose(
         _oom("torch2_11_h100_from_pretrained_capped.txt"), NO_GPU, holders, analysis, NO_CLEANUP
     )
     assert _keys(causes)[:2] == ["too-big", "cap"]
@@ -53,7 +81,7 @@ def test_an_old_copy_being_rebound_is_the_first_thing_to_free() -> None:
     oom = _oom("seed_from_pretrained_torch1.txt")  # 2 GiB asked, 1.5 GiB free on an 11 GiB GPU
     holders = (Holder("model", "LlamaForCausalLM", 8 * GiB), Holder("tokenizer_cache", "dict", 10 * 2**20))
     analysis = analyse_cell('\nmodel = AutoModelForCausalLM.from_pretrained("x", device_map="cuda")\n', 2)
-    causes, fixes = diagnose(oom, NO_GPU, holders, analysis, NO_CLEANUP)
+    causes, fixes = _diagnose(oom, NO_GPU, holders, analysis, NO_CLEANUP)
     rebind = next(cause for cause in causes if cause.key == "holder")
     assert "`model` (LlamaForCausalLM) from an earlier run still holds 8.00 GiB" in rebind.text
     assert "re-binds `model`" in rebind.text
@@ -61,11 +89,29 @@ def test_an_old_copy_being_rebound_is_the_first_thing_to_free() -> None:
     assert _keys(fixes)[1:] == ["bf16", "8bit", "offload", "4bit", "cpu"]
 
 
+def test_a_holder_sharing_memory_with_a_name_that_stays_says_so() -> None:
+    oom = _oom("seed_qlora_torch1.txt")
+    # The trainer holds the model the merge uses (5 GiB, shared) and its optimizer state (4 GiB, its own).
+    holders = (
+        Holder("trainer", "SFTTrainer", 9 * GiB, 5 * GiB, ("model",)),
+        Holder("model", "PeftModelForCausalLM", 5 * GiB, 5 * GiB, ("trainer",)),
+    )
+    analysis = analyse_cell("\nmerged = model.merge_and_unload()\n", 2)
+    causes, fixes = diagnose(
+        oom, NO_GPU, holders, analysis, NO_CLEANUP, lambda names: 4 * GiB if "trainer" in names else 0
+    )
+    assert [c.text for c in causes if c.key == "holder"] == [
+        "`trainer` (SFTTrainer) from an earlier cell still holds 9.00 GiB, and this cell does not use it. "
+        "Some of it is shared with `model`, which stays."
+    ]
+    assert fixes[0].why.startswith("It holds about 4.00 GiB that this cell does not need.")
+
+
 def test_a_merge_keeps_the_model_it_merges_and_frees_the_trainer() -> None:
     oom = _oom("seed_qlora_torch1.txt")
     holders = (Holder("trainer", "SFTTrainer", 9 * GiB), Holder("model", "PeftModelForCausalLM", 5 * GiB))
     analysis = analyse_cell("\nmerged = model.merge_and_unload()\n", 2)
-    causes, fixes = diagnose(oom, NO_GPU, holders, analysis, NO_CLEANUP)
+    causes, fixes = _diagnose(oom, NO_GPU, holders, analysis, NO_CLEANUP)
     assert analysis.kind == "merge"
     assert any("`trainer` (SFTTrainer) from an earlier cell still holds 9.00 GiB" in c.text for c in causes)
     assert not any("`model`" in c.text for c in causes)
@@ -84,13 +130,13 @@ def test_other_processes_seen_only_as_a_remainder_are_labelled() -> None:
     )
     snapshot = MemorySnapshot(gpus=(gpu,), cpu=CpuMemory(None, None, None))
     oom = _oom("seed_from_pretrained_torch1.txt")
-    causes, _ = diagnose(oom, snapshot, (), analyse_cell("\nx = f()\n", 2), NO_CLEANUP)
+    causes, _ = _diagnose(oom, snapshot, (), analyse_cell("\nx = f()\n", 2), NO_CLEANUP)
     assert any("about 6.00 GiB (total - free - this process" in c.text for c in causes)
 
 
 def test_a_message_without_figures_still_gets_a_cause() -> None:
     oom = _oom("cuda_error_out_of_memory.txt")
-    causes, fixes = diagnose(oom, NO_GPU, (), analyse_cell("\ny = model(x)\n", 2), NO_CLEANUP)
+    causes, fixes = _diagnose(oom, NO_GPU, (), analyse_cell("\ny = model(x)\n", 2), NO_CLEANUP)
     assert _keys(causes) == ["unknown"]
     assert causes[0].text.startswith("RuntimeError: CUDA error: out of memory")
     assert fixes == ()
@@ -110,7 +156,7 @@ def test_a_message_without_figures_still_gets_a_cause() -> None:
 def test_each_kind_of_cell_gets_its_own_fixes(cell: str, line: int, kind: str) -> None:
     analysis = analyse_cell(cell, line)
     assert analysis.kind == kind
-    _, fixes = diagnose(_oom("seed_qlora_torch1.txt"), NO_GPU, (), analysis, NO_CLEANUP)
+    _, fixes = _diagnose(_oom("seed_qlora_torch1.txt"), NO_GPU, (), analysis, NO_CLEANUP)
     expected = {
         "load": ["bf16", "8bit", "offload", "4bit", "cpu"],
         "training": ["half-batch", "checkpointing"],
@@ -124,7 +170,7 @@ def test_each_kind_of_cell_gets_its_own_fixes(cell: str, line: int, kind: str) -
 def test_a_dispatch_refusal_offers_4bit_and_cpu() -> None:
     oom = _oom("bnb_dispatched_cpu_or_disk.txt")
     analysis = analyse_cell("\nmodel = M.from_pretrained(p, quantization_config=q)\n", 2)
-    causes, fixes = diagnose(oom, NO_GPU, (), analysis, NO_CLEANUP)
+    causes, fixes = _diagnose(oom, NO_GPU, (), analysis, NO_CLEANUP)
     assert _keys(causes) == ["dispatch"]
     assert _keys(fixes) == ["4bit", "cpu"]
 
@@ -133,7 +179,7 @@ def test_freeing_too_little_to_cover_the_shortfall_is_ranked_after_the_cell_fixe
     oom = _oom("seed_from_pretrained_torch1.txt")  # 0.5 GiB short
     holders = (Holder("scratch", "Tensor", 100 * 2**20),)
     analysis = analyse_cell("\nmodel = AutoModelForCausalLM.from_pretrained(path)\n", 2)
-    _, fixes = diagnose(oom, NO_GPU, holders, analysis, NO_CLEANUP)
+    _, fixes = _diagnose(oom, NO_GPU, holders, analysis, NO_CLEANUP)
     assert _keys(fixes) == ["bf16", "8bit", "offload", "4bit", "cpu", "free"]
     assert fixes[-1].why == (
         "It holds about 100.00 MiB that this cell does not need. "

@@ -5,6 +5,7 @@ Fed with real OOM messages (tests/fixtures/oom_messages) and the fixes ``diagnos
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,11 @@ def _plan(
     line = next(
         i for i, text in enumerate(cell.splitlines(), 1) if "from_pretrained(" in text or "merge" in text
     )
-    _, fixes = diagnose(oom, snapshot, holders, analyse_cell(cell, line), cleanup)
+
+    def freed_by(names: Sequence[str]) -> int:  # holders that share no storage
+        return sum(h.total_bytes for h in holders if h.name in names)
+
+    _, fixes = diagnose(oom, snapshot, holders, analyse_cell(cell, line), cleanup, freed_by)
     room = room_after_cleanup(snapshot, oom, freed_bytes)
     planned = make_runnable(fixes, cell, oom, room, needs)
     assert len({fix.key for fix in planned}) == len(planned)

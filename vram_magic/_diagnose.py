@@ -29,7 +29,7 @@ class Evidence:
     holders: tuple[Holder, ...]
     analysis: CellAnalysis
     cleanup: Cleanup
-    bytes_freed_by: Callable[[Sequence[str]], int] | None = None
+    bytes_freed_by: Callable[[Sequence[str]], int]
 
     @property
     def requested_bytes(self) -> int | None:
@@ -76,10 +76,10 @@ def diagnose(
     holders: tuple[Holder, ...],
     analysis: CellAnalysis,
     cleanup: Cleanup,
-    bytes_freed_by: Callable[[Sequence[str]], int] | None = None,
+    bytes_freed_by: Callable[[Sequence[str]], int],
 ) -> tuple[tuple[Cause, ...], tuple[Fix, ...]]:
     """Ranked causes and fixes for one OOM. ``bytes_freed_by(names)``: what deleting those names would free
-    (storage shared with names that stay does not count); without it, each holder's unshared bytes."""
+    (storage they share with names that stay does not count; see ``_who.bytes_only_in``)."""
     evidence = Evidence(oom, failing_gpu(snapshot, oom), holders, analysis, cleanup, bytes_freed_by)
     result = Diagnosis()
     for rule in (_too_big_for_the_gpu, _cap, _earlier_holders, _other_processes, _fragmentation):
@@ -153,35 +153,23 @@ def _cap(evidence: Evidence, result: Diagnosis) -> None:
 
 
 def _earlier_holders(evidence: Evidence, result: Diagnosis) -> None:
-    """Names from earlier cells that hold memory the failed cell does not use (or re-binds)."""
+    """Names from earlier cells that hold memory the failed cell does not use (or re-binds), and the fix
+    that deletes them. A name whose memory all stays with other names frees nothing and is left out."""
     used = set(evidence.analysis.used_names)
-    assigned = set(evidence.analysis.assigned_names)
-    freeable: list[Holder] = []
-    for holder in evidence.holders:
-        if holder.total_bytes < _NOTABLE_HOLDER_BYTES or holder.name in used:
-            continue
-        freeable.append(holder)
-        if holder.name in assigned:
-            text = (
-                f"`{holder.name}` ({holder.type_name}) from an earlier run still holds "
-                f"{format_bytes(holder.total_bytes)}: this cell re-binds `{holder.name}`, but the old object "
-                "stays in memory until the new one is complete."
-            )
-        else:
-            text = (
-                f"`{holder.name}` ({holder.type_name}) from an earlier cell still holds "
-                f"{format_bytes(holder.total_bytes)}, and this cell does not use it."
-            )
-        result.causes.append(Cause("holder", text))
-    if not freeable:
+    candidates = [
+        h.name for h in evidence.holders if h.total_bytes >= _NOTABLE_HOLDER_BYTES and h.name not in used
+    ]
+    total = evidence.bytes_freed_by(candidates) if candidates else 0
+    names = list(candidates)
+    for name in candidates:  # drop each name the others free as much without
+        rest = [each for each in names if each != name]
+        if evidence.bytes_freed_by(rest) == total:
+            names = rest
+    if not names:
         return
-    names = [h.name for h in freeable]
-    if evidence.bytes_freed_by is not None:
-        total = evidence.bytes_freed_by(names)
-    else:
-        total = sum(h.total_bytes - h.shared_bytes for h in freeable)
-    if total == 0:  # all of it is shared with names the cell uses: deleting these frees nothing
-        return
+    holders = {h.name: h for h in evidence.holders}
+    for name in names:
+        result.causes.append(Cause("holder", _holder_text(holders[name], evidence.analysis, names)))
     holds = "Together they hold" if len(names) > 1 else "It holds"
     why = f"{holds} about {format_bytes(total)} that this cell does not need."
     shortfall = _shortfall_bytes(evidence)
@@ -192,6 +180,24 @@ def _earlier_holders(evidence: Evidence, result: Diagnosis) -> None:
     fits = None if shortfall is None else total >= shortfall
     code = f"%vram free {' '.join(names)}"
     result.fixes.append(Fix("free", title, why, code, free_names=tuple(names), fits=fits))
+
+
+def _holder_text(holder: Holder, analysis: CellAnalysis, freed: list[str]) -> str:
+    if holder.name in analysis.assigned_names:
+        text = (
+            f"`{holder.name}` ({holder.type_name}) from an earlier run still holds "
+            f"{format_bytes(holder.total_bytes)}: this cell re-binds `{holder.name}`, but the old object "
+            "stays in memory until the new one is complete."
+        )
+    else:
+        text = (
+            f"`{holder.name}` ({holder.type_name}) from an earlier cell still holds "
+            f"{format_bytes(holder.total_bytes)}, and this cell does not use it."
+        )
+    staying = [name for name in holder.shared_with if name not in freed]
+    if staying:
+        text += f" Some of it is shared with {_join_names(staying)}, which stays."
+    return text
 
 
 def _shortfall_bytes(evidence: Evidence) -> int | None:
