@@ -462,6 +462,20 @@ def test_the_cap_limits_the_room() -> None:
 def test_training_plans_leave_out_what_cannot_train(empty_hub_cache: Path) -> None:
     assert [plan.key for plan in plans("gpt2", free_bytes=GiB, training="full")] == ["bf16"]
     assert [plan.key for plan in plans("gpt2", free_bytes=GiB, training="lora")] == ["bf16", "8bit", "4bit"]
+    assert [plan.key for plan in plans("gpt2", free_bytes=GiB, training="qlora")] == [
+        "4bit"
+    ]  # QLoRA is 4-bit
+
+
+def test_a_folder_this_user_may_not_read_is_a_value_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(_estimate, "_from_path", refused)  # root here reads everything: refuse by hand
+    with pytest.raises(ValueError, match=r"Cannot read .*: Permission denied"):
+        estimate(str(tmp_path))
 
 
 def test_the_table_shows_every_row_and_each_note_once() -> None:

@@ -142,8 +142,16 @@ def test_a_load_that_does_not_fit_is_offered_8bit_and_4bit_with_their_code(
 
 @pytest.mark.parametrize(("key", "layer"), [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
 def test_vram_fix_loads_the_quantized_model_for_real_and_it_generates(
-    ip: Any, gpu: SimulatedGpu, checkpoint: Path, key: str, layer: str, caplog: pytest.LogCaptureFixture
+    ip: Any,
+    gpu: SimulatedGpu,
+    checkpoint: Path,
+    key: str,
+    layer: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # bitsandbytes' logger as in a fresh kernel: no filter yet, whatever earlier tests installed
+    monkeypatch.setattr(logging.getLogger("bitsandbytes.autograd._functions"), "filters", [])
     report = _fail_to_load(ip, gpu, checkpoint)
     number = _number(report, key)
     result, printed = _run(ip, f"%vram fix {number}")
@@ -156,7 +164,7 @@ def test_vram_fix_loads_the_quantized_model_for_real_and_it_generates(
     with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
         _generates(ip)
     casts = [text for text in caplog.messages if text.startswith("MatMul8bitLt: inputs will be cast")]
-    assert len(casts) <= 1, "the 8-bit model's cast warning repeats on every matmul"
+    assert len(casts) == (1 if key == "8bit" else 0), "shown once, not on every 8-bit matmul"
 
 
 def test_auto_reaches_a_working_8bit_model_in_two_runs(ip: Any, gpu: SimulatedGpu, checkpoint: Path) -> None:

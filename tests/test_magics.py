@@ -323,6 +323,8 @@ def test_vram_returns_a_snapshot_usable_in_code(ip: Any) -> None:
         ("vram", "cap t4 --diff", "--diff goes with `%vram fix`"),
         ("vram", "--context 100", "--context goes with `%vram estimate`"),
         ("vram", "estimate gpt2 --device cpu", "--device goes with `%vram who` or `%vram free`"),
+        ("vram", "who --context 0", "--context goes with `%vram estimate`"),
+        ("vram", "whoo --device cpu", "Unknown %vram command 'whoo'"),
         ("oomsafe_line", "'x", "%%oomsafe?"),
     ],
 )

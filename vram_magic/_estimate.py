@@ -237,8 +237,7 @@ def plans(
     known = [value for value in (free_bytes, cap_bytes) if value is not None]
     room = min(known) if known else None
     base = _check_options(dtype, None, None, None, context, training, batch_size, _LORA_R)
-    if base["quantization"] is not None:  # "qlora": the plan rows choose the quantization themselves
-        base["quantization"] = None
+    base["quantization"] = None  # each row chooses its own ("qlora" has only the 4-bit one)
     config, name, source = _resolve(model)
     dtype_name, _ = _pick_dtype(base["dtype"], config)
     rows: list[tuple[str, str, str, dict[str, Any]]] = [
@@ -261,6 +260,8 @@ def plans(
         if limit is not None:
             how += f', max_memory={{0: "{limit / GiB:.1f}GiB", "cpu": ...}}'
         rows.append(("offload", "offload", how, {"device_map": "auto", "gpu_bytes": limit}))
+    if training == "qlora":
+        rows = [row for row in rows if row[0] == "4bit"]
     result = []
     for key, label, how, extra in rows:
         options = {**base, **extra}
@@ -448,7 +449,10 @@ def _resolve(model: str | PretrainedConfig) -> tuple[PretrainedConfig, str, str]
         raise ValueError("model is empty: pass a Hub id such as 'Qwen/Qwen2.5-7B' or a local folder.")
     path = _existing_path(text)
     if path is not None:
-        return _from_path(path), text, f"Config: {path}."
+        try:
+            return _from_path(path), text, f"Config: {path}."
+        except OSError as error:  # a folder this user may not read
+            raise ValueError(f"Cannot read {path}: {error.strerror or error}.") from None
     if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1:
         raise ValueError(f"No such folder: {text}. Pass a folder with a config.json, or a Hub id.")
     if not _REPO_ID.match(text):
@@ -471,7 +475,7 @@ def _resolve(model: str | PretrainedConfig) -> tuple[PretrainedConfig, str, str]
 
 def _existing_path(text: str) -> Path | None:
     """``text`` as a path that exists here, else None (also for a name no path can have: too long, an
-    unknown user's ``~``, an unreadable folder)."""
+    unknown user's ``~``, one below a folder this user may not list)."""
     try:
         path = Path(text).expanduser()
         return path if path.exists() else None

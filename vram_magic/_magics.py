@@ -119,6 +119,11 @@ class VramMagics(Magics):
         """
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         args = _parse(self.vram, line, "%vram?")
+        if args.command not in _COMMANDS:
+            raise UsageError(
+                f"Unknown %vram command {args.command!r}; type `%vram`, `%vram who`, `%vram free NAME`, "
+                "`%vram fix N`, `%vram estimate MODEL` or `%vram cap t4`."
+            )
         _check_options_belong(args)
         device = _device(args.device) if args.device else counted_device()
         if args.command is None:
@@ -148,20 +153,14 @@ class VramMagics(Magics):
             except ValueError as error:
                 raise UsageError(str(error).splitlines()[0]) from None
             return None
-        if args.command == "cap":
-            if len(args.names) > 1:
-                raise UsageError(
-                    "Type one size or preset: `%vram cap t4`, `%vram cap 12GiB` or `%vram cap off`."
-                )
-            try:
-                print(apply_cap(args.names[0] if args.names else None))
-            except ValueError as error:
-                raise UsageError(str(error)) from None
-            return None
-        raise UsageError(
-            f"Unknown %vram command {args.command!r}; type `%vram`, `%vram who`, `%vram free NAME`, "
-            "`%vram fix N`, `%vram estimate MODEL` or `%vram cap t4`."
-        )
+        # cap, the last of _COMMANDS
+        if len(args.names) > 1:
+            raise UsageError("Type one size or preset: `%vram cap t4`, `%vram cap 12GiB` or `%vram cap off`.")
+        try:
+            print(apply_cap(args.names[0] if args.names else None))
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        return None
 
     @magic_arguments()
     @argument("--auto", action="store_true", help="on an OOM, try the fixes in order until one works")
@@ -179,6 +178,8 @@ class VramMagics(Magics):
         args = _parse(self.oomsafe, line, "%%oomsafe?")
         if args.max_attempts < 1:
             raise UsageError("--max-attempts needs 1 or more runs, e.g. `%%oomsafe --auto --max-attempts 3`.")
+        if "load_in_8bit" in cell:
+            show_int8_cast_warning_once()
         if not args.force and "from_pretrained" in cell:
             report = self._preflight(cell)
             if report is not None:
@@ -480,6 +481,7 @@ def _rewritable(source: str, body: str) -> str:
     return source
 
 
+_COMMANDS = (None, "who", "free", "fix", "estimate", "cap")
 # The %vram options and the commands they go with.
 _OPTIONS_OF: dict[str, tuple[str, ...]] = {
     "device": ("who", "free"),
@@ -497,7 +499,8 @@ _DEVICE = re.compile(r"^(cuda(:\d+)?|cpu(:0)?)$")
 def _check_options_belong(args: Any) -> None:
     """An option given to a command it does not go with is a mistake, not something to ignore."""
     for option, commands in _OPTIONS_OF.items():
-        if getattr(args, option) in (None, False) or args.command in commands:
+        value = getattr(args, option)
+        if value is None or value is False or args.command in commands:
             continue
         flag = f"--{option}"
         used = f"`%vram {args.command} {flag}`" if args.command else f"`%vram {flag}`"
