@@ -198,6 +198,42 @@ def test_debugging_a_failed_cell_skips_the_magics_frames(ip: Any) -> None:
     assert not {"oomsafe", "_run"} & set(shown), shown
 
 
+@pytest.mark.parametrize(
+    ("interactivity", "cell"),
+    [
+        ("all", "1 + 1\nx = 3\n2 + 2\n"),
+        ("last", "y = 1\nfor i in range(2):\n    i * 10\n"),
+        ("last_expr_or_assign", "yy = 5\n"),
+        ("last_expr_or_assign", "yy = 5\nyy += 1\n"),
+        ("none", "7 * 6\n"),
+    ],
+)
+def test_the_shells_ast_node_interactivity_is_followed(
+    ip: Any, monkeypatch: pytest.MonkeyPatch, interactivity: str, cell: str
+) -> None:
+    monkeypatch.setattr(ip, "ast_node_interactivity", interactivity)
+    plain, without_us = _run(ip, cell)
+    ours, with_us = _run(ip, f"%%oomsafe\n{cell}")
+    assert plain.success and ours.success
+    numbered = re.compile(r"Out\[\d+\]")
+    assert numbered.sub("Out", with_us.stdout) == numbered.sub("Out", without_us.stdout)
+
+
+def test_a_compile_error_comes_after_the_statements_before_it_ran(ip: Any) -> None:
+    line = re.compile(r"line (\d+)")  # one line further down: the %%oomsafe line is line 1 of the cell
+    for cell in ("print('before')\nbreak\n", "import os\nfrom __future__ import annotations\nz = 1\n"):
+        plain, without_us = _run(ip, cell)
+        ours, with_us = _run(ip, f"%%oomsafe\n{cell}")
+        assert plain.success == ours.success, cell
+        assert line.sub(lambda m: f"line {int(m.group(1)) - 1}", with_us.stdout) == without_us.stdout
+    assert with_us.stdout == "" and ip.user_ns["z"] == 1
+
+
+def test_a_cell_that_only_mentions_await_runs(ip: Any) -> None:
+    result, _ = _run(ip, "%%oomsafe\nnote = 'await the results'\nasync def later():\n    await later()\n")
+    assert result.success and ip.user_ns["note"] == "await the results"
+
+
 def test_keyboard_interrupt_passes_through(ip: Any) -> None:
     result, _ = _run(ip, "%%oomsafe\nraise KeyboardInterrupt\n")
     assert isinstance(result.error_in_exec, KeyboardInterrupt)

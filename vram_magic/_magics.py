@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import inspect
 import re
 import sys
 import time
@@ -54,6 +55,17 @@ from vram_magic._who import bytes_only_in, find_holders
 
 _SHORT_TRACEBACK_FRAMES = 4
 _DEFAULT_MAX_ATTEMPTS = 4
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """How a cell's statements run: ``executed`` with ``exec``; ``shown`` in "single" mode (the display hook
+    shows each value); then ``value``, an expression whose value the magic returns for the cell to show."""
+
+    executed: list[ast.stmt]
+    shown: list[ast.stmt]
+    value: ast.expr | None
+    assigned: tuple[str, ...]
 
 
 @dataclass
@@ -298,24 +310,17 @@ class VramMagics(Magics):
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         body = self._ip.transform_cell(source)
         filename = self._ip.compile.cache(f"{first_line}\n{body}", _running_cell_number(self._ip))
-        try:
-            statements, last_expression, assigned = self._compile(body, filename)
-        except SyntaxError as error:
-            if _needs_an_event_loop(body):
-                raise UsageError(
-                    "%%oomsafe runs a cell synchronously, so it cannot run top-level `await`: run this cell "
-                    "without %%oomsafe."
-                ) from None
-            rendered = self._ip.SyntaxTB.structured_traceback(type(error), error, [])
-            raise CellSyntaxError(error, rendered) from error
+        if ("await" in body or "async" in body) and _needs_an_event_loop(body):
+            raise UsageError(
+                "%%oomsafe runs a cell synchronously, so it cannot run top-level `await`: run this cell "
+                "without %%oomsafe."
+            )
+        steps = self._steps(body, filename)
         namespace = self._ip.user_ns
-        ids_before = {name: id(namespace[name]) for name in assigned if name in namespace}
+        ids_before = {name: id(namespace[name]) for name in steps.assigned if name in namespace}
         started = time.perf_counter()
         try:
-            exec(statements, self._ip.user_global_ns, namespace)
-            value = None
-            if last_expression is not None:
-                value = eval(last_expression, self._ip.user_global_ns, namespace)
+            value = self._execute(steps, filename)
             return _Outcome(value=value, seconds=time.perf_counter() - started)
         except (Exception, KeyboardInterrupt) as error:
             oom = oom_from_exception(error, caught_by_user=self._caught_in_a_cell)
@@ -333,24 +338,57 @@ class VramMagics(Magics):
         display(mimebundle(report, rerun=lambda number: self.apply_fix(report, number)), raw=True)
         raise OutOfMemoryHandled(f"{summary_line(report)} See the report above.")
 
-    def _compile(self, body: str, filename: str) -> tuple[CodeType, CodeType | None, tuple[str, ...]]:
-        """Compile the cell body, the last expression apart so its value is shown, as the shell does.
-        Also returns the names the cell binds at top level."""
-        # Line 1 of the cell is the %%oomsafe line: numbered from line 2, errors point at the user's lines.
-        tree = self._ip.compile.ast_parse("\n" + body, filename=filename)
+    def _steps(self, body: str, filename: str) -> _Steps:
+        """Parse the cell body and split its statements as IPython's ``run_ast_nodes`` does for the shell's
+        ``ast_node_interactivity``; a cell that does not parse is shown as a plain cell's SyntaxError."""
+        try:
+            # Line 1 of the cell is the %%oomsafe line: from line 2, errors point at the user's lines.
+            tree = self._ip.compile.ast_parse("\n" + body, filename=filename)
+        except SyntaxError as error:
+            raise self._syntax_error(error) from error
         tree = self._ip.transform_ast(tree)
-        assigned = assigned_names(tree)
-        last_expression = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr) and not _ends_with_semicolon(body):
-            last_expression = ast.Expression(tree.body.pop().value)
-        statements = self._ip.compile(tree, filename, "exec")
-        if last_expression is None:
-            return statements, None, assigned
-        return statements, self._ip.compile(last_expression, filename, "eval"), assigned
+        nodes, interactivity = list(tree.body), self._ip.ast_node_interactivity
+        if interactivity == "last_expr_or_assign":
+            target = _single_target(nodes[-1]) if nodes else None
+            if target is not None:  # the value assigned is shown, as if the name were the last line
+                nodes.append(ast.fix_missing_locations(ast.copy_location(_name_expr(target), nodes[-1])))
+            interactivity = "last_expr"
+        if interactivity == "last_expr":
+            interactivity = "last" if nodes and isinstance(nodes[-1], ast.Expr) else "none"
+        shown = {"none": [], "last": nodes[-1:], "all": nodes}[interactivity]
+        executed = nodes[: len(nodes) - len(shown)]
+        value = None
+        if shown and isinstance(shown[-1], ast.Expr):  # its value is the magic's result: the cell shows it
+            value = None if _ends_with_semicolon(body) else shown[-1].value
+            shown = shown[:-1]
+        return _Steps(executed, shown, value, assigned_names(tree))
+
+    def _execute(self, steps: _Steps, filename: str) -> Any:
+        """Run the statements one at a time, compiling each just before it runs (as IPython does: an error
+        only the compiler finds, like ``break`` outside a loop, comes after the statements before it ran)."""
+        __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
+        user_globals, namespace = self._ip.user_global_ns, self._ip.user_ns
+        for node in steps.executed:
+            exec(self._compiled(ast.Module([node], []), filename, "exec"), user_globals, namespace)
+        for node in steps.shown:  # "single" mode: IPython's display hook shows each expression's value
+            exec(self._compiled(ast.Interactive([node]), filename, "single"), user_globals, namespace)
+        if steps.value is None:
+            return None
+        return eval(self._compiled(ast.Expression(steps.value), filename, "eval"), user_globals, namespace)
+
+    def _compiled(self, tree: ast.mod, filename: str, mode: str) -> CodeType:
+        try:
+            code: CodeType = self._ip.compile(tree, filename, mode)
+        except SyntaxError as error:
+            raise self._syntax_error(error) from error
+        return code
+
+    def _syntax_error(self, error: SyntaxError) -> CellSyntaxError:
+        return CellSyntaxError(error, self._ip.SyntaxTB.structured_traceback(type(error), error, []))
 
     def _show_as_without_us(self, error: BaseException) -> None:
         """Make IPython show the error from the user's first frame, exactly as for a plain cell."""
-        user_frames = error.__traceback__.tb_next if error.__traceback__ else None
+        user_frames = _user_frames(error.__traceback__)
         own = getattr(error, "_render_traceback_", None)
         if user_frames is None or (own is not None and not isinstance(own, _FromUserFrames)):
             return  # the exception renders itself
@@ -361,7 +399,7 @@ class VramMagics(Magics):
         """Free what the failed cell pinned, then explain the failure from a fresh snapshot."""
         from vram_magic._preflight import load_at, load_needs
 
-        user_frames = error.__traceback__.tb_next if error.__traceback__ else None
+        user_frames = _user_frames(error.__traceback__)
         error_text = exception_text(error)
         failed_line = _last_line_in(user_frames, filename)
         short_traceback = _short_traceback(self._ip, error, user_frames)
@@ -546,13 +584,36 @@ def _running_cell_number(shell: Any) -> int:
     return int(shell.execution_count)
 
 
+def _user_frames(tb: TracebackType | None) -> TracebackType | None:
+    """The traceback from the first frame that is not this module's (the cell's code, as it ran)."""
+    while tb is not None and tb.tb_frame.f_globals.get("__name__") == __name__:
+        tb = tb.tb_next
+    return tb
+
+
 def _needs_an_event_loop(body: str) -> bool:
-    """True for a cell that compiles only with top-level ``await`` (IPython's autoawait runs it)."""
+    """True for a cell with top-level ``await``/``async for``/``async with`` (IPython's autoawait runs it)."""
     try:
-        compile(body, "<cell>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        code = compile(body, "<cell>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
     except SyntaxError:
         return False
-    return True
+    return bool(code.co_flags & inspect.CO_COROUTINE)
+
+
+def _single_target(node: ast.stmt) -> str | None:
+    """The name a last-line assignment binds (``x = ...``, ``x += ...``, ``x: int = ...``), for
+    ``ast_node_interactivity = "last_expr_or_assign"``."""
+    if isinstance(node, ast.Assign) and len(node.targets) == 1:
+        target: ast.expr | None = node.targets[0]
+    elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        target = node.target
+    else:
+        target = None
+    return target.id if isinstance(target, ast.Name) else None
+
+
+def _name_expr(name: str) -> ast.Expr:
+    return ast.Expr(ast.Name(name, ast.Load()))
 
 
 def _ends_with_semicolon(body: str) -> bool:
