@@ -204,6 +204,22 @@ def test_the_fixes_are_judged_for_the_load_that_does_not_fit(rehearsal: Any) -> 
     assert [fixes[key].fits for key in ("bf16", "8bit", "4bit", "offload", "cpu")] == [False] * 3 + [True] * 2
 
 
+def test_an_estimator_that_fails_never_stops_the_cell(
+    rehearsal: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vram_magic import _preflight
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("an architecture the meta device cannot build")
+
+    monkeypatch.setattr(_preflight, "estimate", broken)
+    monkeypatch.setattr(_preflight, "plans", broken)
+    assert _preflight.load_needs(Load(str(rehearsal.user_ns["path"])), 12 * MiB) == {}
+    with capture_output() as captured:
+        result = rehearsal.run_cell("%%oomsafe\n" + LOAD_CELL)
+    assert result.success and "model" in rehearsal.user_ns and "Not run" not in captured.stdout
+
+
 def test_force_runs_it_anyway_and_a_load_that_fits_runs_silently(rehearsal: Any) -> None:
     ip = rehearsal
     with capture_output() as captured:

@@ -1,9 +1,9 @@
 """``%vram`` and ``%%oomsafe``: the only module that imports IPython.
 
 ``%%oomsafe`` runs a cell the way the shell does (``transform_cell`` -> ``ast_parse`` ->
-``transform_ast``, the last expression displayed). A cell that does not run out of memory behaves as
-without the magic, its errors shown as IPython would show them. On an OOM it frees what the cell pinned,
-shows a report, and ends the cell as failed with one short line.
+``transform_ast``, then one statement at a time, displayed as ``ast_node_interactivity`` says). A cell that
+does not run out of memory behaves as without the magic, its errors shown as IPython would show them. On an
+OOM it frees what the cell pinned, shows a report, and ends the cell as failed with one short line.
 """
 
 from __future__ import annotations

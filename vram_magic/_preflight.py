@@ -33,6 +33,9 @@ _DTYPES = {"bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "f
 _AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _UNKNOWN = object()  # a name the cell binds to something only known when it runs
+# _NO_FIGURES: estimating a model the user chose can fail for reasons of its own (no config to read, an
+# architecture transformers cannot build on the meta device, a placement accelerate cannot split). Preflight
+# and the rescue then go on without figures: they must never stop a cell with an error of their own.
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ def check(cell: str, namespace: Mapping[str, object], room_bytes: int) -> Verdic
             found = estimate(
                 load.model, dtype=load.dtype, quantization=load.quantization, device_map=load.device_map
             )
-        except ValueError:  # no config to read (or an option we cannot estimate): no verdict on this load
+        except Exception:  # no verdict on this load (see _NO_FIGURES)
             continue
         loads.append(load)
         estimates.append(found)
@@ -124,14 +127,14 @@ def check(cell: str, namespace: Mapping[str, object], room_bytes: int) -> Verdic
 
 def load_needs(load: Load, room_bytes: int | None) -> dict[str, int]:
     """What each load fix would need at its peak for ``load`` (bytes, by fix key: ``8bit``, ``4bit``,
-    ``offload``, and ``bf16`` where the load is in float32, the one case bf16 shrinks); empty when its config
-    cannot be read. ``room_bytes`` sizes the offload."""
+    ``offload``, and ``bf16`` where the load is in float32, the one case bf16 shrinks); empty when it cannot
+    be estimated. ``room_bytes`` sizes the offload."""
     try:
         rows = plans(load.model, free_bytes=room_bytes, dtype=load.dtype)
         needs = {plan.key: plan.need_bytes for plan in rows[1:]}  # rows[0] is the load as written
         if rows[0].estimate.dtype == "float32":
             needs["bf16"] = estimate(load.model, dtype="bfloat16").peak_bytes
-    except ValueError:  # no config to read: no figures
+    except Exception:  # no figures (see _NO_FIGURES)
         return {}
     return needs
 
