@@ -15,7 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.oom_budget import simulated_gpu
 from vram_magic import _caps
-from vram_magic._preflight import Load, check, loads_in
+from vram_magic._loads import Load, loads_in
+from vram_magic._preflight import check
 from vram_magic._types import OutOfMemoryHandled
 
 MiB = 2**20
@@ -142,6 +143,99 @@ def test_preflight_judges_only_loads_that_surely_run_on_the_gpu(cell: str, rehea
 def test_loads_that_surely_go_to_the_gpu_are_judged(cell: str, rehearsal: Any) -> None:
     rehearsal.user_ns["device"] = "cuda:0"
     assert check(cell, rehearsal.user_ns, 4 * MiB) is not None, cell
+
+
+def test_a_quantization_config_built_in_the_cell_is_read(rehearsal: Any) -> None:
+    cell = (
+        "bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4')\n"
+        "model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map='cuda:0')\n"
+    )
+    verdict = check(cell, rehearsal.user_ns, 4 * MiB)
+    assert verdict is not None and verdict.loads[0].quantization == "4bit"
+
+
+def _assigned(extra: str) -> str:
+    return "model = " + _load(extra) + "\n"
+
+
+OFFLOAD_8BIT = "BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)"
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        _assigned(", quantization_config=QuantoConfig(weights='int4')"),
+        _assigned(", quantization_config=BitsAndBytesConfig(**settings)"),
+        _assigned(", load_in_4bit=use_4bit"),
+        "bnb = make_config()\n" + _assigned(", quantization_config=bnb"),
+        _assigned(", config=small_config"),
+        _assigned(", num_hidden_layers=2"),
+        _assigned(", **options"),
+        "mid = 'x'\nmid = path\n" + _assigned("").replace("(path", "(mid"),
+        "model = AutoModelForCausalLM.from_pretrained(path, device_map='auto', "
+        f"quantization_config={OFFLOAD_8BIT})\n",
+    ],
+    ids=[
+        "another-quantization",
+        "bnb-kwargs",
+        "flag-in-a-variable",
+        "config-from-a-call",
+        "config",
+        "config-field",
+        "kwargs",
+        "rebound-twice",
+        "8bit-offload-allowed",
+    ],
+)
+def test_loads_whose_size_is_only_known_when_the_cell_runs_are_not_judged(cell: str, rehearsal: Any) -> None:
+    assert check(cell, rehearsal.user_ns, 4 * MiB) is None, cell
+
+
+def test_a_model_let_go_before_the_next_load_is_not_counted_twice(rehearsal: Any) -> None:
+    load8 = _load(", load_in_8bit=True")
+    one = check(f"a = {load8}\n", rehearsal.user_ns, 4 * MiB)
+    kept = check(f"a = {load8}\nb = {load8}\n", rehearsal.user_ns, 4 * MiB)
+    deleted = check(f"a = {load8}\ndel a\nb = {load8}\n", rehearsal.user_ns, 4 * MiB)
+    rebound = check(f"a = {load8}\na = None\nb = {load8}\n", rehearsal.user_ns, 4 * MiB)
+    replaced = check(f"a = {load8}\na = {load8}\n", rehearsal.user_ns, 4 * MiB)  # the old one held meanwhile
+    assert one is not None and kept is not None and deleted is not None and rebound is not None
+    assert replaced is not None
+    weights = one.estimates[0].weights_bytes
+    assert deleted.need_bytes == rebound.need_bytes == one.need_bytes
+    assert kept.need_bytes == replaced.need_bytes == one.need_bytes + weights
+
+
+def test_a_move_counts_only_for_the_model_still_bound_and_where_it_surely_runs(rehearsal: Any) -> None:
+    cpu_load = _load("")
+    for cell in (
+        f"m = {cpu_load}\ndel m\nm = None\nm.to('cuda')\n",
+        f"m = {cpu_load}\nm = something_else()\nm.cuda()\n",
+        f"m = {cpu_load}\ndef to_gpu():\n    m.cuda()\n",
+        f"m = {cpu_load}\ntry:\n    m.cuda()\nexcept RuntimeError:\n    pass\n",
+        f"m = {cpu_load}\nfor m in models:\n    pass\nm.cuda()\n",
+    ):
+        assert check(cell, rehearsal.user_ns, 4 * MiB) is None, cell
+    for cell in (f"m = {cpu_load}.half().cuda()\n", f"m = {cpu_load}\nm = m.to(torch.float16).to('cuda')\n"):
+        assert check(cell, rehearsal.user_ns, 4 * MiB) is not None, cell
+
+
+def test_a_cell_with_magics_is_still_judged(rehearsal: Any) -> None:
+    with capture_output() as captured:
+        result = rehearsal.run_cell("%%oomsafe\n%env TOKENIZERS_PARALLELISM=false\n" + LOAD_CELL)
+    assert isinstance(result.error_in_exec, OutOfMemoryHandled)
+    assert "Not run" in captured.stdout and "model" not in rehearsal.user_ns
+
+
+def test_load_at_finds_the_innermost_load_on_the_failed_line(rehearsal: Any) -> None:
+    from vram_magic._loads import load_at
+
+    ns = {**rehearsal.user_ns, "other": "gpt2"}
+    nested = f"outer = Wrapper.from_pretrained(\n    other,\n    base={_load()},\n)\n"
+    found = load_at(nested, ns, 3)
+    assert found is not None and found.model == ns["path"]
+    chained = f"model = (\n    {_load('')}\n    .to('cuda')\n)\n"
+    found = load_at(chained, ns, 3)  # the OOM is reported on the .to line
+    assert found is not None and found.model == ns["path"]
 
 
 def test_a_model_the_cell_names_itself_is_judged_by_the_cells_own_value(rehearsal: Any) -> None:

@@ -213,10 +213,11 @@ class VramMagics(Magics):
         snapshot = take_snapshot()
         room = room_after_cleanup(snapshot, None, 0)
         room_bytes = room.gpu_bytes if snapshot.gpus else target_bytes()
-        verdict = check(cell, self._ip.user_ns, room_bytes) if room_bytes is not None else None
+        body = self._ip.transform_cell(cell)  # Python, also when the cell has %magic or !shell lines
+        verdict = check(body, self._ip.user_ns, room_bytes) if room_bytes is not None else None
         if verdict is None or verdict.fits:
             return None
-        return preflight_report(cell, verdict, snapshot, room)
+        return preflight_report(_rewritable(cell, body), verdict, snapshot, room)
 
     def _run_first_plan(self, report: Report) -> Any:
         """``--auto`` after preflight: run the first fix estimated to fit, so the load never runs out."""
@@ -397,7 +398,8 @@ class VramMagics(Magics):
 
     def _rescue(self, error: BaseException, oom: OOMInfo, source: str, body: str, filename: str) -> Report:
         """Free what the failed cell pinned, then explain the failure from a fresh snapshot."""
-        from vram_magic._preflight import load_at, load_needs
+        from vram_magic._loads import load_at
+        from vram_magic._preflight import load_needs
 
         user_frames = _user_frames(error.__traceback__)
         error_text = exception_text(error)
