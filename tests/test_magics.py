@@ -206,17 +206,38 @@ def test_debugging_a_failed_cell_skips_the_magics_frames(ip: Any) -> None:
         ("last_expr_or_assign", "yy = 5\n"),
         ("last_expr_or_assign", "yy = 5\nyy += 1\n"),
         ("none", "7 * 6\n"),
+        ("all", "1;\n2;\n"),  # a trailing ";" hides every value
     ],
 )
 def test_the_shells_ast_node_interactivity_is_followed(
     ip: Any, monkeypatch: pytest.MonkeyPatch, interactivity: str, cell: str
 ) -> None:
     monkeypatch.setattr(ip, "ast_node_interactivity", interactivity)
-    plain, without_us = _run(ip, cell)
-    ours, with_us = _run(ip, f"%%oomsafe\n{cell}")
+    with capture_output() as without_us:  # stored as a notebook stores cells: ";" is read from the history
+        plain = ip.run_cell(cell, store_history=True)
+    with capture_output() as with_us:
+        ours = ip.run_cell(f"%%oomsafe\n{cell}", store_history=True)
     assert plain.success and ours.success
     numbered = re.compile(r"Out\[\d+\]")
     assert numbered.sub("Out", with_us.stdout) == numbered.sub("Out", without_us.stdout)
+
+
+def test_a_silent_run_shows_no_values(ip: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ip, "ast_node_interactivity", "all")
+    with capture_output() as captured:
+        result = ip.run_cell("%%oomsafe\n1 + 1\n2 + 2\n", silent=True)
+    assert result.success and captured.stdout == ""
+
+
+def test_a_syntax_error_raised_while_the_cell_runs_shows_no_frame_of_the_magic(
+    ip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown = _tracebacks(ip, monkeypatch)
+    ours = ip.run_cell("%%oomsafe\nx = 1\neval('1 +')\n")
+    assert isinstance(ours.error_in_exec.__cause__, SyntaxError)
+    text = "\n".join(shown[-1])
+    assert "oomsafe" not in text.replace("# %%oomsafe", "") and "run_cell_magic" not in text
+    assert "eval('1 +')" in text and "SyntaxError" in text
 
 
 def test_a_compile_error_comes_after_the_statements_before_it_ran(ip: Any) -> None:
@@ -232,6 +253,26 @@ def test_a_compile_error_comes_after_the_statements_before_it_ran(ip: Any) -> No
 def test_a_cell_that_only_mentions_await_runs(ip: Any) -> None:
     result, _ = _run(ip, "%%oomsafe\nnote = 'await the results'\nasync def later():\n    await later()\n")
     assert result.success and ip.user_ns["note"] == "await the results"
+    lazy = "async def agen():\n    yield 1\nstream = (i async for i in agen())\n"  # needs no event loop
+    result, _ = _run(ip, f"%%oomsafe\n{lazy}")
+    assert result.success and ip.user_ns["stream"] is not None
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        "import asyncio\nawait asyncio.sleep(0)\n",
+        "import asyncio\nawait asyncio.sleep(0)\nbreak\n",  # a compile error elsewhere: still the usage line
+        "async with lock:\n    pass\n",
+        "items = [i async for i in stream]\n",
+    ],
+    ids=["await", "await-and-break", "async-with", "async-comprehension"],
+)
+def test_every_top_level_await_is_a_one_line_usage_error_and_nothing_runs(ip: Any, cell: str) -> None:
+    ip.user_ns.pop("asyncio", None)
+    result, _ = _run(ip, f"%%oomsafe\n{cell}")
+    assert isinstance(result.error_in_exec, UsageError)
+    assert "asyncio" not in ip.user_ns  # nothing ran
 
 
 def test_keyboard_interrupt_passes_through(ip: Any) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import inspect
 import re
 import sys
 import time
@@ -311,11 +310,6 @@ class VramMagics(Magics):
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         body = self._ip.transform_cell(source)
         filename = self._ip.compile.cache(f"{first_line}\n{body}", _running_cell_number(self._ip))
-        if ("await" in body or "async" in body) and _needs_an_event_loop(body):
-            raise UsageError(
-                "%%oomsafe runs a cell synchronously, so it cannot run top-level `await`: run this cell "
-                "without %%oomsafe."
-            )
         steps = self._steps(body, filename)
         namespace = self._ip.user_ns
         ids_before = {name: id(namespace[name]) for name in steps.assigned if name in namespace}
@@ -325,6 +319,9 @@ class VramMagics(Magics):
             return _Outcome(value=value, seconds=time.perf_counter() - started)
         except (Exception, KeyboardInterrupt) as error:
             oom = oom_from_exception(error, caught_by_user=self._caught_in_a_cell)
+            if oom is None and isinstance(error, SyntaxError):  # from eval, or importing a broken module
+                frames = traceback.extract_tb(_user_frames(error.__traceback__))
+                raise self._syntax_error(error, frames) from error
             if oom is None:
                 self._show_as_without_us(error)
                 raise
@@ -347,8 +344,15 @@ class VramMagics(Magics):
             tree = self._ip.compile.ast_parse("\n" + body, filename=filename)
         except SyntaxError as error:
             raise self._syntax_error(error) from error
+        if _awaits_at_top_level(tree):
+            raise UsageError(
+                "%%oomsafe runs a cell synchronously, so it cannot run top-level `await`: run this cell "
+                "without %%oomsafe."
+            )
         tree = self._ip.transform_ast(tree)
         nodes, interactivity = list(tree.body), self._ip.ast_node_interactivity
+        if _running_silently(self._ip):
+            interactivity = "none"  # as IPython runs a silent cell
         if interactivity == "last_expr_or_assign":
             target = _single_target(nodes[-1]) if nodes else None
             if target is not None:  # the value assigned is shown, as if the name were the last line
@@ -358,9 +362,11 @@ class VramMagics(Magics):
             interactivity = "last" if nodes and isinstance(nodes[-1], ast.Expr) else "none"
         shown = {"none": [], "last": nodes[-1:], "all": nodes}[interactivity]
         executed = nodes[: len(nodes) - len(shown)]
+        if _ends_with_semicolon(body):  # a trailing ";" hides every value the cell would show
+            executed, shown = nodes, []
         value = None
         if shown and isinstance(shown[-1], ast.Expr):  # its value is the magic's result: the cell shows it
-            value = None if _ends_with_semicolon(body) else shown[-1].value
+            value = shown[-1].value
             shown = shown[:-1]
         return _Steps(executed, shown, value, assigned_names(tree))
 
@@ -384,8 +390,12 @@ class VramMagics(Magics):
             raise self._syntax_error(error) from error
         return code
 
-    def _syntax_error(self, error: SyntaxError) -> CellSyntaxError:
-        return CellSyntaxError(error, self._ip.SyntaxTB.structured_traceback(type(error), error, []))
+    def _syntax_error(self, error: SyntaxError, frames: Any = ()) -> CellSyntaxError:
+        """The SyntaxError as IPython shows a plain cell's (with the user's frames, for one raised while the
+        cell ran)."""
+        return CellSyntaxError(
+            error, self._ip.SyntaxTB.structured_traceback(type(error), error, list(frames))
+        )
 
     def _show_as_without_us(self, error: BaseException) -> None:
         """Make IPython show the error from the user's first frame, exactly as for a plain cell."""
@@ -593,13 +603,27 @@ def _user_frames(tb: TracebackType | None) -> TracebackType | None:
     return tb
 
 
-def _needs_an_event_loop(body: str) -> bool:
-    """True for a cell with top-level ``await``/``async for``/``async with`` (IPython's autoawait runs it)."""
-    try:
-        code = compile(body, "<cell>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    except SyntaxError:
-        return False
-    return bool(code.co_flags & inspect.CO_COROUTINE)
+def _awaits_at_top_level(tree: ast.Module) -> bool:
+    """``await``, ``async for`` or ``async with`` (or an async list/set/dict comprehension) outside any
+    function: what IPython's autoawait runs on its event loop. An async generator expression is lazy: it
+    needs no loop to be made."""
+    pending: list[ast.AST] = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.GeneratorExp)):
+            continue
+        if isinstance(node, (ast.Await, ast.AsyncFor, ast.AsyncWith)):
+            return True
+        if isinstance(node, ast.comprehension) and node.is_async:
+            return True
+        pending.extend(ast.iter_child_nodes(node))
+    return False
+
+
+def _running_silently(shell: Any) -> bool:
+    """Whether the cell runs with ``silent=True`` (IPython then shows no values)."""
+    result = getattr(shell.displayhook, "exec_result", None)
+    return bool(getattr(getattr(result, "info", None), "silent", False))
 
 
 def _single_target(node: ast.stmt) -> str | None:
