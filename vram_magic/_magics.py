@@ -344,7 +344,7 @@ class VramMagics(Magics):
             tree = self._ip.compile.ast_parse("\n" + body, filename=filename)
         except SyntaxError as error:
             raise self._syntax_error(error) from error
-        if _awaits_at_top_level(tree):
+        if ("await" in body or "async" in body) and _awaits_at_top_level(tree):  # the walk only if it may
             raise UsageError(
                 "%%oomsafe runs a cell synchronously, so it cannot run top-level `await`: run this cell "
                 "without %%oomsafe."
@@ -362,7 +362,7 @@ class VramMagics(Magics):
             interactivity = "last" if nodes and isinstance(nodes[-1], ast.Expr) else "none"
         shown = {"none": [], "last": nodes[-1:], "all": nodes}[interactivity]
         executed = nodes[: len(nodes) - len(shown)]
-        if _ends_with_semicolon(body):  # a trailing ";" hides every value the cell would show
+        if shown and _ends_with_semicolon(body):  # a trailing ";" hides every value the cell would show
             executed, shown = nodes, []
         value = None
         if shown and isinstance(shown[-1], ast.Expr):  # its value is the magic's result: the cell shows it
