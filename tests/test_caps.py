@@ -81,14 +81,20 @@ def test_bad_caps_are_one_line_usage_errors(ip: Any, line: str) -> None:
         ip.run_line_magic("vram", line)
 
 
+def _estimate_table(ip: Any, line: str) -> tuple[str, list[str]]:
+    """What ``%vram LINE`` printed, and the rows of its table (header first)."""
+    with capture_output() as captured:
+        ip.run_line_magic("vram", line)
+    table = captured.stdout.split("How this was estimated:")[0]
+    return captured.stdout, [row for row in table.splitlines() if row.startswith("  ")]
+
+
 def test_vram_estimate_of_one_quantized_load_says_whether_it_fits_a_named_card(
     ip: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with capture_output() as captured:
-        ip.run_line_magic("vram", "estimate meta-llama/Llama-3.1-8B --quant 4bit --gpu t4")
-    table = captured.stdout.split("How this was estimated:")[0]
-    rows = [line.split() for line in table.splitlines() if line.startswith("  ")]
+    _, lines = _estimate_table(ip, "estimate meta-llama/Llama-3.1-8B --quant 4bit --gpu t4")
+    rows = [line.split() for line in lines]
     assert rows[0][-2:] == ["room", "fits"] and len(rows) == 2
     assert rows[1][:2] == ["4-bit", "NF4"] and rows[1][-3:] == ["14.75", "GiB", "yes"]
 
@@ -97,11 +103,9 @@ def test_vram_estimate_plans_a_load_for_a_named_card_offline(
     ip: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with capture_output() as captured:
-        ip.run_line_magic("vram", "estimate meta-llama/Llama-3.1-8B --gpu t4")
-    table = captured.stdout.split("How this was estimated:")[0]
-    rows = {line.split()[0]: line for line in table.splitlines() if line.startswith("  ")}
-    assert "8.03 B parameters" in captured.stdout
+    printed, lines = _estimate_table(ip, "estimate meta-llama/Llama-3.1-8B --gpu t4")
+    rows = {line.split()[0]: line for line in lines}
+    assert "8.03 B parameters" in printed
     assert rows["bfloat16"].rstrip().endswith("no")  # 15 GiB of bf16 weights cannot fit a T4
     assert rows["4-bit"].rstrip().endswith("yes")
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.gpu.scenarios import LLAMA_085B  # the 0.85 B Llama measured on an H100 (DESIGN.md)
 from vram_magic import _estimate
 from vram_magic._estimate import (
     CONFIGS_DIR,
@@ -31,15 +32,6 @@ from vram_magic._who import tensors_in
 MiB = 2**20
 GiB = 2**30
 HINT = "Pass a local path, or run once online so the config is cached."
-# The 0.85 B Llama of tests/gpu/scenarios.py, measured on an H100 (shared/DESIGN.md, "Facts measured").
-LLAMA_085B = {
-    "hidden_size": 2048,
-    "intermediate_size": 5632,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
-    "vocab_size": 32000,
-}
 
 
 @pytest.fixture(autouse=True)

@@ -108,10 +108,15 @@ model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_
 LOAD_BUDGET = 200 * KiB
 
 
-def _fail_to_load(ip: Any, gpu: SimulatedGpu, checkpoint: Path) -> Report:
+def _ready_to_load(ip: Any, gpu: SimulatedGpu, checkpoint: Path) -> None:
+    """The notebook's imports and ``path``, and a GPU too small for the bfloat16 load."""
     ip.run_cell("import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n")
     ip.user_ns["path"] = str(checkpoint)
     gpu.budget_bytes = LOAD_BUDGET
+
+
+def _fail_to_load(ip: Any, gpu: SimulatedGpu, checkpoint: Path) -> Report:
+    _ready_to_load(ip, gpu, checkpoint)
     result, _ = _run(ip, f"%%oomsafe\n{LOAD_CELL}")
     _assert_handled(result)
     assert "model" not in ip.user_ns
@@ -168,9 +173,7 @@ def test_vram_fix_loads_the_quantized_model_for_real_and_it_generates(
 
 
 def test_auto_reaches_a_working_8bit_model_in_two_runs(ip: Any, gpu: SimulatedGpu, checkpoint: Path) -> None:
-    ip.run_cell("import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n")
-    ip.user_ns["path"] = str(checkpoint)
-    gpu.budget_bytes = LOAD_BUDGET
+    _ready_to_load(ip, gpu, checkpoint)
     result, printed = _run(ip, f"%%oomsafe --auto\n{LOAD_CELL}")
     print(printed)
     assert result.success, result.error_in_exec

@@ -47,6 +47,7 @@ _DTYPES = {
     "fp32": "float32",
     "float": "float32",
 }
+DTYPE_NAMES = frozenset(_DTYPES)  # the dtype spellings estimate() takes (torch.<name> too)
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _QUANTIZATIONS = {
     "8bit": "8bit",

@@ -24,9 +24,10 @@ from collections import ChainMap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
+from vram_magic._estimate import DTYPE_NAMES
+
 # Classes whose from_pretrained loads no weights onto the GPU (or an adapter on an already-loaded base).
 _NOT_MODELS = ("Tokenizer", "Processor", "Config", "FeatureExtractor", "ImageProcessor", "PeftModel")
-_DTYPES = {"bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"}
 AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 # from_pretrained keywords that change neither the model's size nor where it goes (beyond those read here).
@@ -294,8 +295,8 @@ def _through_chain(node: ast.expr) -> ast.expr:
 
 def _moves_somewhere(call: ast.Call) -> bool:
     """``x.to(device)`` rather than ``x.to(dtype)``: a device argument (an unknown name counts as one)."""
-    device = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "device"), None)
-    return device is not None and not (isinstance(device, ast.Attribute) and device.attr in _DTYPES)
+    device = _device_argument(call)
+    return device is not None and not (isinstance(device, ast.Attribute) and device.attr in DTYPE_NAMES)
 
 
 def _is_move(call: ast.Call, names: Mapping[str, object]) -> bool:
@@ -305,8 +306,13 @@ def _is_move(call: ast.Call, names: Mapping[str, object]) -> bool:
         return False
     if func.attr == "cuda":
         return True
-    device = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "device"), None)
+    device = _device_argument(call)
     return func.attr == "to" and device is not None and _is_cuda_device(device, names)
+
+
+def _device_argument(call: ast.Call) -> ast.expr | None:
+    """The first argument of ``x.to(...)``, or its ``device=``."""
+    return call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "device"), None)
 
 
 def _is_cuda_device(node: ast.expr, names: Mapping[str, object]) -> bool:
@@ -381,10 +387,10 @@ def _text(node: ast.expr | None, namespace: Mapping[str, object]) -> str | None:
 
 
 def _dtype(node: ast.expr | None, namespace: Mapping[str, object]) -> str | None:
-    if isinstance(node, ast.Attribute) and node.attr in _DTYPES:  # torch.bfloat16
+    if isinstance(node, ast.Attribute) and node.attr in DTYPE_NAMES:  # torch.bfloat16
         return node.attr
     text = _text(node, namespace)
-    return text if text in _DTYPES else None
+    return text if text in DTYPE_NAMES else None
 
 
 def _quantization(keywords: Mapping[str | None, ast.expr], names: Mapping[str, object]) -> object:

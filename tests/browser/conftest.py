@@ -123,7 +123,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     port, token = _free_port(), secrets.token_hex(16)
     lab = Lab(url=f"http://127.0.0.1:{port}", token=token, root=root, log=work / "jupyter.log")
     # The kernel imports vram_magic from this tree, as the screenshots script does.
-    # The kernel imports vram_magic from this tree, as the screenshots script does.
     paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     env.pop("VRAM_MAGIC_WIDGETS", None)  # the kernel decides as in a plain JupyterLab
