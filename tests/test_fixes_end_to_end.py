@@ -377,7 +377,7 @@ def test_a_merged_model_too_big_for_the_gpu_stays_on_the_cpu_with_both_sizes_giv
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.25)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: _Card(80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: round(19.9 * 2**30))
     assert vram_magic.to_gpu_if_it_fits(model) is model
@@ -385,11 +385,6 @@ def test_a_merged_model_too_big_for_the_gpu_stays_on_the_cpu_with_both_sizes_giv
         "Kept on CPU: the model needs 224.69 KiB and the GPU has 102.40 MiB free.\n"
     )
     assert next(model.parameters()).device.type == "cpu"
-
-
-class _Card:
-    def __init__(self, total_memory: int) -> None:
-        self.total_memory = total_memory
 
 
 # --------------------------------------------------------------------------------------------------

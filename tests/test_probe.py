@@ -203,6 +203,18 @@ def test_nvml_misses_us_while_torch_holds_memory() -> None:
     ]
 
 
+def test_a_cap_is_a_share_of_pytorchs_total_not_nvmls() -> None:
+    """Measured on an H100: NVML says 79.65 GiB, PyTorch (CUDA) 79.18 GiB, and set_per_process_memory_fraction
+    takes its share of PyTorch's. A T4 cap (14.75 GiB) must read back as 14.75 GiB, not 14.84."""
+    torch_total, nvml_total = 85_017_985_024, 85_520_809_984
+    t4 = round(14.75 * GiB)
+    nv = _NvmlDevice(0, "H100", "GPU-a", nvml_total, nvml_total - 500 * 2**20, ())
+    tf = _TorchFigures(total_bytes=torch_total, fraction=t4 / torch_total)  # no CUDA context yet
+    g = _gpu_snapshot(0, nv, tf, [])
+    assert g.total_bytes == nvml_total  # no context: total and free come from NVML, as a pair
+    assert g.cap_bytes is not None and abs(g.cap_bytes - t4) <= 1
+
+
 def test_other_process_memory_unknown_gives_labelled_remainder(use_nvml: Any) -> None:
     use_nvml([gpu(0, compute=[(ME, 2 * GiB), (4242, None), (4343, 3 * GiB)])])
     snap = take_snapshot()

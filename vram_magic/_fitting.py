@@ -20,11 +20,12 @@ def to_gpu_if_it_fits(model: _Model, device: str = "cuda") -> _Model:
         return model
     needed = _weights_bytes(model)
     torch.cuda.empty_cache()  # blocks the merge left cached count as free for this move
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    fraction = torch.cuda.get_per_process_memory_fraction(torch.device(device))
-    if fraction < 1.0:
-        capped = int(fraction * torch.cuda.get_device_properties(device).total_memory)
-        free = min(free, capped - torch.cuda.memory_allocated(device))
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index  # "cuda" is the current GPU
+    free, total = torch.cuda.mem_get_info(index)
+    fraction = torch.cuda.get_per_process_memory_fraction(index)
+    if fraction < 1.0:  # the cap is a share of CUDA's total
+        free = min(free, int(fraction * total) - torch.cuda.memory_allocated(index))
     if needed + _HEADROOM_BYTES > free:
         print(
             f"Kept on CPU: the model needs {format_bytes(needed)} and the GPU has {format_bytes(free)} free."

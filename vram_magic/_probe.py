@@ -292,8 +292,9 @@ def _gpu_snapshot(
     allocated: int | None = tf.allocated_bytes if tf else 0
     reserved: int | None = tf.reserved_bytes if tf else 0
     cap = None
-    if tf and tf.fraction is not None and tf.fraction < 1.0 and total is not None:
-        cap = int(tf.fraction * total)
+    if tf and tf.fraction is not None and tf.fraction < 1.0 and tf.total_bytes is not None:
+        # a share of PyTorch's own total (CUDA's), not NVML's larger one (79.65 vs 79.18 GiB on an H100)
+        cap = int(tf.fraction * tf.total_bytes)
     in_use_here = bool(tf and (tf.has_context or (tf.reserved_bytes or 0) > 0))
     procs = nv.processes if nv is not None else None
     mine, others, others_bytes, remainder = _split_processes(procs, total, free, reserved, in_use_here)

@@ -197,8 +197,15 @@ def test_s3_load_rescued_by_the_rerun_button(
     report = _fails(ip, sc.LOAD_CELL, cap)
     assert report.analysis.kind == "load"
     assert report.oom is not None
-    assert report.oom.requested_bytes == pytest.approx(sc.BF16_BYTES, rel=0.01)  # the whole model at once
-    assert "too-big" in [cause.key for cause in report.causes]
+    # The whole model at once, less what PyTorch had reserved but not allocated: transformers'
+    # caching_allocator_warmup subtracts that (measured on an H100: 1.56 GiB asked for the 1.59 GiB model).
+    requested = report.oom.requested_bytes
+    assert requested is not None and sc.BF16_BYTES - 128 * sc.MiB <= requested <= sc.BF16_BYTES * 1.01
+    # So the one allocation is over the cap, or under it but over what is left: the report says which.
+    allowed = report.oom.allowed_bytes
+    assert allowed == pytest.approx(cap, rel=0.01)
+    causes = [cause.key for cause in report.causes]
+    assert "cap" in causes and ("too-big" if requested > allowed else "need") in causes, causes
     number = sc.fix_number(report, key)
     with capture_output() as captured:
         sc.magics(ip).apply_fix(report, number)
