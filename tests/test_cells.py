@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vram_magic._cells import analyse_cell
+from vram_magic.cell import analyse_source as analyse_cell
 
 CELL = """
 import torch

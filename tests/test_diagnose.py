@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from vram_magic._cells import analyse_cell
 from vram_magic._diagnose import diagnose
 from vram_magic._oom import parse_oom_message
 from vram_magic._types import (
@@ -20,6 +19,7 @@ from vram_magic._types import (
     MemorySnapshot,
     OOMInfo,
 )
+from vram_magic.cell import analyse_source as analyse_cell
 
 MESSAGES = Path(__file__).parent / "fixtures" / "oom_messages"
 GiB = 2**30
@@ -74,7 +74,7 @@ def test_a_request_above_the_cap_offers_no_freeing_even_with_holders() -> None:
     assert _keys(causes)[:2] == ["too-big", "cap"]
     assert "1.50 GiB" in causes[1].text
     assert "free" not in _keys(fixes)
-    assert _keys(fixes) == ["bf16", "8bit", "offload", "4bit", "cpu", "lift-cap"]
+    assert _keys(fixes) == ["bf16", "8bit", "4bit", "offload", "cpu", "lift-cap"]
 
 
 def test_an_old_copy_being_rebound_is_the_first_thing_to_free() -> None:
@@ -86,7 +86,7 @@ def test_an_old_copy_being_rebound_is_the_first_thing_to_free() -> None:
     assert "`model` (LlamaForCausalLM) from an earlier run still holds 8.00 GiB" in rebind.text
     assert "re-binds `model`" in rebind.text
     assert fixes[0].code == "%vram free model"  # the small dict is not worth naming
-    assert _keys(fixes)[1:] == ["bf16", "8bit", "offload", "4bit", "cpu"]
+    assert _keys(fixes)[1:] == ["bf16", "8bit", "4bit", "offload", "cpu"]
 
 
 def test_a_holder_sharing_memory_with_a_name_that_stays_says_so() -> None:
@@ -158,21 +158,22 @@ def test_each_kind_of_cell_gets_its_own_fixes(cell: str, line: int, kind: str) -
     assert analysis.kind == kind
     _, fixes = _diagnose(_oom("seed_qlora_torch1.txt"), NO_GPU, (), analysis, NO_CLEANUP)
     expected = {
-        "load": ["bf16", "8bit", "offload", "4bit", "cpu"],
+        "load": ["bf16", "8bit", "4bit", "offload", "cpu"],
         "training": ["half-batch", "checkpointing"],
-        "generation": ["smaller-generation"],
+        "generation": ["chunk", "half-batch", "inference-mode", "offload-cache", "smaller-generation"],
         "merge": ["merge-cpu"],
         "other": [],
     }[kind]
     assert _keys(fixes) == expected
 
 
-def test_a_dispatch_refusal_offers_4bit_and_cpu() -> None:
+def test_a_dispatch_refusal_offers_4bit_offloading_with_float32_cpu_layers_and_cpu() -> None:
     oom = _oom("bnb_dispatched_cpu_or_disk.txt")
     analysis = analyse_cell("\nmodel = M.from_pretrained(p, quantization_config=q)\n", 2)
     causes, fixes = _diagnose(oom, NO_GPU, (), analysis, NO_CLEANUP)
     assert _keys(causes) == ["dispatch"]
-    assert _keys(fixes) == ["4bit", "cpu"]
+    # The offload fix sets llm_int8_enable_fp32_cpu_offload=True, which is what bitsandbytes asked for.
+    assert _keys(fixes) == ["4bit", "offload", "cpu"]
 
 
 def test_freeing_too_little_to_cover_the_shortfall_is_ranked_after_the_cell_fixes() -> None:
@@ -180,7 +181,7 @@ def test_freeing_too_little_to_cover_the_shortfall_is_ranked_after_the_cell_fixe
     holders = (Holder("scratch", "Tensor", 100 * 2**20),)
     analysis = analyse_cell("\nmodel = AutoModelForCausalLM.from_pretrained(path)\n", 2)
     _, fixes = _diagnose(oom, NO_GPU, holders, analysis, NO_CLEANUP)
-    assert _keys(fixes) == ["bf16", "8bit", "offload", "4bit", "cpu", "free"]
+    assert _keys(fixes) == ["bf16", "8bit", "4bit", "offload", "cpu", "free"]
     assert fixes[-1].why == (
         "It holds about 100.00 MiB that this cell does not need. "
         "Not enough alone: the cell was 512.00 MiB short."

@@ -518,7 +518,10 @@ def test_vram_fix_runs_the_rewritten_cell_and_reports_again_if_it_still_fails(ip
     again = [fix.key for fix in _last_report(ip).fixes].index("half-batch") + 1
     result, captured = _run(ip, f"%vram fix {again}")
     assert result.success and result.result == 16  # batch 4 x accumulation 4: the same effective batch
-    assert f"Fix {again} worked: Halve the batch, double gradient accumulation" in captured.stdout
+    assert (
+        f"Fix {again} worked: Halve the batch (8 → 4) and double gradient accumulation (2 → 4)"
+        in captured.stdout
+    )
 
 
 def test_oomsafe_auto_walks_the_fixes_until_one_works(ip: Any) -> None:
@@ -526,7 +529,11 @@ def test_oomsafe_auto_walks_the_fixes_until_one_works(ip: Any) -> None:
     result, captured = _run(ip, "%%oomsafe --auto\n" + TRAINING_CELL)
     assert result.success and result.result == 16
     out = captured.stdout
-    assert "--auto: fix 1 worked: Halve the batch, double gradient accumulation." in out
+    # The title says the last step; the code that ran, printed below it, has all of them.
+    assert (
+        "--auto: fix 1 worked: Halve the batch (8 → 4) and double gradient accumulation (2 → 4): the same "
+        "effective batch." in out
+    )
     assert out.startswith("The cell as written: CUDA out of memory in a training step: asked for 2.00 GiB")
     assert "Attempts by --auto (3 runs" in out
     assert "1. the cell as written: out of memory" in out and "3. Halve the batch" in out

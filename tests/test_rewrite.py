@@ -10,7 +10,7 @@ import tokenize
 
 import pytest
 
-from vram_magic._rewrite import FIXES, NotApplicable, applicable_fixes, diff, rewrite
+from vram_magic.fixes import FIXES, NotApplicable, diff, rewrite
 
 # The 4-bit config the "4bit" fix writes, for building expectations that are not spelled out in full.
 NF4 = (
@@ -42,6 +42,9 @@ model.to("cuda")
 inputs = tokenizer("Hello", return_tensors="pt").to("cuda")
 out = model.generate(**inputs, max_new_tokens=20)
 """
+
+# The same load in float32, where bfloat16 halves the weights.
+LOAD_FP32 = LOAD.replace("torch.float16,  # half precision", "torch.float32,  # full precision")
 
 LOAD_8BIT_KEYWORD = """\
 model = AutoModelForCausalLM.from_pretrained(
@@ -185,12 +188,13 @@ model = AMC.from_pretrained(
     model_id,
     torch_dtype=torch.float16,  # half precision
     device_map="auto",
-    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16),
+    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float16),
 )
 # move it to the GPU
 inputs = tokenizer("Hello", return_tensors="pt").to("cuda")
 out = model.generate(**inputs, max_new_tokens=20)
 """  # noqa: E501
+    # The 4-bit layers compute in the 16-bit dtype the user chose (float16 here: a T4 has no bfloat16).
     assert rewrite(LOAD, "4bit") == expected
 
 
@@ -255,7 +259,9 @@ def test_4bit_keeps_a_4bit_config_the_user_wrote() -> None:
     cell = EXISTING_CONFIG.replace("load_in_8bit", "load_in_4bit")
     with pytest.raises(NotApplicable, match="already loaded in 4-bit"):
         rewrite(cell, "4bit")
-    assert "load_in_8bit=True), device_map" in rewrite(cell, "8bit")
+    with pytest.raises(NotApplicable, match="4-bit, which needs less memory than 8-bit") as info:
+        rewrite(cell, "8bit")  # 8-bit needs more memory than the 4-bit load it would replace
+    assert info.value.already
 
 
 def test_8bit_drops_a_move_chained_on_the_load() -> None:
@@ -376,7 +382,7 @@ def test_model_classes_from_other_libraries_are_left_alone() -> None:
         ("model = model.to(device)\n", ""),
         ("model.cuda()\n", ""),
         ("model = model.eval().to('cuda')\n", "model = model.eval()\n"),
-        ("model.to(torch.bfloat16)\n", "model.to(torch.bfloat16)\n"),  # a cast, not a move
+        ("model.to(torch.bfloat16)\n", ""),  # transformers refuses to cast a bitsandbytes model
         ("other.to('cuda')\n", "other.to('cuda')\n"),  # not the loaded model
         ("x = 1; model.to('cuda'); y = 2\n", "x = 1; y = 2\n"),
         ("if ready:\n    model.cuda()\n", "if ready:\n    pass\n"),
@@ -432,7 +438,7 @@ model_id = "meta-llama/Llama-3.1-8B"  # the base model
 tokenizer = AutoTokenizer.from_pretrained(model_id)
 model = AMC.from_pretrained(
     model_id,
-    dtype=torch.bfloat16,  # half precision
+    dtype=torch.bfloat16,  # full precision
     device_map="cuda",
 )
 # move it to the GPU
@@ -440,7 +446,13 @@ model.to("cuda")
 inputs = tokenizer("Hello", return_tensors="pt").to("cuda")
 out = model.generate(**inputs, max_new_tokens=20)
 """
-    assert rewrite(LOAD, "bf16") == expected
+    assert rewrite(LOAD_FP32, "bf16") == expected
+
+
+def test_bf16_is_no_fix_for_a_load_already_in_16_bit() -> None:
+    with pytest.raises(NotApplicable, match="already loaded in float16") as info:
+        rewrite(LOAD, "bf16")  # float16 to bfloat16 saves nothing
+    assert info.value.already
 
 
 def test_bf16_keyword_follows_the_installed_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -608,9 +620,13 @@ with torch.no_grad():
     assert rewrite(cell, "merge-cpu") == expected
 
 
-def test_merge_cpu_needs_an_assigned_merge() -> None:
+def test_merge_cpu_merges_a_bare_call_on_the_cpu() -> None:
+    assert rewrite("model.merge_and_unload()\n", "merge-cpu") == (
+        'import vram_magic\nmodel = model.to("cpu")\nmodel.merge_and_unload()\n'
+        "model = vram_magic.to_gpu_if_it_fits(model)\n"
+    )
     with pytest.raises(NotApplicable, match="merge_and_unload"):
-        rewrite("model.merge_and_unload()\n", "merge-cpu")
+        rewrite("model.eval()\n", "merge-cpu")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -713,6 +729,10 @@ config = SFTConfig(
             break
         compile(cell, "<cell>", "exec")
         steps.append(cell)
+    # At batch 1 halving stops; gradient checkpointing and the paged 8-bit optimizer are a fix of their own.
+    steps.append(rewrite(cell, "checkpointing"))
+    with pytest.raises(NotApplicable, match="already on"):
+        rewrite(steps[-1], "checkpointing")
     assert len(steps) == 3
     assert "per_device_train_batch_size=2," in steps[0] and "gradient_accumulation_steps=2," in steps[0]
     assert "per_device_train_batch_size=1," in steps[1] and "gradient_accumulation_steps=4," in steps[1]
@@ -732,8 +752,11 @@ config = SFTConfig(
 
 
 def test_half_batch_at_batch_1_without_training_arguments_does_not_apply() -> None:
-    with pytest.raises(NotApplicable, match="already 1 and there is no TrainingArguments"):
-        rewrite("BATCH_SIZE = 1\nloader = DataLoader(ds, batch_size=BATCH_SIZE)\n", "half-batch")
+    cell = "BATCH_SIZE = 1\nloader = DataLoader(ds, batch_size=BATCH_SIZE)\n"
+    with pytest.raises(NotApplicable, match="already 1"):
+        rewrite(cell, "half-batch")
+    with pytest.raises(NotApplicable, match="no TrainingArguments"):
+        rewrite(cell, "checkpointing")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -743,7 +766,7 @@ def test_half_batch_at_batch_1_without_training_arguments_does_not_apply() -> No
 CASES = [
     (LOAD, "4bit"),
     (LOAD, "8bit"),
-    (LOAD, "bf16"),
+    (LOAD_FP32, "bf16"),
     (LOAD, "offload"),
     (LOAD, "cpu"),
     (LOAD_8BIT_KEYWORD, "4bit"),
@@ -790,6 +813,19 @@ def test_nothing_to_rewrite(fix: str) -> None:
         rewrite(NOTHING, fix)
 
 
+def applicable_fixes(source: str) -> dict[str, str | None]:
+    """Fix name -> None when it applies to ``source`` (default options), else why it does not."""
+    reasons: dict[str, str | None] = {}
+    for fix in FIXES:
+        try:
+            rewrite(source, fix)
+        except NotApplicable as exc:
+            reasons[fix] = exc.reason
+        else:
+            reasons[fix] = None
+    return reasons
+
+
 def test_text_in_strings_and_comments_is_never_a_target() -> None:
     reasons = applicable_fixes(ONLY_IN_TEXT)
     assert all(reason is not None for reason in reasons.values()), reasons
@@ -802,7 +838,8 @@ def test_text_in_strings_and_comments_is_never_a_target() -> None:
 def test_applicable_fixes_reports_each_fix() -> None:
     reasons = applicable_fixes(LOAD)
     assert list(reasons) == list(FIXES)
-    assert reasons["4bit"] is None and reasons["bf16"] is None and reasons["cpu"] is None
+    assert reasons["4bit"] is None and reasons["cpu"] is None
+    assert reasons["bf16"] == "already loaded in float16"
     assert reasons["half-batch"] is not None and "batch size" in reasons["half-batch"]
     assert reasons["merge-cpu"] is not None
 
@@ -844,7 +881,7 @@ def test_diff_is_labelled_and_shows_the_change() -> None:
 
 def test_importing_the_module_imports_neither_torch_nor_ipython() -> None:
     code = (
-        "import sys, vram_magic._rewrite\n"
+        "import sys, vram_magic.fixes\n"
         "heavy = {'torch', 'transformers', 'IPython', 'peft'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from vram_magic._errors import NotApplicable
 from vram_magic._oom import is_oom, parse_oom_message
 from vram_magic._types import (
     Cause,
@@ -36,6 +37,7 @@ __all__ = [
     "GpuSnapshot",
     "Holder",
     "MemorySnapshot",
+    "NotApplicable",
     "OOMInfo",
     "ProcessMemory",
     "Report",
@@ -77,8 +79,9 @@ def estimate(model: Any, **options: Any) -> Any:
 
 def rewrite(source: str, fix: str, **options: object) -> str:
     """``source`` with ``fix`` applied ("4bit", "8bit", "bf16", "offload", "cpu", "merge-cpu",
-    "half-batch"); raises ``vram_magic._rewrite.NotApplicable`` (a ValueError) saying why not."""
-    from vram_magic._rewrite import rewrite as _rewrite
+    "half-batch", "checkpointing", "chunk", "inference-mode", "offload-cache"); raises
+    ``vram_magic.NotApplicable`` (a ValueError) saying why not."""
+    from vram_magic.fixes import rewrite as _rewrite
 
     return _rewrite(source, fix, **options)
 

@@ -305,12 +305,6 @@ LOAD_FIXES = (
         'quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto"',
     ),
     Fix(
-        "offload",
-        "Offload what does not fit to CPU RAM",
-        "Keeps full precision; layers that do not fit run from CPU RAM (slower).",
-        '# in from_pretrained(...):\ndevice_map="auto"',
-    ),
-    Fix(
         "4bit",
         "Load the model in 4-bit (NF4)",
         "A quarter of a 16-bit model's weights; the usual QLoRA setting; some quality loss.",
@@ -319,64 +313,103 @@ LOAD_FIXES = (
         'device_map="auto"',
     ),
     Fix(
+        "offload",
+        "Offload what does not fit to CPU RAM",
+        "Keeps full precision; layers that do not fit run from CPU RAM (much slower).",
+        '# in from_pretrained(...):\ndevice_map="auto"',
+    ),
+    Fix(
         "cpu",
-        "Load on the CPU",
-        "Always fits if RAM does; much slower.",
+        "Run on the CPU",
+        "Much slower, and only if CPU RAM holds the model.",
         '# in from_pretrained(...):\ndevice_map="cpu"\n# and drop .to("cuda") / .cuda() of the model',
     ),
 )
-_MERGE_FIXES = (
-    Fix(
-        "merge-cpu",
-        "Merge on the CPU",
-        "Merging needs the base weights and the adapters at once; CPU RAM is usually larger.",
-        'model = model.to("cpu")\nmerged = model.merge_and_unload()',
-    ),
-)
-_TRAINING_FIXES = (
-    Fix(
-        "half-batch",
-        "Halve the batch, double gradient accumulation",
-        "Activations shrink with the batch; the effective batch stays the same.",
-        "# in TrainingArguments(...):\n"
-        "per_device_train_batch_size=<half>, gradient_accumulation_steps=<double>",
-    ),
-    Fix(
-        "checkpointing",
-        "Turn on gradient checkpointing and a paged 8-bit optimizer",
-        "Recomputes activations instead of storing them; the optimizer state pages to CPU when needed.",
-        '# in TrainingArguments(...):\ngradient_checkpointing=True, optim="paged_adamw_8bit"',
-    ),
-)
-_GENERATION_FIXES = (
-    Fix(
-        "smaller-generation",
-        "Generate fewer tokens or fewer prompts at once",
-        "The KV cache grows with batch x (prompt + new tokens).",
-        "# in generate(...):\nmax_new_tokens=<smaller>\n# and run under torch.inference_mode()",
-    ),
-)
-_FIXES_BY_KIND: dict[str, tuple[Fix, ...]] = {
-    "load": LOAD_FIXES,
-    "merge": _MERGE_FIXES,
-    "training": _TRAINING_FIXES,
-    "generation": _GENERATION_FIXES,
+_SEEDS = {fix.key: fix for fix in LOAD_FIXES} | {
+    fix.key: fix
+    for fix in (
+        Fix(
+            "merge-cpu",
+            "Merge on the CPU",
+            "Merging needs the base weights and the adapters at once; CPU RAM is usually larger.",
+            'model = model.to("cpu")\nmerged = model.merge_and_unload()',
+        ),
+        Fix(
+            "half-batch",
+            "Halve the batch",
+            "Activations shrink with the batch.",
+            "# in TrainingArguments(...):\n"
+            "per_device_train_batch_size=<half>, gradient_accumulation_steps=<double>",
+        ),
+        Fix(
+            "checkpointing",
+            "Turn on gradient checkpointing and a paged 8-bit optimizer",
+            "Recomputes activations instead of storing them; the optimizer state pages to CPU when needed.",
+            '# in TrainingArguments(...):\ngradient_checkpointing=True, optim="paged_adamw_8bit"',
+        ),
+        Fix(
+            "chunk",
+            "Run the batch in chunks",
+            "The same outputs; the KV cache and activations of part of the batch at a time.",
+            "vram_magic.chunked(model.generate, chunks=2)(**inputs)",
+        ),
+        Fix(
+            "inference-mode",
+            "Run the forward pass under torch.inference_mode()",
+            "Without gradients nothing is kept for a backward pass.",
+            "with torch.inference_mode():\n    outputs = model(**inputs)",
+        ),
+        Fix(
+            "offload-cache",
+            "Keep the KV cache in CPU RAM while generating",
+            "For long generations, where the cache outgrows the weights; slower.",
+            '# in generate(...):\ncache_implementation="offloaded"',
+        ),
+        Fix(
+            "smaller-generation",
+            "Generate fewer tokens at once",
+            "The KV cache grows with batch x (prompt + new tokens).",
+            "# in generate(...):\nmax_new_tokens=<smaller>",
+        ),
+    )
+}
+# The fixes to try for each kind of cell, most promising first; load fixes join where the cell also loads.
+_CELL_FIXES: dict[str, tuple[str, ...]] = {
+    "load": ("bf16", "8bit", "4bit", "offload", "cpu"),
+    "merge": ("merge-cpu",),
+    "training": ("half-batch", "checkpointing"),
+    "generation": ("chunk", "half-batch", "inference-mode", "offload-cache"),
     "other": (),
+}
+_WITH_LOADS: dict[str, tuple[str, ...]] = {
+    "training": ("8bit", "4bit"),
+    "generation": ("8bit", "4bit", "offload", "cpu"),
+}
+# Fixes worth advising by hand when what they change is in an earlier cell (a Trainer built there).
+ADVISE_BY_HAND: dict[str, frozenset[str]] = {
+    "load": frozenset(_CELL_FIXES["load"]),
+    "training": frozenset({"half-batch", "checkpointing"}),
 }
 
 
-# Fix order: free what is not needed, then change the cell (least quality loss first), then the fixes
-# that need a restart or undo a deliberate setting.
+# Fix order: free what is not needed, then change the cell (in the order above), then the fixes that need a
+# restart or undo a deliberate setting.
 _CELL_FIX_RANK = 2
 _FIX_RANK = {"free": 0, "other-process": 1, "expandable-segments": 3, "lift-cap": 4}
 _FREEING_FIXES = {"free", "other-process", "expandable-segments"}
 
 
 def _cell_fixes(evidence: Evidence) -> tuple[Fix, ...]:
-    """Changes to the cell itself for its kind, least quality loss first."""
+    """Changes to the cell itself for its kind, most promising first."""
     if evidence.oom is not None and evidence.oom.kind == "dispatch":
-        return tuple(f for f in LOAD_FIXES if f.key in {"4bit", "cpu"})
-    return _FIXES_BY_KIND[evidence.analysis.kind]
+        return tuple(_SEEDS[key] for key in ("4bit", "offload", "cpu"))
+    kind = evidence.analysis.kind
+    keys = _CELL_FIXES[kind]
+    if evidence.analysis.loads:
+        keys += _WITH_LOADS.get(kind, ())
+    if kind == "generation":
+        keys += ("smaller-generation",)
+    return tuple(_SEEDS[key] for key in keys)
 
 
 def _capitalized(text: str) -> str:

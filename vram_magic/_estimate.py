@@ -212,8 +212,8 @@ def estimate(
     options = _check_options(
         dtype, quantization, device_map, gpu_bytes, context, training, batch_size, lora_r
     )
-    config, name, source = _resolve(model)
-    return _estimate(config, name, source, double_quant, gradient_checkpointing, **options)
+    config, name, source, folder = _resolve(model)
+    return _estimate(config, name, source, folder, double_quant, gradient_checkpointing, **options)
 
 
 def plans(
@@ -239,12 +239,12 @@ def plans(
     room = min(known) if known else None
     base = _check_options(dtype, None, None, None, context, training, batch_size, _LORA_R)
     base["quantization"] = None  # each row chooses its own ("qlora" has only the 4-bit one)
-    config, name, source = _resolve(model)
-    dtype_name, _ = _pick_dtype(base["dtype"], config)
+    config, name, source, folder = _resolve(model)
+    dtype_name, _ = _pick_dtype(base["dtype"], config, folder)
     rows: list[tuple[str, str, str, dict[str, Any]]] = [
         (_short(dtype_name), dtype_name, f"dtype=torch.{dtype_name}", {}),
     ]
-    if base["training"] != "full":
+    if base["training"] != "full" and prequantized(config) is None:
         rows.append(("8bit", "8-bit", "quantization_config=BitsAndBytesConfig(load_in_8bit=True)", {}))
         rows.append(
             (
@@ -268,7 +268,7 @@ def plans(
         options = {**base, **extra}
         if key in ("8bit", "4bit"):
             options["quantization"] = key
-        found = _estimate(config, name, source, True, gradient_checkpointing, **options)
+        found = _estimate(config, name, source, folder, True, gradient_checkpointing, **options)
         need = found.peak_bytes
         fits = None if room is None else need <= room
         result.append(Plan(key, label, how, found, need, room, fits))
@@ -433,14 +433,15 @@ def _check_bytes(label: str, value: object) -> None:
 # --- finding the config ------------------------------------------------------------------------------------
 
 
-def _resolve(model: str | PretrainedConfig) -> tuple[PretrainedConfig, str, str]:
-    """(config, the model's name, where the config came from, in words)."""
+def _resolve(model: str | PretrainedConfig) -> tuple[PretrainedConfig, str, str, Path | None]:
+    """(config, the model's name, where the config came from in words, the folder its weights may be in)."""
     if not isinstance(model, (str, os.PathLike)):
         from transformers import PretrainedConfig
 
         if isinstance(model, PretrainedConfig):
             name = str(getattr(model, "name_or_path", "") or model.model_type or type(model).__name__)
-            return model, name, "Config: the config object given."
+            folder = _existing_path(name) if name else None
+            return model, name, "Config: the config object given.", folder
         raise ValueError(
             f"model must be a Hub id, a folder with a config.json or a transformers config, not "
             f"{type(model).__name__}."
@@ -451,7 +452,7 @@ def _resolve(model: str | PretrainedConfig) -> tuple[PretrainedConfig, str, str]
     path = _existing_path(text)
     if path is not None:
         try:
-            return _from_path(path), text, f"Config: {path}."
+            return _from_path(path), text, f"Config: {path}.", path if path.is_dir() else path.parent
         except OSError as error:  # a folder this user may not read
             raise ValueError(f"Cannot read {path}: {error.strerror or error}.") from None
     if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1:
@@ -460,7 +461,7 @@ def _resolve(model: str | PretrainedConfig) -> tuple[PretrainedConfig, str, str]
         raise ValueError(f"{text!r} is neither a folder nor a Hub model id (like 'meta-llama/Llama-3.1-8B').")
     cached = _from_hub_cache(text)
     if cached is not None:
-        return _from_path(cached), text, "Config: the Hugging Face cache (nothing downloaded)."
+        return _from_path(cached), text, "Config: the Hugging Face cache (nothing downloaded).", cached.parent
     bundled = _bundled(text)
     if bundled is not None:
         repo_id, same_as = bundled
@@ -470,8 +471,8 @@ def _resolve(model: str | PretrainedConfig) -> tuple[PretrainedConfig, str, str]
                 f"Config: vram_magic's bundled copy of {repo_id}'s config.json, the same architecture as "
                 f"{text} (nothing downloaded)."
             )
-        return _from_json(CONFIGS_DIR / (repo_id.replace("/", "--") + ".json")), text, source
-    return _from_path(_download(text)), text, "Config: downloaded from the Hugging Face Hub."
+        return _from_json(CONFIGS_DIR / (repo_id.replace("/", "--") + ".json")), text, source, None
+    return _from_path(_download(text)), text, "Config: downloaded from the Hugging Face Hub.", None
 
 
 def _existing_path(text: str) -> Path | None:
@@ -587,18 +588,78 @@ def _download(repo_id: str) -> Path:
         ) from error
 
 
-def _pick_dtype(asked: str | None, config: PretrainedConfig) -> tuple[str, str]:
-    """(dtype name, a note saying where it came from)."""
+def _pick_dtype(asked: str | None, config: PretrainedConfig, folder: Path | None = None) -> tuple[str, str]:
+    """(dtype name, a note saying where it came from): what ``from_pretrained`` loads when not told. From
+    transformers 5 on that is the config's dtype, else the checkpoint's own (read from its safetensors
+    header when the weights are here), else float32 (the checkpoints of models that name no dtype were saved
+    before 16-bit was usual); before transformers 5 it is always float32."""
     if asked is not None:
         return asked, f"dtype {asked}, as asked."
+    if _transformers_major() < 5:
+        return "float32", "dtype float32: from_pretrained without dtype= loads float32 before transformers 5."
     found = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None)
     name = str(found).removeprefix("torch.") if found is not None else None
     if name in _DTYPE_BYTES:
         return name, f"dtype {name}, from the config (what from_pretrained loads when given no dtype)."
-    return "bfloat16", (
-        "dtype bfloat16 assumed: the config names none (from_pretrained without dtype= would load the "
-        "checkpoint's own dtype, often float32 for older models: twice these weights)."
+    weights = _weights_dtype(folder) if folder is not None else None
+    if weights is not None:
+        return weights, f"dtype {weights}, from the checkpoint's weights (the config names none)."
+    return "float32", (
+        "dtype float32 assumed: the config names none, so from_pretrained loads the checkpoint's own dtype, "
+        "float32 for the models saved without one (pass dtype=torch.bfloat16 to halve it)."
     )
+
+
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def _weights_dtype(folder: Path) -> str | None:
+    """The floating dtype of a checkpoint's first tensor, from its safetensors header (a few KiB read)."""
+    try:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            first = next(iter(json.loads(index.read_text())["weight_map"].values()))
+            path = folder / first
+        else:
+            path = folder / "model.safetensors"
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size < 100 * MiB:
+                return None
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError, KeyError, StopIteration):
+        return None
+    for key, entry in header.items():
+        if key != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_DTYPES:
+            return _SAFETENSORS_DTYPES[entry["dtype"]]
+    return None
+
+
+def prequantized(config: PretrainedConfig) -> tuple[str, str] | None:
+    """(method, "4bit"/"8bit") for a checkpoint saved already quantized (a ``quantization_config`` in its
+    config.json: bitsandbytes, GPTQ, AWQ...), else None."""
+    found = getattr(config, "quantization_config", None)
+    if found is None:
+        return None
+    values = found if isinstance(found, dict) else getattr(found, "__dict__", {})
+    method = str(getattr(values.get("quant_method"), "value", values.get("quant_method")) or "unknown")
+    if method == "bitsandbytes":
+        if values.get("load_in_4bit"):
+            return method, "4bit"
+        if values.get("load_in_8bit"):
+            return method, "8bit"
+        return None
+    bits = values.get("bits") or values.get("w_bit") or (8 if "8" in method else 4)
+    return method, "8bit" if int(bits) >= 8 else "4bit"
+
+
+def _transformers_major() -> int:
+    import importlib.metadata
+
+    try:
+        return int(importlib.metadata.version("transformers").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return 5
 
 
 # --- building on the meta device and counting --------------------------------------------------------------
@@ -807,6 +868,7 @@ def _estimate(
     config: PretrainedConfig,
     name: str,
     source: str,
+    folder: Path | None,
     double_quant: bool,
     gradient_checkpointing: bool,
     *,
@@ -819,10 +881,24 @@ def _estimate(
     batch_size: int,
     lora_r: int,
 ) -> Estimate:
-    dtype_name, dtype_note = _pick_dtype(dtype, config)
+    dtype_name, dtype_note = _pick_dtype(dtype, config, folder)
     census, meta_model = _census(config, dtype_name)
     width = _DTYPE_BYTES[dtype_name]
     notes = [source, dtype_note]
+    saved_as = prequantized(config)
+    if saved_as is not None:
+        method, bits = saved_as
+        if quantization not in (None, bits):
+            notes.append(
+                f"The checkpoint is saved quantized ({method}): its own quantization loads, "
+                f"not {quantization}."
+            )
+        quantization = bits
+        if method != "bitsandbytes":
+            notes.append(
+                f"Saved quantized with {method} ({bits}): its weights are sized as bitsandbytes' {bits} "
+                "layout (within a few percent: a scale per group of weights)."
+            )
 
     total = census.param_bytes + census.buffer_bytes
     warmup = total

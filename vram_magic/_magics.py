@@ -25,11 +25,8 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from vram_magic._caps import apply_cap, parse_cap, target_bytes
-from vram_magic._cells import analyse_cell, assigned_names
 from vram_magic._cleanup import free_memory
-from vram_magic._diagnose import diagnose
 from vram_magic._oom import exception_text, oom_from_exception
-from vram_magic._plan import make_runnable, room_after_cleanup
 from vram_magic._probe import take_snapshot
 from vram_magic._quiet import show_int8_cast_warning_once
 from vram_magic._render_text import (
@@ -40,7 +37,6 @@ from vram_magic._render_text import (
     summary_line,
 )
 from vram_magic._render_widget import mimebundle
-from vram_magic._rewrite import NotApplicable, rewrite
 from vram_magic._types import (
     Attempt,
     CellSyntaxError,
@@ -207,16 +203,23 @@ class VramMagics(Magics):
     def _preflight(self, cell: str) -> Report | None:
         """A report when the cell's model loads are estimated not to fit the room (the GPU's, or the cap
         planned for without one); None when they fit or cannot be estimated."""
-        from vram_magic._preflight import check, preflight_report
+        from vram_magic._plan import room_after_cleanup
+        from vram_magic._preflight import check
+        from vram_magic._report import preflight_report, read
 
         snapshot = take_snapshot()
         room = room_after_cleanup(snapshot, None, 0)
         room_bytes = room.gpu_bytes if snapshot.gpus else target_bytes()
-        body = self._ip.transform_cell(cell)  # Python, also when the cell has %magic or !shell lines
-        verdict = check(body, self._ip.user_ns, room_bytes) if room_bytes is not None else None
-        if verdict is None or verdict.fits:
+        if room_bytes is None:
             return None
-        return preflight_report(_rewritable(cell, body), verdict, snapshot, room)
+        namespace = self._ip.user_ns
+        body = self._ip.transform_cell(cell)  # Python, also when the cell has %magic or !shell lines
+        reading = read(body, body, namespace)
+        verdict = check(reading, room_bytes) if reading is not None else None
+        if reading is None or verdict is None or verdict.fits:
+            return None
+        fixable = reading if cell == body else read(cell, body, namespace) or reading
+        return preflight_report(fixable, verdict, snapshot, room, namespace)
 
     def _run_first_plan(self, report: Report) -> Any:
         """``--auto`` after preflight: run the first fix estimated to fit, so the load never runs out."""
@@ -287,10 +290,10 @@ class VramMagics(Magics):
                     print(render_auto_result(self.last_report, number, fix, take_snapshot()))
                     return outcome.value
                 report = outcome.report
-                smaller = _halve_again(fix)  # only a smaller batch is worth repeating
+                smaller = _halve_again(fix, first.report.cell)  # only a smaller batch is worth repeating
                 if smaller is None:
                     break
-                fix, label = smaller, f"{fix.title}, again"
+                fix, label = smaller, smaller.title
         self._fail(replace(report, attempts=tuple(attempts)))
 
     def _attempt(self, fix: Fix, number: int) -> _Outcome:
@@ -368,7 +371,7 @@ class VramMagics(Magics):
         if shown and isinstance(shown[-1], ast.Expr):  # its value is the magic's result: the cell shows it
             value = shown[-1].value
             shown = shown[:-1]
-        return _Steps(executed, shown, value, assigned_names(tree))
+        return _Steps(executed, shown, value, _assigned_names(tree))
 
     def _execute(self, steps: _Steps, filename: str) -> Any:
         """Run the statements one at a time, compiling each just before it runs (as IPython does: an error
@@ -408,8 +411,7 @@ class VramMagics(Magics):
 
     def _rescue(self, error: BaseException, oom: OOMInfo, source: str, body: str, filename: str) -> Report:
         """Free what the failed cell pinned, then explain the failure from a fresh snapshot."""
-        from vram_magic._loads import load_at
-        from vram_magic._preflight import load_needs
+        from vram_magic._report import explain
 
         user_frames = _user_frames(error.__traceback__)
         error_text = exception_text(error)
@@ -418,27 +420,18 @@ class VramMagics(Magics):
         device = counted_device()
         cleanup = free_memory(self._ip, failure=error, device=device)
         del error, user_frames
-        snapshot = take_snapshot()
-        holders = self._holders(device)
-        analysis = analyse_cell("\n" + body, failed_line)
-        causes, fixes = diagnose(
-            oom, snapshot, holders, analysis, cleanup, lambda names: self._bytes_freed_by(names, device)
-        )
-        room = room_after_cleanup(snapshot, oom, cleanup.best_bytes)
-        cell = _rewritable(source, body)
-        failed = load_at(body, self._ip.user_ns, failed_line - 1) if failed_line is not None else None
-        needs = load_needs(failed, room.gpu_bytes) if failed is not None else {}
-        return Report(
-            error_text=error_text,
+        return explain(
             oom=oom,
-            cell=source,
-            analysis=analysis,
-            snapshot=snapshot,
-            holders=holders,
-            cleanup=cleanup,
-            causes=causes,
-            fixes=make_runnable(fixes, cell, oom, room, needs),
+            error_text=error_text,
             traceback_text=short_traceback,
+            source=source,
+            body=body,
+            failed_line=failed_line,
+            snapshot=take_snapshot(),
+            holders=self._holders(device),
+            cleanup=cleanup,
+            namespace=self._ip.user_ns,
+            bytes_freed_by=lambda names: self._bytes_freed_by(names, device),
         )
 
     def _caught_in_a_cell(self, error: BaseException) -> bool:
@@ -511,24 +504,19 @@ def _worth_trying_unattended(fix: Fix) -> bool:
     return fix.key != "bf16" or fix.fits is True
 
 
-def _halve_again(fix: Fix) -> Fix | None:
-    """The half-batch fix applied once more to its own cell, or None (other fixes are not repeated)."""
-    if fix.key != "half-batch" or fix.rewritten_cell is None:
+def _halve_again(fix: Fix, cell: str) -> Fix | None:
+    """A smaller batch or more chunks, made once more on the fix's own cell (its title says the new step,
+    its diff is against ``cell``); None for other fixes (they are not repeated) or when it cannot shrink."""
+    from vram_magic.cell import read_cell
+    from vram_magic.fixes import NotApplicable, apply_fix, diff
+
+    if fix.key not in ("half-batch", "chunk") or fix.rewritten_cell is None:
         return None
     try:
-        smaller = rewrite(fix.rewritten_cell, "half-batch")
-    except NotApplicable:
+        smaller = apply_fix(read_cell(fix.rewritten_cell), fix.key)
+    except (NotApplicable, ValueError):
         return None
-    return replace(fix, rewritten_cell=smaller)
-
-
-def _rewritable(source: str, body: str) -> str:
-    """The user's text when it is plain Python (diffs then look like their code), else IPython's transform."""
-    try:
-        ast.parse(source)
-    except SyntaxError:
-        return body
-    return source
+    return replace(fix, rewritten_cell=smaller.code, title=smaller.title, code=diff(cell, smaller.code))
 
 
 _COMMANDS = (None, "who", "free", "fix", "estimate", "cap")
@@ -618,6 +606,26 @@ def _awaits_at_top_level(tree: ast.Module) -> bool:
             return True
         pending.extend(ast.iter_child_nodes(node))
     return False
+
+
+def _assigned_names(tree: ast.Module) -> tuple[str, ...]:
+    """Names the cell binds at top level (assignments, for/with targets, imports, defs): those whose old
+    values a failed run may already have replaced."""
+    names: list[str] = []
+    pending: list[ast.AST] = list(tree.body)
+    while pending:
+        node = pending.pop(0)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.append(node.name)
+            continue  # their bodies are another scope
+        if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.append(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.extend((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        pending.extend(ast.iter_child_nodes(node))
+    return tuple(dict.fromkeys(names))
 
 
 def _running_silently(shell: Any) -> bool:

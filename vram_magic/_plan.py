@@ -1,31 +1,34 @@
-"""The fix ladder: make diagnosed fixes runnable (the user's cell, rewritten) and estimate which fit.
+"""Checked fixes: each fix the diagnosis suggests is made on the user's cell and checked before it is offered.
 
-Pure Python: no IPython. Whether a fix fits is judged from the estimator's figures for the cell's model
-when the caller has them (``needs``), else roughly (a share of what the failed allocation asked for). The
-judgement decides what ``--auto`` skips, never what is shown.
+A fix is offered only if it applies to this cell (the same reading preflight uses), its result parses, it
+changes something, and, where it changes a load, the estimator says what the fixed cell needs: a fix that
+needs as much as the cell as written ("bfloat16" for a checkpoint that already loads in bfloat16) is not
+offered. A fix that would move a model to the CPU is offered only if CPU RAM holds it: one that does not would
+kill the kernel and lose every variable, which is worse than the OOM. Fixes estimated to fit come first, then
+those that may, then advice to follow by hand, then those estimated not to fit; the diagnosis' order holds
+within each group. Pure Python: no IPython.
 """
 
 from __future__ import annotations
 
-import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from vram_magic._diagnose import failing_gpu
-from vram_magic._render_text import format_bytes
-from vram_magic._rewrite import NotApplicable, diff, rewrite
-from vram_magic._types import Fix, GpuSnapshot, MemorySnapshot, OOMInfo
+import libcst as cst
 
-REWRITE_FIXES = frozenset({"bf16", "8bit", "offload", "4bit", "cpu", "merge-cpu", "half-batch"})
-# What a load needs after the fix, as a share of what it asked for as written (16-bit weights assumed):
-# int8 weights plus the layers bitsandbytes keeps in 16-bit; NF4 weights plus quantization state.
-_LOAD_SHARE = {"8bit": 0.6, "4bit": 0.35}
-_FLOAT32 = re.compile(r"\bfloat32\b|\btorch\.float\b")
-_ALWAYS_FITS = frozenset({"offload", "cpu", "merge-cpu"})
+from vram_magic._diagnose import failing_gpu
+from vram_magic._errors import NotApplicable
+from vram_magic._render_text import format_bytes
+from vram_magic._types import Fix, GpuSnapshot, MemorySnapshot, OOMInfo
+from vram_magic.cell import Cell, Held, Load, read_cell
+from vram_magic.fixes import FIXES, Options, apply_fix, diff
+
 _GPU_HEADROOM = 0.1  # of each GPU's free memory, kept for activations and the CUDA context
 _MIN_GPU_HEADROOM_BYTES = 512 * 2**20
 _CPU_HEADROOM_BYTES = 2 * 2**30
 _LIFT_CAP = "import torch\ntorch.cuda.set_per_process_memory_fraction(1.0)\n"
+_ADVICE = frozenset({"lift-cap", "expandable-segments", "other-process"})
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,21 @@ class Room:
     gpu_free_without_cap_bytes: int | None
     max_memory: dict[int | str, int]
     compute_dtype: str
+    cpu_bytes: int | None = None  # CPU RAM available, less headroom
+
+
+@dataclass(frozen=True)
+class Context:
+    """What checking a fix needs: the cell as read (with the notebook's names), the text the fixes rewrite,
+    the room, and whether the failure was in a model load (then the loads' estimates are the whole need)."""
+
+    cell: Cell
+    namespace: Mapping[str, object]
+    oom: OOMInfo | None
+    room: Room
+    failed_in_load: bool = True
+    advise_elsewhere: frozenset[str] = frozenset()  # fixes worth advising by hand when not in this cell
+    failed_load: int | None = None  # the index, among the cell's loads, of the load that failed
 
 
 def room_after_cleanup(snapshot: MemorySnapshot, oom: OOMInfo | None, freed_bytes: int) -> Room:
@@ -53,74 +71,246 @@ def room_after_cleanup(snapshot: MemorySnapshot, oom: OOMInfo | None, freed_byte
         if each_room is not None:
             headroom = max(int(each_room * _GPU_HEADROOM), _MIN_GPU_HEADROOM_BYTES)
             max_memory[each.index] = max(each_room - headroom, 0)
+    cpu = None
     if snapshot.cpu.available_bytes is not None:
-        max_memory["cpu"] = max(snapshot.cpu.available_bytes - _CPU_HEADROOM_BYTES, 0)
-    return Room(room, free, max_memory, _compute_dtype())
+        cpu = max(snapshot.cpu.available_bytes - _CPU_HEADROOM_BYTES, 0)
+        max_memory["cpu"] = cpu
+    return Room(room, free, max_memory, _compute_dtype(), cpu)
 
 
-def make_runnable(
-    fixes: tuple[Fix, ...],
-    cell: str,
-    oom: OOMInfo | None,
-    room: Room,
-    needs: Mapping[str, int] | None = None,
-) -> tuple[Fix, ...]:
-    """Attach to each fix the cell it runs (and a diff to show), and whether it is expected to fit. A fix
-    the cell already has (bf16 on a bfloat16 load) is dropped; one the cell gives it nothing to change for
-    stays as advice, with the reason. ``needs``: the estimator's peak bytes per load fix key, for the
-    model the cell loads."""
-    requested = oom.requested_bytes if oom else None
+def make_runnable(fixes: tuple[Fix, ...], context: Context) -> tuple[Fix, ...]:
+    """Each fix with the cell it runs (and a diff to show) once checked, ranked fits first (see the
+    module's doc); fixes that fail a check are left out."""
     planned: list[Fix] = []
     for fix in fixes:
-        if fix.key in REWRITE_FIXES:
-            try:
-                fixed_cell = rewrite(cell, fix.key, **_options(fix.key, room))
-            except NotApplicable as reason:
-                if not reason.already:  # a fix the cell already has is no way out: it is dropped
-                    planned.append(replace(fix, why=f"{fix.why} (Apply it by hand: {reason.reason}.)"))
-                continue
-            fix = replace(fix, rewritten_cell=fixed_cell, code=diff(cell, fixed_cell))
+        if fix.key in FIXES:
+            checked = _checked(fix, context)
+            if checked is not None:
+                planned.append(checked)
         elif fix.key == "free":
-            fix = replace(fix, rewritten_cell=cell)
+            planned.append(replace(fix, rewritten_cell=context.cell.source))
         elif fix.key == "lift-cap":
-            fix = replace(fix, rewritten_cell=_LIFT_CAP + cell)
-        planned.append(_estimate(fix, requested, room, cell, needs or {}))
-    return tuple(planned)
+            planned.append(_lift_cap(replace(fix, rewritten_cell=_LIFT_CAP + context.cell.source), context))
+        else:
+            planned.append(fix)
+    return tuple(sorted(planned, key=_group))
 
 
-def _estimate(fix: Fix, requested: int | None, room: Room, cell: str, needs: Mapping[str, int]) -> Fix:
-    if fix.key in _ALWAYS_FITS:
-        return replace(fix, fits=True)
-    if fix.fits is not None:  # "free" was judged by the diagnosis
+def _group(fix: Fix) -> int:
+    """0: runnable and estimated to fit; 1: runnable, may fit; 2: advice and fixes that undo a setting;
+    3: estimated not to fit."""
+    if fix.fits is False:
+        return 3
+    if not fix.runnable or fix.key in _ADVICE:
+        return 2
+    return 0 if fix.fits else 1
+
+
+def _checked(fix: Fix, context: Context) -> Fix | None:
+    try:
+        made = apply_fix(context.cell, fix.key, _options(fix.key, context.room))
+    except NotApplicable as reason:
+        if reason.elsewhere and fix.key in context.advise_elsewhere:  # code of an earlier cell: by hand
+            return replace(fix, why=f"{fix.why} (Apply it by hand: {reason.reason}.)")
+        return None
+    try:
+        compile(made.code, "<fixed cell>", "exec")
+        after = read_cell(made.code, context.namespace)
+    except (SyntaxError, cst.ParserSyntaxError):  # a fix must never hand back broken code
+        return None
+    fix = replace(fix, title=made.title, rewritten_cell=made.code, code=diff(context.cell.source, made.code))
+    if made.note:
+        fix = replace(fix, why=f"{fix.why} {made.note}")
+    if fix.key in ("bf16", "8bit", "4bit"):
+        return _sized_load(fix, context, after)
+    if fix.key == "offload":
+        return _sized_offload(fix, context)
+    if fix.key in ("cpu", "merge-cpu"):
+        return _sized_on_cpu(fix, context)
+    return fix
+
+
+def _sized_load(fix: Fix, context: Context, after: Cell) -> Fix | None:
+    """The estimator's need for the fixed cell's loads against the room; None when it needs no less than
+    the cell as written."""
+    from vram_magic._preflight import need
+
+    if _shrinks(context, after) is False:
+        return None  # changes nothing the load needs
+    after_need = need(_sized_loads(after, context.failed_load))
+    if after_need is None:
         return fix
-    needed: int | None = None
-    available = room.gpu_bytes
-    if fix.key in needs:  # from the model's config: see _estimate.plans
-        needed = needs[fix.key]
-    elif requested is None:
-        return fix
-    elif fix.key in _LOAD_SHARE:
-        needed = int(requested * _LOAD_SHARE[fix.key])
-    elif fix.key == "bf16" and _FLOAT32.search(cell):
-        needed = requested // 2  # only a load the cell asks for in float32 is known to halve
-    elif fix.key == "lift-cap":
-        needed, available = requested, room.gpu_free_without_cap_bytes
-    if needed is None or available is None:
+    needed = after_need[0]
+    room = context.room.gpu_bytes
+    if room is None:
         return replace(fix, needed_bytes=needed)
-    fits = needed <= available
-    if not fits:
+    fits: bool | None = needed <= room
+    if fits and not context.failed_in_load:
+        fits = None  # the load fits, but the step that failed needs more than its weights
+    if fits is False:
         fix = replace(fix, why=f"{fix.why} Estimated not to fit: needs about {format_bytes(needed)}.")
     return replace(fix, needed_bytes=needed, fits=fits)
 
 
-def _options(fix_key: str, room: Room) -> dict[str, object]:
-    if fix_key == "4bit":
-        return {"compute_dtype": room.compute_dtype}
+def _shrinks(context: Context, after: Cell) -> bool | None:
+    """Whether the fix makes the load that failed (else the biggest one judged) need less: None without
+    figures. Fixes keep a cell's loads in order, so the same index names the same load."""
+    from vram_magic._preflight import estimate_load
+
+    loads = _sized_loads(context.cell, context.failed_load)
+    if context.failed_load is not None and context.failed_load < len(context.cell.loads):
+        index = context.failed_load
+    elif loads:
+        index = context.cell.loads.index(loads[-1])
+    else:
+        return None
+    if index >= len(after.loads):
+        return None
+    try:
+        before = estimate_load(context.cell.loads[index]).peak_bytes
+        fixed = estimate_load(after.loads[index]).peak_bytes
+    except Exception:  # no figures (see _preflight's _NO_FIGURES)
+        return None
+    return fixed < before
+
+
+def _sized_loads(cell: Cell, failed: int | None = None) -> list[Load]:
+    """The loads preflight judges, and the load that failed even where the text does not say it goes to
+    the GPU (a ``.to(device)`` of an earlier cell's device): it did. A fix keeps the loads in order."""
+    from vram_magic._preflight import judged, sizable
+
+    loads = list(judged(cell))
+    if failed is not None and failed < len(cell.loads):
+        load = cell.loads[failed]
+        if load not in loads and sizable(load) and load.where != "cpu":
+            loads.append(replace(load, moved="cuda"))
+            loads.sort(key=lambda each: each.lines[0])
+    return loads
+
+
+def _sized_offload(fix: Fix, context: Context) -> Fix:
+    """Offloading fits the GPU by construction (``max_memory``); what goes to CPU RAM must fit there."""
+    from vram_magic._preflight import estimate_load
+
+    room = context.room
+    limit = room.max_memory.get(0)
+    if limit is None and room.gpu_bytes is not None:  # no live GPU figures: the room planned for
+        limit = max(room.gpu_bytes - max(int(room.gpu_bytes * _GPU_HEADROOM), _MIN_GPU_HEADROOM_BYTES), 0)
+    loads = _sized_loads(context.cell, context.failed_load)
+    if limit is None or not loads:
+        return fix
+    try:
+        spilled = sum(
+            estimate_load(load, device_map="auto", gpu_bytes=limit).offloaded_bytes for load in loads
+        )
+    except Exception:  # no figures (see _preflight's _NO_FIGURES)
+        return fix
+    return _cpu_ram_verdict(replace(fix, fits=True), spilled, context)
+
+
+def _sized_on_cpu(fix: Fix, context: Context) -> Fix:
+    """A fix that puts a model in CPU RAM: offered to run only if RAM holds it."""
+    needed = _cpu_bytes(fix.key, context)
+    if needed is None:
+        return replace(fix, fits=True) if fix.key == "merge-cpu" else fix
+    return _cpu_ram_verdict(replace(fix, fits=True), needed, context)
+
+
+def _cpu_ram_verdict(fix: Fix, needed: int, context: Context) -> Fix:
+    available = context.room.cpu_bytes
+    if available is None or needed <= available:
+        return fix
+    return replace(
+        fix,
+        rewritten_cell=None,
+        fits=False,
+        why=(
+            f"{fix.why} Not offered to run: it needs about {format_bytes(needed)} of CPU RAM and "
+            f"{format_bytes(available)} is free; running out of RAM would kill the kernel and lose every "
+            "variable."
+        ),
+    )
+
+
+def _cpu_bytes(key: str, context: Context) -> int | None:
+    """CPU RAM the fix needs: the weights it loads or moves there."""
+    from vram_magic._preflight import estimate_load
+
+    cell = context.cell
+    if key == "cpu":
+        loads = _sized_loads(cell, context.failed_load)
+        try:
+            return (
+                sum(estimate_load(load, device_map="cpu").offloaded_bytes for load in loads)
+                if loads
+                else None
+            )
+        except Exception:
+            return None
+    total = 0
+    for merge in cell.merges:
+        name = merge.receiver_name
+        held = cell.names.resolve(name.split(".")[0]) if name else None
+        model = _attribute_path(held.value, name) if isinstance(held, Held) and name else None
+        if model is not None:
+            total += _tensor_bytes(model)
+        elif merge.load is not None and merge.load.base is not None:
+            base = next(
+                (
+                    load
+                    for load in cell.loads
+                    if load.call is merge.load.base or load.bound_to == _name(merge.load.base)
+                ),
+                None,
+            )
+            if base is not None and base.model is not None:
+                try:
+                    total += estimate_load(base, device_map="cpu").offloaded_bytes
+                except Exception:
+                    return None
+    return total or None
+
+
+def _attribute_path(value: object, dotted: str) -> object:
+    for part in dotted.split(".")[1:]:
+        value = getattr(value, "__dict__", {}).get(part)
+    return value
+
+
+def _name(expr: object) -> str | None:
+    return expr.value if isinstance(expr, cst.Name) else None
+
+
+def _tensor_bytes(model: object) -> int:
+    """Bytes of every distinct storage a model holds (counted by ``_who``, no copy made)."""
+    from vram_magic._who import tensors_in
+
+    seen: dict[int, int] = {}
+    for device in ("cuda", "cpu"):
+        for tensor in tensors_in(model, device):
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _lift_cap(fix: Fix, context: Context) -> Fix:
+    requested = context.oom.requested_bytes if context.oom else None
+    available = context.room.gpu_free_without_cap_bytes
+    if requested is None or available is None:
+        return fix
+    fits = requested <= available
+    if not fits:
+        fix = replace(fix, why=f"{fix.why} Estimated not to fit: needs about {format_bytes(requested)}.")
+    return replace(fix, needed_bytes=requested, fits=fits)
+
+
+def _options(fix_key: str, room: Room) -> Options:
     if fix_key == "offload" and any(isinstance(key, int) for key in room.max_memory):
         # Without a GPU's figures, limits would name only the CPU and keep the whole model off the GPU:
         # device_map="auto" alone lets accelerate measure the GPUs itself.
-        return {"max_memory": room.max_memory}
-    return {}
+        return Options(compute_dtype=room.compute_dtype, max_memory=room.max_memory)
+    dtype = room.compute_dtype
+    return Options(compute_dtype=dtype, dtype=dtype)
 
 
 def _gpu_room(gpu: GpuSnapshot) -> int | None:
@@ -133,8 +323,6 @@ def _gpu_room(gpu: GpuSnapshot) -> int | None:
 
 def _compute_dtype() -> str:
     """bfloat16 where the GPU supports it (Ampere and newer) or there is no GPU; else float16."""
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         return "float16"

@@ -1,23 +1,19 @@
 """Preflight: before a ``%%oomsafe`` cell runs, estimate its model loads against the room on the GPU.
 
-Which loads are judged is ``_loads.loads_in``: those that surely run and surely go to the GPU, whose model is
-known without running the cell. Estimates come from ``_estimate`` (the config alone). A cell without
-``from_pretrained`` costs one substring test. After an OOM, ``load_needs`` sizes the fixes for the load that
-failed (``_loads.load_at``).
+A load is judged only if it surely runs and surely goes to the GPU (``judged``, from the cell's one reading):
+in the cell's top-level statements or ``with`` blocks, with a cuda ``device_map``, a GPU move, ``with
+torch.device("cuda")`` or bitsandbytes quantization, and with its model, dtype and quantization known from the
+text and the notebook's names. Estimates come from ``_estimate`` (the config alone). The same arithmetic sizes
+the fixes: a fixed cell is read again and judged the same way (``vram_magic._plan``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from vram_magic._cells import analyse_cell
-from vram_magic._diagnose import LOAD_FIXES
-from vram_magic._estimate import Estimate, estimate, plans
-from vram_magic._loads import Load, loads_in, placed_by_accelerate
-from vram_magic._plan import Room, make_runnable
-from vram_magic._render_text import format_bytes
-from vram_magic._types import Cause, Cleanup, MemorySnapshot, Report
+from vram_magic._estimate import Estimate, estimate
+from vram_magic.cell import Cell, Load
 
 # _NO_FIGURES: estimating a model the user chose can fail for reasons of its own (no config to read, an
 # architecture transformers cannot build on the meta device, a placement accelerate cannot split). Preflight
@@ -44,72 +40,83 @@ class Verdict:
         return max(zip(self.loads, self.estimates, strict=True), key=lambda pair: pair[1].peak_bytes)
 
 
-def check(cell: str, namespace: Mapping[str, object], room_bytes: int) -> Verdict | None:
-    """The verdict on the cell's loads, or None when it has none we can estimate (then say nothing).
+def judged(cell: Cell) -> tuple[Load, ...]:
+    """The loads preflight judges: they surely run, surely go to the GPU, and their size is known from the
+    text (model, dtype and quantization), not only by running them."""
+    return tuple(
+        load
+        for load in cell.loads
+        if load.surely and sizable(load) and (load.where == "gpu" or (load.where == "auto" and _stays(load)))
+    )
 
-    Each load needs its own peak plus the weights of the earlier loads still held when it runs (a name
-    deleted or bound again in between lets its model go)."""
-    loads, estimates = [], []
-    for load in loads_in(cell, namespace):
-        if placed_by_accelerate(load):
-            continue
+
+def sizable(load: Load) -> bool:
+    """Whether the estimator can size this load from what the cell says (its model and quantization)."""
+    return (
+        load.kind == "model"
+        and load.model is not None
+        and not load.sized_by_run
+        and load.quantization in (None, "4bit", "8bit")
+    )
+
+
+def _stays(load: Load) -> bool:
+    """An auto ``device_map`` that cannot offload: bitsandbytes refuses to put layers on the CPU unless
+    ``llm_int8_enable_fp32_cpu_offload`` is set (accelerate places any other auto load so that it fits)."""
+    return load.quantized and not load.offload_allowed
+
+
+def estimate_load(load: Load, **extra: object) -> Estimate:
+    """The estimator's figures for one load as the cell writes it (may raise: see _NO_FIGURES)."""
+    options: dict[str, object] = {
+        "dtype": load.dtype if load.dtype not in (None, "auto", "unknown") else None,
+        "quantization": load.quantization if load.quantized else None,
+    }
+    options.update(extra)
+    return estimate(load.model or "", **options)  # type: ignore[arg-type]
+
+
+def need(loads: Sequence[Load]) -> tuple[int, list[Load], list[Estimate]] | None:
+    """The most the GPU holds at once while ``loads`` run: each load's own peak plus the weights of earlier
+    loads still held (a name deleted or bound again in between lets its model go); None without figures."""
+    kept, estimates = [], []
+    for load in loads:
         try:
-            found = estimate(
-                load.model, dtype=load.dtype, quantization=load.quantization, device_map=load.device_map
-            )
+            found = estimate_load(load, device_map="cuda" if load.where == "gpu" else load.device_map)
         except Exception:  # no verdict on this load (see _NO_FIGURES)
             continue
-        loads.append(load)
+        kept.append(load)
         estimates.append(found)
     if not estimates:
         return None
-    need = max(
+    most = max(
         estimates[i].peak_bytes
-        + sum(estimates[j].weights_bytes for j in range(i) if loads[j].alive_at(loads[i].step))
-        for i in range(len(loads))
+        + sum(estimates[j].weights_bytes for j in range(i) if kept[j].alive_at(kept[i].step))
+        for i in range(len(kept))
     )
-    return Verdict(tuple(loads), tuple(estimates), need, room_bytes)
+    return most, kept, estimates
 
 
-def load_needs(load: Load, room_bytes: int | None) -> dict[str, int]:
-    """What each load fix would need at its peak for ``load`` (bytes, by fix key: ``8bit``, ``4bit``,
-    ``offload``, and ``bf16`` where the load is in float32, the one case bf16 shrinks); empty when it cannot
-    be estimated. ``room_bytes`` sizes the offload."""
-    try:
-        rows = plans(load.model, free_bytes=room_bytes, dtype=load.dtype)
-        needs = {plan.key: plan.need_bytes for plan in rows[1:]}  # rows[0] is the load as written
-        if rows[0].estimate.dtype == "float32":
-            needs["bf16"] = estimate(load.model, dtype="bfloat16").peak_bytes
-    except Exception:  # no figures (see _NO_FIGURES)
-        return {}
-    return needs
+def check(cell: Cell, room_bytes: int) -> Verdict | None:
+    """The verdict on the cell's judged loads, or None when it has none we can estimate (then say nothing)."""
+    found = need(judged(cell))
+    if found is None:
+        return None
+    most, loads, estimates = found
+    return Verdict(tuple(loads), tuple(estimates), most, room_bytes)
 
 
-def preflight_report(cell: str, verdict: Verdict, snapshot: MemorySnapshot, room: Room) -> Report:
-    """A load estimated not to fit, as a report: why, and the load fixes with the estimator's verdicts."""
-    load, first = verdict.biggest
-    where = "on this GPU" if snapshot.gpus else "under the cap planned for (no GPU here)"
-    headline = (
-        f"Not run: the model load would need about {format_bytes(verdict.need_bytes)} at its peak, "
-        f"more than the {format_bytes(verdict.room_bytes)} {where}."
-    )
-    cause = Cause(
-        "estimate",
-        f"Loading {first.model} ({first.label}) needs about {format_bytes(first.peak_bytes)} at its peak: "
-        f"{format_bytes(first.weights_bytes)} of weights, reserved in one allocation while loading. "
-        "Run it anyway with `%%oomsafe --force`.",
-    )
-    needs = load_needs(load, verdict.room_bytes)
-    fixes = make_runnable(LOAD_FIXES, cell, None, replace(room, gpu_bytes=verdict.room_bytes), needs)
-    return Report(
-        error_text=headline,
-        oom=None,
-        cell=cell,
-        analysis=analyse_cell(cell),
-        snapshot=snapshot,
-        holders=(),
-        cleanup=Cleanup(released=(), reclaimed_bytes=None, freed_tensor_bytes=0),
-        causes=(cause,),
-        fixes=fixes,
-        headline=headline,
-    )
+def load_at(cell: Cell, line: int) -> Load | None:
+    """The model load on ``line`` (1 = the cell's first line): the innermost load whose call spans the line,
+    else the only load of the statement that holds it."""
+    spanning = [
+        load for load in cell.loads if load.kind == "model" and load.lines[0] <= line <= load.lines[1]
+    ]
+    if spanning:
+        return min(spanning, key=lambda load: (load.lines[1] - load.lines[0], -load.lines[0]))
+    for step in cell.steps:
+        start, end = step.lines
+        if start <= line <= end:
+            inside = [load for load in cell.loads if load.kind == "model" and start <= load.lines[0] <= end]
+            return inside[0] if len(inside) == 1 else None
+    return None

@@ -199,6 +199,7 @@ class CellAnalysis:
     failed_statement: str | None = None
     assigned_names: tuple[str, ...] = ()
     used_names: tuple[str, ...] = ()
+    loads: int = 0  # model loads the cell makes
 
 
 @dataclass(frozen=True)

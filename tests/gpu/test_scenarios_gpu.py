@@ -155,7 +155,10 @@ def test_s2_qlora_rescued_by_the_rerun_button(gpu: Any, llama: Path, tmp_path: P
     number = sc.fix_number(report, "half-batch")
     with capture_output() as captured:
         sc.magics(ip).apply_fix(report, number)
-    assert f"Fix {number} worked: Halve the batch, double gradient accumulation" in captured.stdout
+    assert (
+        f"Fix {number} worked: Halve the batch (4 → 2) and double gradient accumulation (1 → 2)"
+        in captured.stdout
+    )
     _assert_trained_at_half_batch(ip)
 
 
@@ -163,7 +166,7 @@ def test_s2_qlora_rescued_by_auto(gpu: Any, llama: Path, tmp_path: Path) -> None
     ip = gpu
     cap = sc.prepare(ip, sc.SCENARIOS["qlora"], llama, tmp_path)
     shown = _auto(ip, sc.QLORA_CELL, cap)
-    assert "--auto: fix 1 worked: Halve the batch, double gradient accumulation." in shown
+    assert "--auto: fix 1 worked: Halve the batch (4 → 2) and double gradient accumulation (1 → 2)" in shown
     assert "per_device_train_batch_size=2," in shown and "gradient_accumulation_steps=2," in shown
     _assert_trained_at_half_batch(ip)
 

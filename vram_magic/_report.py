@@ -1,0 +1,121 @@
+"""One report for one failure: read the cell, diagnose, make the fixes runnable and checked.
+
+Pure Python (no IPython): the magics hand in what they observed (the error's figures, a snapshot, the
+holders, what the cleanup freed) and get back the ``Report`` every renderer reads. Preflight's report, for a
+load that was not run, is made the same way.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+
+import libcst as cst
+
+from vram_magic._diagnose import ADVISE_BY_HAND, LOAD_FIXES, diagnose
+from vram_magic._plan import Context, Room, make_runnable, room_after_cleanup
+from vram_magic._preflight import Verdict, load_at
+from vram_magic._render_text import format_bytes
+from vram_magic._types import Cause, CellAnalysis, Cleanup, Holder, MemorySnapshot, OOMInfo, Report
+from vram_magic.cell import Cell, analyse, read_cell
+
+
+def read(source: str, body: str, namespace: Mapping[str, object]) -> Cell | None:
+    """The reading of the text fixes rewrite: the user's own text when it is Python (diffs then look like
+    their code), else IPython's transform of it; None when neither parses."""
+    for text in (source, body):
+        try:
+            ast.parse(text)
+            return read_cell(text, namespace)
+        except (SyntaxError, cst.ParserSyntaxError, ValueError):
+            continue
+    return None
+
+
+def explain(
+    *,
+    oom: OOMInfo,
+    error_text: str,
+    traceback_text: str,
+    source: str,
+    body: str,
+    failed_line: int | None,
+    snapshot: MemorySnapshot,
+    holders: tuple[Holder, ...],
+    cleanup: Cleanup,
+    namespace: Mapping[str, object],
+    bytes_freed_by: Callable[[Sequence[str]], int],
+) -> Report:
+    """The report of an OOM in a cell. ``failed_line`` counts the ``%%oomsafe`` line as line 1."""
+    cell = read(source, body, namespace)
+    line = failed_line - 1 if failed_line is not None else None
+    if cell is None:
+        analysis = CellAnalysis(kind="other", failed_line=failed_line)
+    else:
+        analysis = replace(analyse(cell, line, shown_source=source), failed_line=failed_line)
+    causes, fixes = diagnose(oom, snapshot, holders, analysis, cleanup, bytes_freed_by)
+    room = room_after_cleanup(snapshot, oom, cleanup.best_bytes)
+    planned = fixes
+    if cell is not None:
+        failed = load_at(cell, line) if line is not None else None
+        context = Context(
+            cell=cell,
+            namespace=namespace,
+            oom=oom,
+            room=room,
+            failed_in_load=analysis.kind == "load",
+            advise_elsewhere=ADVISE_BY_HAND.get(analysis.kind, frozenset()),
+            failed_load=cell.loads.index(failed) if failed is not None else None,
+        )
+        planned = make_runnable(fixes, context)
+    return Report(
+        error_text=error_text,
+        oom=oom,
+        cell=source,
+        analysis=analysis,
+        snapshot=snapshot,
+        holders=holders,
+        cleanup=cleanup,
+        causes=causes,
+        fixes=planned,
+        traceback_text=traceback_text,
+    )
+
+
+def preflight_report(
+    cell: Cell, verdict: Verdict, snapshot: MemorySnapshot, room: Room, namespace: Mapping[str, object]
+) -> Report:
+    """A load estimated not to fit, as a report: why, and the load fixes with the estimator's verdicts."""
+    load, first = verdict.biggest
+    where = "on this GPU" if snapshot.gpus else "under the cap planned for (no GPU here)"
+    headline = (
+        f"Not run: the model load would need about {format_bytes(verdict.need_bytes)} at its peak, "
+        f"more than the {format_bytes(verdict.room_bytes)} {where}."
+    )
+    cause = Cause(
+        "estimate",
+        f"Loading {first.model} ({first.label}) needs about {format_bytes(first.peak_bytes)} at its peak: "
+        f"{format_bytes(first.weights_bytes)} of weights, reserved in one allocation while loading. "
+        "Run it anyway with `%%oomsafe --force`.",
+    )
+    context = Context(
+        cell=cell,
+        namespace=namespace,
+        oom=None,
+        room=replace(room, gpu_bytes=verdict.room_bytes),
+        advise_elsewhere=ADVISE_BY_HAND["load"],
+        failed_load=cell.loads.index(load) if load in cell.loads else None,
+    )
+    return Report(
+        error_text=headline,
+        oom=None,
+        cell=cell.source,
+        analysis=analyse(cell),
+        snapshot=snapshot,
+        holders=(),
+        cleanup=Cleanup(released=(), reclaimed_bytes=None, freed_tensor_bytes=0),
+        causes=(cause,),
+        fixes=make_runnable(LOAD_FIXES, context),
+        headline=headline,
+    )
