@@ -136,7 +136,7 @@ def test_other_processes_seen_only_as_a_remainder_are_labelled() -> None:
 
 def test_a_message_without_figures_still_gets_a_cause() -> None:
     oom = _oom("cuda_error_out_of_memory.txt")
-    causes, fixes = _diagnose(oom, NO_GPU, (), analyse_cell("\ny = model(x)\n", 2), NO_CLEANUP)
+    causes, fixes = _diagnose(oom, NO_GPU, (), analyse_cell("\ny = torch.mm(x, x)\n", 2), NO_CLEANUP)
     assert _keys(causes) == ["unknown"]
     assert causes[0].text.startswith("RuntimeError: CUDA error: out of memory")
     assert fixes == ()

@@ -770,7 +770,7 @@ CASES = [
     (LOAD, "offload"),
     (LOAD, "cpu"),
     (LOAD_8BIT_KEYWORD, "4bit"),
-    (LOAD_8BIT_KEYWORD, "8bit"),
+    (LOAD_8BIT_KEYWORD, "offload"),
     (EXISTING_CONFIG, "4bit"),
     (CHAINED, "4bit"),
     (CHAINED, "cpu"),

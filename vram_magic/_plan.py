@@ -135,8 +135,15 @@ def _sized_load(fix: Fix, context: Context, after: Cell) -> Fix | None:
     the cell as written."""
     from vram_magic._preflight import need
 
-    if _shrinks(context, after) is False:
+    shrinks = _shrinks(context, after)
+    if shrinks is False:
         return None  # changes nothing the load needs
+    if (
+        shrinks is None
+        and fix.key == "bf16"
+        and not any(load.dtype == "float32" for load in context.cell.loads)
+    ):
+        return None  # without figures, only a load the cell asks for in float32 is known to shrink
     after_need = need(_sized_loads(after, context.failed_load))
     if after_need is None:
         return fix

@@ -17,7 +17,7 @@ from typing import Literal
 import libcst as cst
 
 LoadKind = Literal["model", "peft", "adapter", "pipeline", "foreign"]
-Role = Literal["train", "eval", "inference"]
+Role = Literal["train", "eval", "inference", "unknown"]
 GradState = Literal["on", "off"]
 
 
@@ -161,6 +161,8 @@ class Generate(Site):
     batched: bool | None = None
     max_new_tokens: int | None = None
     cache_implementation: str | None = None
+    of_model: bool | None = None  # a transformers model (False: something else, such as a vLLM engine)
+    on_cpu: bool = False  # the model is a load of this cell that stays in CPU RAM
 
 
 @dataclass(frozen=True, eq=False)

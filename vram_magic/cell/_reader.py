@@ -42,7 +42,14 @@ _NOT_MODELS = ("Tokenizer", "Processor", "Config", "FeatureExtractor", "Schedule
 _OWN_LIBRARIES = ("transformers", "peft", "trl")
 # Loaders of other libraries whose from_pretrained takes no BitsAndBytesConfig: AutoGPTQ, AutoAWQ, unsloth...
 _FOREIGN = re.compile(r"GPTQ|AWQ|Awq|Exllama|^Fast[A-Z]|Sentence|UNet|Unet|Diffusion|VLLM")
-_MODEL_CLASS = re.compile(r"^Auto\w*Model|Model$|For[A-Z]")
+# A model class by its name; also a variable holding one (``model_class``, ``model_cls``).
+_MODEL_CLASS = re.compile(r"^Auto\w*Model|Model$|For[A-Z]|(?i:^model_?(?:class|cls)$)")
+# A name the notebook does not hold, read as a model by its name: moved (``base_model.to(...)``), or called on
+# inputs (``model(**inputs)``; not ``get_peft_model(model)``, a function).
+_MODEL_NAME = re.compile(r"(?:^|_)model$", re.IGNORECASE)
+_CALLED_MODEL = re.compile(
+    r"^(?:base_|peft_|merged_|lora_|ref_|reward_|policy_|draft_)?model$", re.IGNORECASE
+)
 _CHAIN_METHODS = frozenset(
     {"to", "cuda", "cpu", "half", "float", "bfloat16", "eval", "train", "requires_grad_"}
 )
@@ -174,7 +181,7 @@ class _Reader:
         loads = [load for site in self.walk.calls if (load := self._load(site)) is not None]
         self.loads_by_call = {id(load.call): load for load in loads}
         moves = [move for site in self.walk.calls if (move := self._move(site)) is not None]
-        loads = [self._placed(load, moves) for load in loads]
+        loads = self._given_to_pipelines([self._placed(load, moves) for load in loads])
         self.loads_by_call = {id(load.call): load for load in loads}
         moves = [replace(move, load=self._source_load(move.receiver, move.lines[0])) for move in moves]
         trains, training_lines = self._training()
@@ -288,6 +295,13 @@ class _Reader:
             return None if value is None else self._source_load(value, line, depth + 1)
         return None
 
+    def _own_load(self, expr: cst.BaseExpression, line: int) -> Load | None:
+        """The load of this cell ``expr`` is, or is bound to (not following an adapter to its base)."""
+        if isinstance(expr, cst.Name):
+            value = self._value_before(expr.value, line)
+            expr = value if value is not None else expr
+        return self.loads_by_call.get(id(expr)) if isinstance(expr, cst.Call) else None
+
     def _value_before(self, name: str, line: int) -> cst.BaseExpression | None:
         """What ``name`` was last assigned (``name = value``) by a statement that ended before ``line``."""
         found = None
@@ -298,14 +312,20 @@ class _Reader:
                 break
         return found
 
-    def is_model(self, expr: cst.BaseExpression, line: int) -> bool:
+    def is_model(
+        self, expr: cst.BaseExpression, line: int, *, by_name: re.Pattern[str] | None = None
+    ) -> bool:
         """A loaded model: a load of this cell (through chains, wrappers and names), or a model the notebook
-        holds (a torch module)."""
+        holds (a torch module); a name the notebook does not hold (the cell read alone) when ``by_name``
+        matches it."""
+        by_name = by_name or _MODEL_NAME
         load = self._source_load(expr, line)
         if load is not None:
             return load.kind != "pipeline"
         if isinstance(expr, cst.Name) and self._value_before(expr.value, line) is None:
             value = self.names.resolve(expr.value)
+            if value is None:  # a name the notebook does not hold (the cell read alone): by its name
+                return by_name.search(expr.value) is not None
             return isinstance(value, Held) and _is_torch_module(value.value)
         if isinstance(expr, cst.Attribute) and isinstance(expr.value, cst.Name):
             owner = self.names.resolve(expr.value.value)
@@ -377,6 +397,8 @@ class _Reader:
             dtype, dtype_by_cast = (casts[-1], True) if casts else (None, False)
         quantization, legacy, offload = self._quantization(keywords)
         placement = keywords.get("device_map")
+        if isinstance(placement, cst.Name) and placement.value == "None":
+            placement = None  # device_map=None: not given
         if placement is None and kind == "pipeline":
             placement = keywords.get("device")
         device_map = None if placement is None else self.names.place(placement)
@@ -486,17 +508,39 @@ class _Reader:
         for step in range(load.step + 1, len(self.walk.steps)):
             if moved is None and self.walk.steps[step].surely:
                 for move in moves:
-                    if (
-                        move.step == step
-                        and move.surely
-                        and _root_name(move.receiver) == name
-                        and move.target
-                    ):
+                    if move.step == step and move.surely and move.target and self._moves(move, load):
                         moved = move.target if move.target in ("cuda", "cpu") else "unknown"
             if name in self.step_binds[step]:
                 released = step
                 break
         return replace(load, moved=moved, released_at=released)
+
+    def _moves(self, move: Move, load: Load) -> bool:
+        """Whether ``move`` moves the model ``load`` made: by its name (through casts chained on it), or
+        through a wrapper bound to another name (``model = PeftModel.from_pretrained(base, ...)``)."""
+        if _root_name(move.receiver) == load.bound_to:
+            return True
+        return self._source_load(move.receiver, move.lines[0]) is load
+
+    def _given_to_pipelines(self, loads: list[Load]) -> list[Load]:
+        """A load handed to ``pipeline(model=...)`` goes where the pipeline puts it (GPU 0 by default)."""
+        placed = list(loads)
+        for pipe in loads:
+            if pipe.kind != "pipeline" or not pipe.model_is_object or pipe.where != "gpu":
+                continue
+            keywords, _ = keyword_values(pipe.call, self.names)
+            given = keywords.get("model")
+            source = (
+                self._source_load(given, pipe.lines[0]) if isinstance(given, cst.BaseExpression) else None
+            )
+            for index, load in enumerate(placed):
+                if (
+                    source is not None
+                    and self.loads_by_call.get(id(load.call)) is source
+                    and load.moved is None
+                ):
+                    placed[index] = replace(load, moved="cuda")
+        return placed
 
     # --- moves ------------------------------------------------------------------------------------
 
@@ -611,7 +655,7 @@ class _Reader:
             if len(assign.targets) == 1 and assign.value is outermost and dotted(assign.targets[0].target):
                 target = dotted(assign.targets[0].target)
         receiver = func.value
-        loaded = self._source_load(receiver, site.lines[0])
+        loaded = self._own_load(receiver, site.lines[0])
         kept = target or dotted(receiver)
         later = [
             use for use in self.walk.uses if kept and use.name == kept.split(".")[0] and use.step > site.step
@@ -629,9 +673,7 @@ class _Reader:
             receiver=receiver,
             receiver_name=dotted(receiver),
             target=target,
-            load=loaded
-            if isinstance(receiver, cst.Call) or (loaded and loaded.kind in ("adapter", "peft"))
-            else None,
+            load=loaded if loaded is not None and loaded.kind in ("adapter", "peft") else None,
             moved_after=_moved_by(chain, self.names) == "cuda",
             used_after=any(use.attribute not in _SAVING for use in later),
             saved_after=saved_after or saving_chained,
@@ -642,6 +684,8 @@ class _Reader:
         if not isinstance(func, cst.Attribute) or func.attr.value != "generate":
             return None
         keywords, _ = keyword_values(site.call, self.names)
+        line = site.lines[0]
+        source = self._source_load(func.value, line)
         return Generate(
             lines=site.lines,
             step=site.step,
@@ -649,14 +693,29 @@ class _Reader:
             call=site.call,
             statement=site.statement,
             receiver_name=dotted(func.value),
-            batched=self._batched(site.call, site.lines[0]),
+            batched=self._batched(site.call, line),
             max_new_tokens=self.names.integer(keywords.get("max_new_tokens")),
             cache_implementation=self.names.text(keywords.get("cache_implementation")),
+            of_model=self._of_model(func.value, line),
+            on_cpu=source is not None and source.where in ("cpu", "ram"),
         )
+
+    def _of_model(self, expr: cst.BaseExpression, line: int) -> bool | None:
+        """Whether ``expr`` is a transformers model: True, False (something else the cell or notebook has),
+        or None (unknown)."""
+        if self.is_model(expr, line):
+            return True
+        if isinstance(expr, cst.Name):
+            if self._value_before(expr.value, line) is not None:
+                return False  # bound in this cell to something that is not a model load
+            held = self.names.resolve(expr.value)
+            if isinstance(held, Held):
+                return False
+        return None
 
     def _forward(self, site: CallSite, trains: bool) -> Forward | None:
         call = site.call
-        if not call.args or not self.is_model(call.func, site.lines[0]):
+        if not call.args or not self.is_model(call.func, site.lines[0], by_name=_CALLED_MODEL):
             return None
         if isinstance(call.func, cst.Call):
             return None
@@ -722,8 +781,26 @@ class _Reader:
             if isinstance(func, cst.Attribute) and func.attr.value in ("to", "cuda"):
                 return self._rows(func.value, line, depth + 1)
             callee = (dotted(func) or "").lower()
+            if callee.endswith("apply_chat_template") and expr.args:
+                return self._conversations(expr.args[0].value, line)
             if ("tok" in callee or "processor" in callee) and expr.args:
                 return self._rows(expr.args[0].value, line, depth + 1) or 1
+        return None
+
+    def _conversations(self, expr: cst.BaseExpression, line: int) -> int | None:
+        """How many chats ``apply_chat_template`` gets: a list of message dicts is one, of lists many."""
+        if isinstance(expr, cst.Name):
+            value = self._value_before(expr.value, line)
+            if value is None:
+                held = self.names.resolve(expr.value)
+                if isinstance(held, Held) and isinstance(held.value, list):
+                    items = held.value
+                    return len(items) if items and all(isinstance(i, list) for i in items) else 1
+                return None
+            expr = value
+        if isinstance(expr, (cst.List, cst.Tuple)):
+            inner = [element.value for element in expr.elements]
+            return len(inner) if inner and all(isinstance(i, (cst.List, cst.Tuple)) for i in inner) else 1
         return None
 
     # --- batch sizes and accumulation ---------------------------------------------------------------
@@ -750,7 +827,7 @@ class _Reader:
                 key = self.names.text(element.key) if isinstance(element, cst.DictElement) else None
                 if key is not None and is_batch_name(key):
                     assert isinstance(element, cst.DictElement)
-                    role = _role(key, True, trains)
+                    role = _role(key, False, trains)
                     found.append(self._batch(element, key, element.value, role, lines, step, surely))
         for index, statement in enumerate(self.walk.steps):
             line = statement.node
@@ -766,7 +843,9 @@ class _Reader:
                         )
                         found.append(replace(batch, variable=target.value, from_namespace=False))
         roles = {
-            batch.variable: batch.role for batch in found if batch.variable and batch.role != "inference"
+            batch.variable: batch.role
+            for batch in found
+            if batch.variable and batch.role in ("train", "eval")
         }
         return [
             replace(batch, role=roles[batch.variable])
@@ -889,7 +968,7 @@ def _role(name: str, in_config: bool, trains: bool) -> Role:
         return "eval"
     if in_config or trains or "train" in lowered:
         return "train"
-    return "inference"
+    return "unknown"  # a DataLoader or a variable in a cell that does not say what it feeds
 
 
 def _is_inference_call(call: cst.Call) -> bool:

@@ -30,6 +30,7 @@ AUTO_MAPS = frozenset({"auto", "balanced", "balanced_low_0", "sequential"})
 _GPU_INDEX_ATTRIBUTES = frozenset({"process_index", "local_process_index", "current_device", "local_rank"})
 _CASTS = {"half": "float16", "bfloat16": "bfloat16", "float": "float32"}
 _CONSTANTS = frozenset({"True", "False", "None"})
+_DICT_CHANGES = frozenset({"update", "pop", "setdefault", "clear", "popitem"})
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,45 @@ class Names:
         self.bound_once: dict[str, cst.BaseExpression] = {}
         self.bound: set[str] = set()
         counts: dict[str, int] = {}
-        for statement in module.body:
+        statements = list(top_level(module))
+        for statement in statements:
             for name in bound_names(statement):
                 counts[name] = counts.get(name, 0) + 1
         self.bound = set(counts)
-        for statement in module.body:
+        self.entries: dict[str, dict[str, cst.BaseExpression]] = {}  # name["key"] = value, for dict names
+        self.mutated: set[str] = set()  # dicts changed some other way (.update(), del d[k])
+        for statement in statements:
             target, value = _simple_assignment(statement)
             if target is not None and value is not None and counts.get(target) == 1:
                 self.bound_once[target] = value
+            self._dict_changes(statement)
+
+    def _dict_changes(self, statement: cst.BaseStatement) -> None:
+        """``kwargs["key"] = value`` adds an entry to a dict the cell built; ``kwargs.update(...)``,
+        ``del kwargs[key]`` make its entries unknown."""
+        if not isinstance(statement, cst.SimpleStatementLine):
+            return
+        for small in statement.body:
+            if isinstance(small, cst.Assign) and len(small.targets) == 1:
+                target = small.targets[0].target
+                if isinstance(target, cst.Subscript) and isinstance(target.value, cst.Name):
+                    index = target.slice[0].slice if len(target.slice) == 1 else None
+                    key = self.text(index.value) if isinstance(index, cst.Index) else None
+                    if key is None:
+                        self.mutated.add(target.value.value)
+                    else:
+                        self.entries.setdefault(target.value.value, {})[key] = small.value
+            elif isinstance(small, cst.Expr) and isinstance(small.value, cst.Call):
+                func = small.value.func
+                owner = func.value if isinstance(func, cst.Attribute) else None
+                if (
+                    isinstance(owner, cst.Name)
+                    and isinstance(func, cst.Attribute)
+                    and func.attr.value in _DICT_CHANGES
+                ):
+                    self.mutated.add(owner.value)
+            elif isinstance(small, cst.Del):
+                self.mutated.add(_dotted(small.target) or "")
 
     def resolve(self, name: str) -> Value:
         if name in self.bound_once:
@@ -184,6 +216,12 @@ class Names:
     def spread(self, expr: Value) -> dict[str, Value] | None:
         """The entries of a ``**kwargs`` mapping (a dict literal, ``dict(...)``, or a dict the notebook
         holds), or None when unknown."""
+        if isinstance(expr, cst.Name) and expr.value in self.bound_once:
+            if expr.value in self.mutated:
+                return None
+            built = self.spread(self.bound_once[expr.value])
+            added = self.entries.get(expr.value, {})
+            return None if built is None else {**built, **added}
         expr = self.value(expr)
         if isinstance(expr, Held):
             value = expr.value
@@ -241,6 +279,32 @@ def cast_of(call: cst.Call) -> str | None:
             if wanted and isinstance(value, cst.Attribute) and _dotted(value.value) == "torch":
                 return DTYPES.get(value.attr.value)
     return None
+
+
+def is_main_guard(node: cst.CSTNode) -> bool:
+    """``if __name__ == "__main__":`` (no else): always true in a notebook, so its body always runs."""
+    if not isinstance(node, cst.If) or node.orelse is not None:
+        return False
+    test = node.test
+    return (
+        isinstance(test, cst.Comparison)
+        and isinstance(test.left, cst.Name)
+        and test.left.value == "__name__"
+        and len(test.comparisons) == 1
+        and isinstance(test.comparisons[0].operator, cst.Equal)
+        and isinstance(test.comparisons[0].comparator, cst.SimpleString)
+        and test.comparisons[0].comparator.evaluated_value == "__main__"
+    )
+
+
+def top_level(module: cst.Module) -> Iterator[cst.BaseStatement]:
+    """The cell's top-level statements, those of an ``if __name__ == "__main__":`` block among them."""
+    for statement in module.body:
+        if is_main_guard(statement):
+            assert isinstance(statement, cst.If) and isinstance(statement.body, cst.IndentedBlock)
+            yield from statement.body.body
+        else:
+            yield statement
 
 
 def bound_names(node: cst.CSTNode) -> set[str]:

@@ -14,7 +14,7 @@ from typing import Any
 import libcst as cst
 from libcst.metadata import PositionProvider, QualifiedNameProvider, QualifiedNameSource
 
-from vram_magic.cell._values import dotted
+from vram_magic.cell._values import dotted, is_main_guard
 
 _GRAD_OFF = frozenset({"torch.no_grad", "torch.inference_mode", "no_grad", "inference_mode"})
 _COMPOUND = (
@@ -120,6 +120,9 @@ class Walker(cst.CSTVisitor):
                 self._new_step(node, surely=True)
             self._statements.append(node)
             self._enter_with(node)
+        elif is_main_guard(node) and self._top_level():  # its body runs, statement by statement
+            self._new_step(node, surely=True)
+            self._statements.append(node)
         elif isinstance(node, _COMPOUND):
             if self._top_level():
                 self._new_step(node, surely=False)
@@ -145,6 +148,8 @@ class Walker(cst.CSTVisitor):
             self._statements.pop()
         if isinstance(node, cst.With):
             self._leave_with(node)
+        elif is_main_guard(node) and self._depth == 0:
+            pass
         elif isinstance(node, _COMPOUND):
             self._depth -= 1
             if isinstance(node, cst.FunctionDef) and any(

@@ -32,16 +32,30 @@ _LEGACY_FLAGS = ("load_in_4bit", "load_in_8bit", "llm_int8_enable_fp32_cpu_offlo
 _CASTS = frozenset({"half", "float", "bfloat16"})
 
 
-def quantization_config_code(bits: int, compute_dtype: str = "bfloat16", *, offload: bool = False) -> str:
+def quantization_config_code(bits: int, compute: str = "torch.bfloat16", *, offload: bool = False) -> str:
     """The ``BitsAndBytesConfig(...)`` the 4-bit and 8-bit fixes write (NF4 with double quantization, as
-    QLoRA does); ``offload`` lets accelerate keep layers that do not fit on the CPU, in float32."""
+    QLoRA does), 4-bit layers computing in ``compute`` (code: ``torch.float16``, or the cell's own dtype
+    variable); ``offload`` lets accelerate keep layers that do not fit on the CPU, in float32."""
     extra = ", llm_int8_enable_fp32_cpu_offload=True" if offload else ""
     if bits == 8:
         return f"BitsAndBytesConfig(load_in_8bit=True{extra})"
     return (
         'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, '
-        f"bnb_4bit_compute_dtype=torch.{compute_dtype}{extra})"
+        f"bnb_4bit_compute_dtype={compute}{extra})"
     )
+
+
+def compute_code(cell: Cell, load: Load, default: str) -> str:
+    """The dtype 4-bit layers compute in, as code: the load's own 16-bit dtype (a ``torch_dtype`` variable
+    of the notebook's included: it is often bfloat16 or float16 by the GPU), else ``default``."""
+    if load.dtype in ("float16", "bfloat16"):
+        return f"torch.{load.dtype}"
+    if load.dtype == "unknown":
+        keywords, _ = keyword_values(load.call, cell.names)
+        written = keywords.get("dtype", keywords.get("torch_dtype"))
+        if isinstance(written, (cst.Name, cst.Attribute)):
+            return code(written).strip()
+    return f"torch.{default}"
 
 
 @dataclass
@@ -283,15 +297,16 @@ def translate_legacy_flags(edit: LoadEdit, *, offload: bool, compute_dtype: str)
     edit.edits.needs.add("BitsAndBytesConfig")
     if bits == "4bit":
         edit.edits.needs.add("torch")
-    config = quantization_config_code(4 if bits == "4bit" else 8, compute_dtype, offload=offload)
+    config = quantization_config_code(4 if bits == "4bit" else 8, f"torch.{compute_dtype}", offload=offload)
     edit.assign("quantization_config", config, instead_of=written[0] if written else None)
 
 
-def device_map_auto(edit: LoadEdit, *, keep_dicts: bool) -> None:
-    """``device_map="auto"`` (in the quotes of the old one), unless the load already spreads itself, its map
-    is only known when the cell runs, or (``keep_dicts``) it is a dict such as ``{"": 0}``."""
+def device_map_auto(edit: LoadEdit, *, keep_dicts: bool, keep_unknown: bool = True) -> None:
+    """``device_map="auto"`` (in the quotes of the old one), unless the load already spreads itself, or
+    (``keep_unknown``) its map is only known when the cell runs, or (``keep_dicts``) it is a dict such as
+    ``{"": 0}``."""
     load = edit.load
-    if load.device_map in ("auto", "unknown"):
+    if load.device_map == "auto" or (keep_unknown and load.device_map == "unknown"):
         return
     keywords, _ = keyword_values(load.call, edit.cell.names)
     written = keywords.get("device_map")

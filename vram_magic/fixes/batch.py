@@ -63,11 +63,7 @@ def rewrite(cell: Cell, options: Options) -> Rewritten:
         new_values = [smaller(v, options.factor) for v in holder.values]
         if any(n is None for n in new_values):
             continue
-        role = (
-            "train"
-            if "train" in holder.roles or ("inference" in holder.roles and accumulates)
-            else ("eval" if "eval" in holder.roles else "inference")
-        )
+        role = _role_of(holder.roles, accumulates)
         if role == "train" and not multiplier:
             multiplier = new_values[0][1] if len(new_values) == 1 else options.factor  # type: ignore[index]
         _set_values(cell, edits, overrides, holder, [n[0] for n in new_values])  # type: ignore[index]
@@ -218,9 +214,20 @@ def _accumulate(
     return result
 
 
+def _role_of(roles: set[str], accumulates: bool) -> str:
+    """What a batch feeds: training (or anything, where the code accumulates gradients), evaluation,
+    inference, or unknown (a DataLoader in a cell that does not say)."""
+    if "train" in roles or (accumulates and roles - {"eval"}):
+        return "train"
+    for role in ("eval", "inference"):
+        if role in roles:
+            return role
+    return "unknown"
+
+
 def _title(changes: list[tuple[str, int, int]], multiplier: int, accumulation: tuple[int, int] | bool) -> str:
     role, old, new = next(((r, o, n) for r, o, n in changes if r == "train"), changes[0])
-    what = {"train": "the batch", "eval": "the evaluation batch", "inference": "the batch"}[role]
+    what = "the evaluation batch" if role == "eval" else "the batch"
     verb = f"Halve {what}" if old == 2 * new else f"Shrink {what}"
     sizes = f"{verb} ({old} → {new})"
     if role == "train" and accumulation is not False:
@@ -231,6 +238,8 @@ def _title(changes: list[tuple[str, int, int]], multiplier: int, accumulation: t
         return f"{sizes}; the effective batch shrinks too (this code has no gradient accumulation)"
     if role == "eval":
         return sizes
+    if role == "unknown":
+        return f"{sizes}; where it feeds training, the effective batch shrinks too"
     return f"{sizes}: the same results, in more steps"
 
 

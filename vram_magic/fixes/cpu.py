@@ -26,6 +26,12 @@ _DEVICE_VARIABLE = re.compile(r"^(\w*_)?device$", re.IGNORECASE)
 def rewrite(cell: Cell, options: Options) -> Rewritten:
     if cell.trains:
         raise NotApplicable("this cell trains, which would take far too long on the CPU")
+    if _runs_a_model_from_elsewhere(cell):
+        raise NotApplicable(
+            "the model was placed by an earlier cell: moving only this cell's inputs to the CPU would leave "
+            "them on another device than the model; load it on the CPU there",
+            elsewhere=True,
+        )
     edits = Edits()
     found = _loads(cell, options, edits) + _moves(cell, edits) + _devices(cell, edits)
     if not edits:
@@ -33,6 +39,16 @@ def rewrite(cell: Cell, options: Options) -> Rewritten:
             raise NotApplicable("this cell already runs on the CPU", already=True)
         raise NotApplicable("this cell neither loads a model nor moves anything to CUDA", elsewhere=True)
     return finish(cell, "cpu", edits, "Run the cell on the CPU")
+
+
+def _runs_a_model_from_elsewhere(cell: Cell) -> bool:
+    """Whether the cell runs a model (generate, a forward, a pipeline) that no load of this cell made and no
+    move of this cell places: it stays wherever an earlier cell put it."""
+    own = {load.bound_to for load in cell.loads if load.bound_to}
+    moved = {move.receiver_name for move in cell.moves if move.of_model and move.receiver_name}
+    runs = [g.receiver_name for g in cell.generates] + [f.receiver_name for f in cell.forwards]
+    runs += [p.receiver_name for p in cell.pipeline_calls]
+    return any(name is None or name.split(".")[0] not in own | moved for name in runs)
 
 
 def _is_cuda(cell: Cell, expr: cst.BaseExpression) -> bool:
@@ -50,6 +66,8 @@ def _to_cpu(expr: cst.BaseExpression) -> cst.BaseExpression:
 
 
 def _loads(cell: Cell, options: Options, edits: Edits) -> int:
+    """Loads of this cell put on the CPU (``device_map="cpu"``; a pipeline's ``device="cpu"``); return how
+    many loads the cell has that are, or now go, there."""
     found = 0
     for load in cell.loads:
         if load.kind not in ("model", "peft", "pipeline") or (
@@ -66,10 +84,10 @@ def _loads(cell: Cell, options: Options, edits: Edits) -> int:
                 edit.assign("device", code(_to_cpu(device.value)))
             elif device is None and device_map is None:
                 edit.assign("device", '"cpu"')
-        elif load.device_map != "cpu" and (load.where != "cpu" or load.device_map is not None):
+        elif load.where not in ("cpu", "ram") or load.device_map not in (None, "cpu"):
             written = find_arg(load.call, "device_map")
             edit.assign("device_map", code(string("cpu", written.value if written else None)))
-        if load.legacy_flag:
+        if edit.sets and load.legacy_flag:  # only on a load this fix moves
             compute = load.dtype if load.dtype in ("float16", "bfloat16") else options.compute_dtype
             translate_legacy_flags(edit, offload=False, compute_dtype=compute)
         edit.finish()

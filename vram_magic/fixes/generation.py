@@ -13,7 +13,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from vram_magic._errors import NotApplicable
-from vram_magic.cell import Cell, dotted
+from vram_magic.cell import Cell, Generate, dotted
 from vram_magic.fixes._base import Options, Rewritten, finish
 from vram_magic.fixes._edit import Edits, code, set_kwarg, string, with_keyword
 
@@ -55,7 +55,7 @@ def chunk(cell: Cell, options: Options) -> Rewritten:
 
 
 def _batched_calls(cell: Cell) -> list[tuple[cst.Call, bool | None]]:
-    calls: list[tuple[cst.Call, bool | None]] = [(g.call, g.batched) for g in cell.generates]
+    calls: list[tuple[cst.Call, bool | None]] = [(g.call, g.batched) for g in _on_gpu(cell)]
     calls += [(f.call, f.batched) for f in cell.forwards if not f.in_training]
     return calls
 
@@ -89,10 +89,17 @@ def inference_mode(cell: Cell, options: Options) -> Rewritten:
     )
 
 
+def _on_gpu(cell: Cell) -> list[Generate]:
+    """The generate() calls of transformers models that may run on a GPU (not another library's engine,
+    not a model this cell keeps in CPU RAM)."""
+    return [g for g in cell.generates if g.of_model is not False and not g.on_cpu]
+
+
 def offload_cache(cell: Cell, options: Options) -> Rewritten:
-    targets = [g for g in cell.generates if g.cache_implementation is None]
+    generates = _on_gpu(cell)
+    targets = [g for g in generates if g.cache_implementation is None]
     if not targets:
-        if cell.generates:
+        if generates:
             raise NotApplicable("its generate() already chooses its cache", already=True)
         raise NotApplicable("this cell calls no generate()")
     edits = Edits()

@@ -50,7 +50,7 @@ def _on_cpu(cell: Cell, merge: Merge, edits: Edits) -> str | None:
         base = _base_load(cell, load)
         loaded = base if base is not None else (load if load.kind == "peft" else None)
         if loaded is not None:
-            if loaded.where == "cpu":
+            if loaded.where in ("cpu", "ram"):
                 return "already merges on the CPU: the model is loaded there"
             _load_on_cpu(cell, loaded, edits)
             return None
@@ -64,11 +64,13 @@ def _on_cpu(cell: Cell, merge: Merge, edits: Edits) -> str | None:
     name = merge.receiver_name
     if name is None:
         return "the merged model is not a plain name, so it cannot be moved to the CPU"
-    own = next((each for each in cell.loads if each.bound_to == name.split(".")[0]), None)
+    own = next(
+        (each for each in cell.loads if each.kind == "model" and each.bound_to == name.split(".")[0]), None
+    )
     moved = any(
         move.receiver_name == name and move.target == "cpu" and move.step <= merge.step for move in cell.moves
     )
-    if moved or (own is not None and own.where == "cpu") or _held_on_cpu(cell, name):
+    if moved or (own is not None and own.where in ("cpu", "ram")) or _held_on_cpu(cell, name):
         return "already merges on the CPU: the model is there"
     edits.add_before(merge.statement, f'{name} = {name}.to("cpu")')
     return None

@@ -50,6 +50,8 @@ def _why_not(load: Load, options: Options, reasons: list[str]) -> str | None:
         reason = "its pipeline is given a model loaded elsewhere"
     elif load.where == "cpu":
         reason = "the model is loaded on the CPU on purpose (device_map='cpu')"
+    elif load.where == "ram":
+        reason = "the model loads into CPU RAM here (no device_map, and nothing in this cell moves it)"
     elif load.quantization in ("other", "unknown"):
         reason = "its quantization is not bitsandbytes', whose offloading vram_magic knows"
     elif (
@@ -72,7 +74,7 @@ def _offload(cell: Cell, load: Load, options: Options, edits: Edits) -> None:
                 edits.unwrap.add(id(link))
         edits.needs.add("torch")
         edit.assign(options.dtype_keyword, f"torch.{folded}")
-    device_map_auto(edit, keep_dicts=False)
+    device_map_auto(edit, keep_dicts=False, keep_unknown=False)
     if options.max_memory is not None:
         edit.assign("max_memory", render_max_memory(options.max_memory))
     if options.offload_folder is not None:

@@ -14,6 +14,7 @@ from vram_magic.fixes._base import PREQUANTIZED, Options, Rewritten, finish, mod
 from vram_magic.fixes._edit import Edits
 from vram_magic.fixes._loads import (
     LoadEdit,
+    compute_code,
     device_map_auto,
     drop_gpu_moves,
     legacy_flags,
@@ -30,6 +31,11 @@ def rewrite(cell: Cell, options: Options, bits: int) -> Rewritten:
     loads = [load for load in cell.loads if load.kind in ("model", "peft", "pipeline")]
     if not loads:
         raise no_load_reason(cell, "quantize")
+    if cell.merges:
+        raise NotApplicable(
+            "this cell merges LoRA adapters into the model: merged into 4-bit or 8-bit weights they lose "
+            "precision, and the merged model would be saved quantized"
+        )
     if cell.trains and not cell.uses_adapters:
         raise NotApplicable(
             "this cell trains the whole model, and quantized weights cannot be trained without adapters "
@@ -57,7 +63,7 @@ def _why_not(load: Load, bits: int, reasons: list[str]) -> str | None:
         reason = "the model is loaded on the CPU on purpose (device_map='cpu')"
     elif load.model and PREQUANTIZED.search(load.model):
         reason = f"already quantized: {load.model} is a quantized checkpoint"
-    elif load.quantization == f"{bits}bit" and not load.legacy_flag:
+    elif load.quantization == f"{bits}bit":
         reason = f"already loaded in {_WORDS[bits]}"
     elif load.quantization == "4bit" and bits == 8:
         reason = "already loaded in 4-bit, which needs less memory than 8-bit"
@@ -70,8 +76,8 @@ def _why_not(load: Load, bits: int, reasons: list[str]) -> str | None:
 
 def _quantize(cell: Cell, load: Load, bits: int, options: Options, edits: Edits) -> None:
     folded = drop_gpu_moves(cell, load, edits, casts=True)
-    dtype = load.dtype if load.dtype in ("float16", "bfloat16") else folded
-    compute = dtype if dtype in ("float16", "bfloat16") else options.compute_dtype
+    default = folded if folded in ("float16", "bfloat16") else options.compute_dtype
+    compute = compute_code(cell, load, default)
     edit = LoadEdit(cell, load, edits)
     edits.needs.add("BitsAndBytesConfig")
     if bits == 4:
