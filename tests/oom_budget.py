@@ -6,7 +6,7 @@ the test a GPU whose per-process cap is ``budget_bytes``; the cells run their re
 the memory accounting is simulated. What is counted, and where it fails:
 
 - **Placement.** A model is on the simulated GPU when the user's cell puts it there:
-  ``from_pretrained(..., device_map="cuda" | "cuda:N" | N | torch.device("cuda"))`` (loaded with
+  ``from_pretrained(..., device_map="cuda" | "cuda:N" | N | torch.device("cuda") | {"": N})`` (loaded with
   ``device_map="cpu"`` for real), ``device_map="auto"`` (or another strategy) without a ``max_memory`` that
   leaves the GPUs out, or ``model.to("cuda")`` / ``model.cuda()`` in the cell. ``model.to("cpu")`` /
   ``model.cpu()`` written in a cell takes it off. Moves made inside libraries (``Trainer`` moves the model to
@@ -21,9 +21,12 @@ the memory accounting is simulated. What is counted, and where it fails:
   A quantized ``device_map="auto"`` load that does not fit raises bitsandbytes' "Some modules are dispatched
   on the CPU or the disk" ValueError instead, as on a GPU. (2) A LoRA merge: peft's
   ``lora.Linear.get_delta_weight`` allocates the layer's ``out x in`` delta on the layer's device. (3) A
-  training step: a forward in training mode with gradients on allocates the step's activations at once,
-  ``layers x batch x seq x (34 x hidden + 5 x heads x seq)`` bytes (16-bit activations without recomputation,
-  Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models").
+  forward pass with gradients on (a training step, or inference outside ``torch.no_grad()`` on a model whose
+  weights require grad) allocates every layer's activations at once, ``layers x batch x seq x (34 x hidden +
+  5 x heads x seq)`` bytes (16-bit activations without recomputation, Korthikanti et al. 2022, "Reducing
+  Activation Recomputation in Large Transformer Models"); (4) without gradients (``generate()``, or under
+  ``torch.no_grad()``) one layer's activations at a time and the KV cache, ``batch x seq x (34 x hidden + 5 x
+  heads x seq) + 2 x layers x batch x seq x hidden x 2`` bytes.
 - **The error** is ``torch.OutOfMemoryError`` with torch 2.x's capped wording (as in
   ``fixtures/oom_messages/torch2_11_h100_from_pretrained_capped.txt``), sizes printed as c10's
   ``format_size`` prints them, on an H100-sized GPU (79.18 GiB) with a 518 MiB CUDA context.
@@ -93,6 +96,13 @@ def activation_bytes(config: Any, batch: int, seq: int) -> int:
     return int(config.num_hidden_layers * batch * seq * (34 * hidden + 5 * heads * seq))
 
 
+def inference_bytes(config: Any, batch: int, seq: int) -> int:
+    """A forward pass without gradients: one layer's activations at a time, b x s x (34 h + 5 a s), and
+    the KV cache, 2 x L x b x s x h in 16-bit."""
+    hidden, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
+    return int(batch * seq * (34 * hidden + 5 * heads * seq) + 2 * layers * batch * seq * hidden * 2)
+
+
 class SimulatedGpu:
     """GPU 0 with a per-process cap of ``budget_bytes`` (settable at any time, like
     ``torch.cuda.set_per_process_memory_fraction``). ``failures`` keeps every OOM message it raised."""
@@ -151,7 +161,7 @@ class SimulatedGpu:
         from transformers import PreTrainedModel
 
         self._hooks[id(module)] = [
-            part.register_forward_pre_hook(self._training_step, with_kwargs=True)
+            part.register_forward_pre_hook(self._forward, with_kwargs=True)
             for part in module.modules()
             if isinstance(part, PreTrainedModel)
         ]
@@ -176,16 +186,18 @@ class SimulatedGpu:
                 for handle in self._hooks.pop(id(placed), []):
                     handle.remove()
 
-    def _training_step(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not (module.training and torch.is_grad_enabled()):
-            return
+    def _forward(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A forward pass: with gradients on (training, or inference outside ``torch.no_grad()``) autograd
+        keeps every layer's activations; without, one layer's and the KV cache."""
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
         if tokens is None:
             return
         batch, seq = tokens.shape[:2]
-        self.allocate(activation_bytes(module.config, batch, seq))
+        keeps = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+        sizes = activation_bytes if keeps else inference_bytes
+        self.allocate(sizes(module.config, batch, seq))
 
 
 # Patches ------------------------------------------------------------------------------------------
@@ -213,6 +225,8 @@ def _means_gpu(device_map: Any, max_memory: Any) -> bool:
         return False  # max_memory leaves the GPUs out: everything goes to the CPU
     if isinstance(device_map, dict) and {str(where) for where in device_map.values()} <= {"cpu"}:
         return False
+    if isinstance(device_map, dict) and all(_means_gpu(where, None) for where in device_map.values()):
+        return True  # {"": 0}: all of it on one GPU
     raise NotImplementedError(f"simulated_gpu does not model device_map={device_map!r}")
 
 

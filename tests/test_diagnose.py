@@ -160,7 +160,7 @@ def test_each_kind_of_cell_gets_its_own_fixes(cell: str, line: int, kind: str) -
     expected = {
         "load": ["bf16", "8bit", "4bit", "offload", "cpu"],
         "training": ["half-batch", "checkpointing"],
-        "generation": ["chunk", "half-batch", "inference-mode", "offload-cache", "smaller-generation"],
+        "generation": ["inference-mode", "chunk", "half-batch", "offload-cache", "smaller-generation"],
         "merge": ["merge-cpu"],
         "other": [],
     }[kind]

@@ -6,6 +6,7 @@ torch nor IPython; the magics module is imported only when the extension is load
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vram_magic._errors import NotApplicable
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 _Model = TypeVar("_Model")
+_Result = TypeVar("_Result")
 
 __all__ = [
     "Cause",
@@ -42,6 +44,7 @@ __all__ = [
     "ProcessMemory",
     "Report",
     "__version__",
+    "chunked",
     "estimate",
     "find_holders",
     "is_oom",
@@ -88,9 +91,17 @@ def rewrite(source: str, fix: str, **options: object) -> str:
 
 def to_gpu_if_it_fits(model: _Model) -> _Model:
     """Move ``model`` to the GPU if its weights fit there; else keep it on the CPU and say why."""
-    from vram_magic._fitting import to_gpu_if_it_fits as _to_gpu_if_it_fits
+    from vram_magic._helpers import to_gpu_if_it_fits as _to_gpu_if_it_fits
 
     return _to_gpu_if_it_fits(model)
+
+
+def chunked(function: Callable[..., _Result], chunks: int = 2) -> Callable[..., _Result]:
+    """``function`` (``model.generate``, ``model``) run on ``chunks`` slices of its batch one after another,
+    with the results joined as one call on the whole batch returns them."""
+    from vram_magic._helpers import chunked as _chunked
+
+    return _chunked(function, chunks)
 
 
 def load_ipython_extension(ipython: InteractiveShell) -> None:

@@ -156,9 +156,11 @@ def _earlier_holders(evidence: Evidence, result: Diagnosis) -> None:
     """Names from earlier cells that hold memory the failed cell does not use (or re-binds), and the fix
     that deletes them. A name whose memory all stays with other names frees nothing and is left out."""
     used = set(evidence.analysis.used_names)
-    candidates = [
-        h.name for h in evidence.holders if h.total_bytes >= _NOTABLE_HOLDER_BYTES and h.name not in used
-    ]
+    shortfall = _shortfall_bytes(evidence)
+    notable = (
+        _NOTABLE_HOLDER_BYTES if not shortfall else min(_NOTABLE_HOLDER_BYTES, shortfall)
+    )  # what matters
+    candidates = [h.name for h in evidence.holders if h.total_bytes >= notable and h.name not in used]
     total = evidence.bytes_freed_by(candidates) if candidates else 0
     names = list(candidates)
     for name in candidates:  # drop each name the others free as much without
@@ -172,7 +174,6 @@ def _earlier_holders(evidence: Evidence, result: Diagnosis) -> None:
         result.causes.append(Cause("holder", _holder_text(holders[name], evidence.analysis, names)))
     holds = "Together they hold" if len(names) > 1 else "It holds"
     why = f"{holds} about {format_bytes(total)} that this cell does not need."
-    shortfall = _shortfall_bytes(evidence)
     if shortfall is not None and total < shortfall:
         why += f" Not enough alone: the cell was {format_bytes(shortfall)} short."
         result.demoted.add("free")
@@ -378,7 +379,7 @@ _CELL_FIXES: dict[str, tuple[str, ...]] = {
     "load": ("bf16", "8bit", "4bit", "offload", "cpu"),
     "merge": ("merge-cpu",),
     "training": ("half-batch", "checkpointing"),
-    "generation": ("chunk", "half-batch", "inference-mode", "offload-cache"),
+    "generation": ("inference-mode", "chunk", "half-batch", "offload-cache"),
     "other": (),
 }
 _WITH_LOADS: dict[str, tuple[str, ...]] = {

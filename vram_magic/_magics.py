@@ -280,7 +280,13 @@ class VramMagics(Magics):
                 continue
             label = fix.title
             while len(attempts) < max_attempts:
-                outcome = self._attempt(fix, number)
+                started = time.perf_counter()
+                try:
+                    outcome = self._attempt(fix, number)
+                except Exception as error:  # the fixed cell broke another way: not this fix, try the next
+                    failed = f"failed: {exception_text(error).splitlines()[0][:200]}"
+                    attempts.append(Attempt(label, time.perf_counter() - started, False, failed))
+                    break
                 attempts.append(Attempt(label, outcome.seconds, succeeded=outcome.report is None))
                 if outcome.report is None:
                     # Keep what ran as fix `number`, so `%vram fix N --insert` gives exactly this code.

@@ -315,7 +315,7 @@ def _attempt_lines(attempts: tuple[Attempt, ...]) -> list[str]:
     total = sum(a.seconds for a in attempts)
     lines = [f"Attempts by --auto ({len(attempts)} runs, {total:.1f} s)"]
     for i, attempt in enumerate(attempts, 1):
-        ended = "worked" if attempt.succeeded else "out of memory"
+        ended = "worked" if attempt.succeeded else attempt.error or "out of memory"
         lines.append(f"  {i}. {attempt.label}: {ended} ({attempt.seconds:.1f} s)")
     return lines
 

@@ -183,11 +183,13 @@ class Fix:
 
 @dataclass(frozen=True)
 class Attempt:
-    """One run of a cell by ``%%oomsafe --auto``: which fix, how long, and how it ended."""
+    """One run of a cell by ``%%oomsafe --auto``: which fix, how long, and how it ended (``error``: the
+    error, other than running out of memory, that the fixed cell raised)."""
 
     label: str
     seconds: float
     succeeded: bool
+    error: str | None = None
 
 
 @dataclass(frozen=True)

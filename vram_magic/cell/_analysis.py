@@ -85,8 +85,8 @@ def _kind_in(cell: Cell, span: tuple[int, int] | None) -> CellKind:
         return "load"
     if _trains_in(cell, span):
         return "training"
-    inference = [*cell.generates, *cell.pipeline_calls, *cell.forwards]
-    if any(_inside(each.lines, span) for each in inference):
+    inference = [each.lines for each in (*cell.generates, *cell.pipeline_calls, *cell.forwards)]
+    if any(_inside(lines, span) for lines in (*inference, *cell.chunked_lines)):
         return "generation"
     if span is None and cell.batch_sizes:
         return "training"  # a cell that sets batch sizes and does nothing else we know trains, or batches

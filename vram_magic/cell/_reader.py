@@ -151,6 +151,7 @@ class Cell:
     trains: bool  # trainer.train(), loss.backward()
     uses_adapters: bool  # LoRA: peft in the cell, or the model it trains is a PeftModel
     training_lines: tuple[tuple[int, int], ...]
+    chunked_lines: tuple[tuple[int, int], ...]  # vram_magic.chunked(...)(...): generation or inference
     assigned_names: tuple[str, ...]
     used_names: tuple[str, ...]
     statements: tuple[tuple[cst.CSTNode, tuple[int, int]], ...]
@@ -185,6 +186,11 @@ class _Reader:
         self.loads_by_call = {id(load.call): load for load in loads}
         moves = [replace(move, load=self._source_load(move.receiver, move.lines[0])) for move in moves]
         trains, training_lines = self._training()
+        chunked = tuple(
+            site.lines
+            for site in self.walk.calls
+            if isinstance(site.call.func, cst.Call) and dotted(site.call.func.func) == "vram_magic.chunked"
+        )
         uses_adapters = self._uses_adapters()
         configs = [config for site in self.walk.calls if (config := self._training_config(site))]
         merges = [merge for site in self.walk.calls if (merge := self._merge(site)) is not None]
@@ -209,6 +215,7 @@ class _Reader:
             trains=trains,
             uses_adapters=uses_adapters,
             training_lines=training_lines,
+            chunked_lines=chunked,
             assigned_names=self._assigned_names(),
             used_names=tuple(dict.fromkeys(use.name for use in self.walk.uses)),
             statements=tuple(self.walk.statements),
@@ -774,6 +781,8 @@ class _Reader:
             return _held_rows(held.value) if isinstance(held, Held) else None
         if isinstance(expr, (cst.List, cst.Tuple)):
             return len(expr.elements)
+        if isinstance(expr, cst.SimpleString):
+            return 1  # one text
         if isinstance(expr, cst.Subscript) and isinstance(expr.value, cst.Name):
             return self._rows(expr.value, line, depth + 1)
         if isinstance(expr, cst.Call):
@@ -784,7 +793,7 @@ class _Reader:
             if callee.endswith("apply_chat_template") and expr.args:
                 return self._conversations(expr.args[0].value, line)
             if ("tok" in callee or "processor" in callee) and expr.args:
-                return self._rows(expr.args[0].value, line, depth + 1) or 1
+                return self._rows(expr.args[0].value, line, depth + 1)
         return None
 
     def _conversations(self, expr: cst.BaseExpression, line: int) -> int | None:
