@@ -494,3 +494,24 @@ def test_the_code_auto_ran_can_be_inserted_as_its_hint_says(
     result, _ = _run(ip, hint.group(1))
     assert result.success, result.error_in_exec
     assert len(inserted) == 1 and "per_device_train_batch_size=2," in inserted[0]
+
+
+def test_auto_goes_on_to_the_next_fix_when_one_fails_another_way(
+    ip: Any, gpu: SimulatedGpu, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vram_magic import _magics
+
+    real = _magics.VramMagics._attempt
+
+    def eight_bit_breaks(self: Any, fix: Fix, number: int) -> Any:
+        if fix.key == "8bit":
+            raise TypeError("from_pretrained() got multiple values for keyword argument 'device_map'")
+        return real(self, fix, number)
+
+    monkeypatch.setattr(_magics.VramMagics, "_attempt", eight_bit_breaks)
+    _ready_to_load(ip, gpu, checkpoint)
+    result, printed = _run(ip, f"%%oomsafe --auto --force\n{LOAD_CELL}")
+    assert result.success, result.error_in_exec
+    assert "2. Load the model in 8-bit: failed: TypeError: from_pretrained() got multiple values" in printed
+    assert re.search(r"--auto: fix \d+ worked: Load the model in 4-bit", printed)
+    assert "Linear4bit" in {type(module).__name__ for module in ip.user_ns["model"].modules()}

@@ -636,3 +636,91 @@ def test_auto_never_lifts_a_cap_or_tries_a_bf16_load_not_known_to_shrink() -> No
     assert _worth_trying_unattended(fix("half-batch", None))
     assert not _worth_trying_unattended(fix("8bit", False))
     assert not _worth_trying_unattended(Fix("other-process", "t", "", "!nvidia-smi"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Report hygiene: what the report shows is what the user wrote, and `%vram fix N` belongs to its report
+
+
+def test_the_failed_line_is_the_line_that_failed_not_its_loops_first_line(ip: Any) -> None:
+    ip.run_cell(FAILING_LOAD)
+    _run(ip, "%%oomsafe\nfor attempt in range(3):\n    size = attempt * 2\n    model = load_model()\n")
+    report = _last_report(ip)
+    assert report.analysis.failed_line == 4
+    assert report.analysis.failed_statement == "    model = load_model()"
+
+
+def test_a_magic_line_that_failed_is_shown_as_typed(ip: Any) -> None:
+    ip.run_cell(FAILING_LOAD)
+    _run(ip, "%%oomsafe\nx = 1\n%time model = load_model()\n")
+    report = _last_report(ip)
+    assert report.analysis.failed_statement == "%time model = load_model()"
+    assert "run_line_magic" not in str(report).split("Details")[0]
+
+
+def test_vram_fix_runs_nothing_once_a_fix_of_its_report_worked(ip: Any) -> None:
+    ip.run_cell(TRAINING_SETUP.replace("batch_size > 4", "batch_size > 8"))
+    _run(ip, "%%oomsafe\n" + TRAINING_CELL)
+    number = [fix.key for fix in _last_report(ip).fixes].index("half-batch") + 1
+    worked, _ = _run(ip, f"%vram fix {number}")
+    assert worked.success and ip.user_ns["batch_size"] == 8
+    with pytest.raises(UsageError, match=r"done with \(fix \d worked\): `%vram fix` runs nothing"):
+        ip.run_line_magic("vram", f"fix {number}")
+    assert ip.user_ns["batch_size"] == 8  # the old code did not run again
+    ip.run_line_magic("vram", f"fix {number} --diff")  # showing it is still fine
+
+
+def test_vram_fix_runs_nothing_once_the_cell_ran_again(ip: Any) -> None:
+    ip.run_cell(TRAINING_SETUP)
+    cell = "%%oomsafe\n" + TRAINING_CELL
+    _run(ip, cell)
+    number = [fix.key for fix in _last_report(ip).fixes].index("half-batch") + 1
+    _run(ip, "x = 1\n")  # another cell: the report still stands
+    ip.run_line_magic("vram", f"fix {number} --diff")
+    ip.run_cell("train_step = lambda batch, steps: batch * steps\n")
+    assert _run(ip, cell)[0].success  # the same cell, run again (it fits now)
+    with pytest.raises(UsageError, match=r"done with \(its cell ran again\)"):
+        ip.run_line_magic("vram", f"fix {number}")
+
+
+def test_an_error_raised_from_an_oom_by_the_users_own_handler_is_that_error(
+    ip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ip.run_cell(FAILING_LOAD)
+    cell = (
+        "try:\n    model = load_model()\n"
+        "except torch.OutOfMemoryError as e:\n    raise ValueError('pick a smaller model') from e\n"
+    )
+    result, captured = _run(ip, "%%oomsafe\n" + cell)
+    assert isinstance(result.error_in_exec, ValueError)
+    assert "OutOfMemoryHandled" not in captured.stdout and not captured.outputs
+
+
+def test_a_cpu_request_larger_than_all_ram_offers_no_freeing(ip: Any) -> None:
+    message = (
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 39582418599936 bytes. Error code 12 (Cannot allocate memory)"
+    )
+    ip.run_cell(f"import torch\ndef build():\n    raise RuntimeError({message!r})\n")
+    ip.run_cell("big = torch.zeros(30 * 2**20)\n")  # 120 MiB the cell does not use
+    _run(ip, "%%oomsafe\nx = build()\n")
+    report = _last_report(ip)
+    assert report.causes[0].key == "too-big"
+    assert "more than this machine's RAM" in report.causes[0].text
+    assert "free" not in [fix.key for fix in report.fixes]
+
+
+def test_vram_free_refuses_a_module(ip: Any) -> None:
+    ip.run_cell("import torch\n")
+    with pytest.raises(UsageError, match="`torch` is a module, not data that holds memory"):
+        ip.run_line_magic("vram", "free torch")
+    assert "torch" in ip.user_ns
+
+
+def test_a_quoted_model_id_is_taken_as_typed(ip: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with capture_output() as quoted:
+        ip.run_line_magic("vram", 'estimate "gpt2" --gpu t4')
+    with capture_output() as plain:
+        ip.run_line_magic("vram", "estimate gpt2 --gpu t4")
+    assert quoted.stdout == plain.stdout and "openai-community/gpt2" in quoted.stdout

@@ -277,3 +277,29 @@ def test_detection_by_message_works_without_torch_and_does_not_import_it() -> No
         f"print(is_oom(RuntimeError({message!r})), is_oom(RuntimeError('boom')), 'torch' in sys.modules)"
     )
     assert out == "True False False"
+
+
+def test_numpys_unable_to_allocate_is_a_cpu_oom_with_its_size() -> None:
+    text = (
+        "numpy._core._exceptions._ArrayMemoryError: Unable to allocate 728. TiB for an array with shape "
+        "(100000000000000,) and data type float64"
+    )
+    info = parse_oom_message(text)
+    assert info is not None and info.kind == "cpu"
+    assert info.requested_bytes == 728 * 2**40
+
+
+def test_an_error_the_users_handler_raises_from_an_oom_is_not_the_oom() -> None:
+    import torch
+
+    def handled_by_the_user(error: BaseException) -> bool:
+        return isinstance(error, torch.OutOfMemoryError)
+
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except torch.OutOfMemoryError as oom:
+            raise ValueError("pick a smaller model") from oom
+    except ValueError as error:
+        assert oom_from_exception(error, caught_by_user=handled_by_the_user) is None
+        assert oom_from_exception(error) is not None  # a library's `raise ... from` still counts

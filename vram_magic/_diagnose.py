@@ -11,7 +11,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vram_magic._render_text import format_bytes
-from vram_magic._types import Cause, CellAnalysis, Cleanup, Fix, GpuSnapshot, Holder, MemorySnapshot, OOMInfo
+from vram_magic._types import (
+    Cause,
+    CellAnalysis,
+    Cleanup,
+    CpuMemory,
+    Fix,
+    GpuSnapshot,
+    Holder,
+    MemorySnapshot,
+    OOMInfo,
+)
 
 _GiB = 2**30
 # Below these sizes a holder or a fragmented pool is not worth a line in the report.
@@ -30,14 +40,30 @@ class Evidence:
     analysis: CellAnalysis
     cleanup: Cleanup
     bytes_freed_by: Callable[[Sequence[str]], int]
+    cpu: CpuMemory | None = None
 
     @property
     def requested_bytes(self) -> int | None:
         return self.oom.requested_bytes if self.oom else None
 
     @property
+    def in_ram(self) -> bool:
+        """The error is about CPU RAM (the CPU allocator, numpy, a MemoryError), not a GPU."""
+        return self.oom is not None and self.oom.kind == "cpu"
+
+    @property
+    def room_bytes(self) -> int | None:
+        """How much more this process could take when it failed: by the message, or CPU RAM available."""
+        if self.in_ram:
+            return self.cpu.available_bytes if self.cpu else None
+        return self.oom.room_bytes() if self.oom else None
+
+    @property
     def limit_bytes(self) -> int | None:
-        """What this process may use at most: the cap when one is set, else the GPU's total."""
+        """What this process may use at most: the cap when one is set, else the GPU's total (the machine's
+        RAM for an error about CPU RAM)."""
+        if self.in_ram:
+            return self.cpu.total_bytes if self.cpu else None
         for value in (
             self.oom.allowed_bytes if self.oom else None,
             self.gpu.cap_bytes if self.gpu else None,
@@ -80,7 +106,9 @@ def diagnose(
 ) -> tuple[tuple[Cause, ...], tuple[Fix, ...]]:
     """Ranked causes and fixes for one OOM. ``bytes_freed_by(names)``: what deleting those names would free
     (storage they share with names that stay does not count; see ``_who.bytes_only_in``)."""
-    evidence = Evidence(oom, failing_gpu(snapshot, oom), holders, analysis, cleanup, bytes_freed_by)
+    evidence = Evidence(
+        oom, failing_gpu(snapshot, oom), holders, analysis, cleanup, bytes_freed_by, snapshot.cpu
+    )
     result = Diagnosis()
     for rule in (_too_big_for_the_gpu, _cap, _earlier_holders, _other_processes, _fragmentation):
         rule(evidence, result)
@@ -110,17 +138,21 @@ def _too_big_for_the_gpu(evidence: Evidence, result: Diagnosis) -> None:
         return
     what = _KIND_WORDS[evidence.analysis.kind]
     if limit is not None and requested > limit:
+        whole = (
+            f"this machine's RAM ({format_bytes(limit)})"
+            if evidence.in_ram
+            else (f"this process may use at all ({format_bytes(limit)})")
+        )
         result.causes.append(
             Cause(
                 "too-big",
-                f"{_capitalized(what)} asked for {format_bytes(requested)} in one allocation, more than this "
-                f"process may use at all ({format_bytes(limit)}): freeing memory will not help; "
-                "what the cell runs has to change.",
+                f"{_capitalized(what)} asked for {format_bytes(requested)} in one allocation, more than "
+                f"{whole}: freeing memory will not help; what the cell runs has to change.",
             )
         )
         return
     free = evidence.oom.free_bytes if evidence.oom else None
-    room = evidence.oom.room_bytes() if evidence.oom else None
+    room = evidence.room_bytes
     text = f"{_capitalized(what)} asked for {format_bytes(requested)} more"
     if room is not None:
         text += f"; only {format_bytes(room)} was left to this process"
@@ -203,7 +235,7 @@ def _holder_text(holder: Holder, analysis: CellAnalysis, freed: list[str]) -> st
 
 def _shortfall_bytes(evidence: Evidence) -> int | None:
     """How much more room the failed allocation needed."""
-    room = evidence.oom.room_bytes() if evidence.oom else None
+    room = evidence.room_bytes
     if evidence.requested_bytes is None or room is None:
         return None
     return max(evidence.requested_bytes - room, 0)

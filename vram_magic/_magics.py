@@ -14,6 +14,7 @@ import re
 import sys
 import time
 import traceback
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import CodeType, TracebackType
@@ -78,6 +79,12 @@ class VramMagics(Magics):
 
     last_report: Report | None = None
 
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell, **kwargs)
+        self._over: dict[int, str] = {}  # id(report) -> why its fixes are not to run again
+        self._cell_run: Any = None  # the %%oomsafe cell's run (IPython's ExecutionResult) now running
+        self._report_run: Any = None  # the run of the cell the last report is about
+
     @property
     def _ip(self) -> Any:
         """The shell; IPython sets it when the magics are registered."""
@@ -141,11 +148,19 @@ class VramMagics(Magics):
             print(render_holders(self._holders(device), device))
             return None
         if args.command == "free":
-            missing = [name for name in args.names if name not in self._ip.user_ns]
+            names = [_unquoted(name) for name in args.names]
+            missing = [name for name in names if name not in self._ip.user_ns]
             if missing:
                 raise UsageError(
                     f"No variable named {missing[0]!r}; type `%vram who` to see what holds VRAM."
                 )
+            for name in names:
+                kind = _not_data(name, self._ip.user_ns[name], self._ip.user_ns_hidden)
+                if kind is not None:
+                    raise UsageError(
+                        f"`{name}` is {kind}, not data that holds memory: type `%vram who` to see what does."
+                    )
+            args.names = names
             print(render_cleanup(free_memory(self._ip, names=args.names, device=device)))
             return None
         if args.command == "fix":
@@ -156,7 +171,7 @@ class VramMagics(Magics):
                     "Type `%vram estimate MODEL`, e.g. `%vram estimate meta-llama/Llama-3.1-8B --gpu t4`."
                 )
             try:
-                print(estimate_table(args.names[0], args, take_snapshot()))
+                print(estimate_table(_unquoted(args.names[0]), args, take_snapshot()))
             except ValueError as error:
                 raise UsageError(str(error).splitlines()[0]) from None
             return None
@@ -183,6 +198,7 @@ class VramMagics(Magics):
         """Run the cell; on a CUDA out-of-memory error free what it pinned, explain why, offer fixes."""
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         args = _parse(self.oomsafe, line, "%%oomsafe?")
+        self._cell_run = getattr(self._ip.displayhook, "exec_result", None)
         if args.max_attempts < 1:
             raise UsageError("--max-attempts needs 1 or more runs, e.g. `%%oomsafe --auto --max-attempts 3`.")
         if "load_in_8bit" in cell:
@@ -234,20 +250,40 @@ class VramMagics(Magics):
         return self.apply_fix(report, number)
 
     def apply_fix(self, report: Report, number: int) -> Any:
-        """Run fix ``number`` of ``report``: delete what it frees, run its cell, report how it went."""
+        """Run fix ``number`` of ``report``: delete what it frees, run its cell, report how it went. A report
+        whose cell has been dealt with since (a fix of it worked, or the cell ran again) runs nothing."""
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
+        if id(report) in self._over:
+            raise UsageError(
+                f"That report is done with ({self._over[id(report)]}): nothing runs. If the cell still runs "
+                "out of memory, run it again for a new report."
+            )
         fix = report.fixes[number - 1]
         outcome = self._attempt(fix, number)
         if outcome.report is not None:
             self._fail(outcome.report)
+        self._over[id(report)] = f"fix {number} worked"
         print(render_fix_worked(number, fix, outcome.seconds, take_snapshot()))
         return outcome.value
+
+    def cell_ran(self, result: Any) -> None:
+        """IPython's ``post_run_cell``: the last report is done with once its cell runs again."""
+        owner, report = self._report_run, self.last_report
+        if report is None or owner is None or result is owner or id(report) in self._over:
+            return
+        if _same_cell(getattr(result, "info", None), getattr(owner, "info", None)):
+            self._over[id(report)] = "its cell ran again"
 
     def _fix_command(self, words: list[str], *, diff_only: bool, insert: bool) -> Any:
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         report = self.last_report
         if report is None:
             raise UsageError("No %%oomsafe cell has run out of memory yet, so there is no fix to apply.")
+        if id(report) in self._over and not diff_only and not insert:
+            raise UsageError(
+                f"The last report is done with ({self._over[id(report)]}): `%vram fix` runs nothing. If "
+                "the cell still runs out of memory, run it again for a new report."
+            )
         if len(words) != 1 or not words[0].isdecimal() or not 1 <= int(words[0]) <= len(report.fixes):
             raise UsageError(
                 f"Type `%vram fix N` with N from 1 to {len(report.fixes)} (the fixes of the last report)."
@@ -293,6 +329,8 @@ class VramMagics(Magics):
                     fixes = list(first.report.fixes)
                     fixes[number - 1] = fix
                     self.last_report = replace(first.report, fixes=tuple(fixes), attempts=tuple(attempts))
+                    self._report_run = self._cell_run
+                    self._over[id(self.last_report)] = f"fix {number} worked"
                     print(render_auto_result(self.last_report, number, fix, take_snapshot()))
                     return outcome.value
                 report = outcome.report
@@ -342,6 +380,7 @@ class VramMagics(Magics):
     def _fail(self, report: Report) -> NoReturn:
         """Show the report and end the cell as failed, with one line that holds no frame of the user's."""
         self.last_report = report
+        self._report_run = self._cell_run  # the %%oomsafe cell it is about (a fix's report: the same one)
         display(mimebundle(report, rerun=lambda number: self.apply_fix(report, number)), raw=True)
         raise OutOfMemoryHandled(f"{summary_line(report)} See the report above.")
 
@@ -551,6 +590,40 @@ def _check_options_belong(args: Any) -> None:
         raise UsageError(f"{used}: {flag} goes with {' or '.join(f'`%vram {c}`' for c in commands)}.")
 
 
+def _not_data(name: str, value: object, hidden: Any) -> str | None:
+    """What a name is when it is not data that can hold memory (``%vram free torch``), else None."""
+    if isinstance(value, types.ModuleType):
+        return "a module"
+    if isinstance(value, type):
+        return "a class"
+    return "one of IPython's own names" if name in hidden else None
+
+
+def _same_cell(ran: Any, owner: Any) -> bool:
+    """Whether two runs are of the same notebook cell: the frontend's cell id when it sends one, else the
+    same code (the ``%%oomsafe`` line aside)."""
+    if ran is None or owner is None:
+        return False
+    ran_id, owner_id = getattr(ran, "cell_id", None), getattr(owner, "cell_id", None)
+    if ran_id is not None and owner_id is not None:
+        return bool(ran_id == owner_id)
+    return _body(getattr(ran, "raw_cell", "")) == _body(getattr(owner, "raw_cell", ""))
+
+
+def _body(cell: str) -> str:
+    lines = (cell or "").strip().splitlines()
+    if lines and lines[0].lstrip().startswith("%%oomsafe"):
+        lines = lines[1:]
+    return "\n".join(line.rstrip() for line in lines).strip()
+
+
+def _unquoted(word: str) -> str:
+    """``"gpt2"`` or ``'gpt2'`` as typed (IPython's argument splitting keeps the quotes): ``gpt2``."""
+    if len(word) >= 2 and word[0] == word[-1] and word[0] in "'\"":
+        return word[1:-1]
+    return word
+
+
 def _device(text: str) -> str:
     """``--device``: cuda, cuda:N or cpu (``cpu:0`` is cpu)."""
     device = text.strip().lower()
@@ -682,14 +755,19 @@ def _short_traceback(shell: Any, error: BaseException, tb: TracebackType | None)
 
 
 def load(shell: Any) -> None:
-    """Register the magics (once, however often ``%load_ext`` runs)."""
+    """Register the magics (once, however often ``%load_ext`` runs) and the event that ends a report's
+    fixes once its cell runs again."""
     if "VramMagics" not in shell.magics_manager.registry:
         shell.register_magics(VramMagics)
+        shell.events.register("post_run_cell", shell.magics_manager.registry["VramMagics"].cell_ran)
 
 
 def unload(shell: Any) -> None:
     """Remove every magic ``load`` added."""
     manager = shell.magics_manager
+    magics = manager.registry.pop("VramMagics", None)
+    if magics is not None:
+        with contextlib.suppress(ValueError):  # not registered
+            shell.events.unregister("post_run_cell", magics.cell_ran)
     manager.magics["line"].pop("vram", None)
     manager.magics["cell"].pop("oomsafe", None)
-    manager.registry.pop("VramMagics", None)

@@ -40,6 +40,9 @@ OOM_PATTERNS: tuple[tuple[re.Pattern[str], OOMKind], ...] = (
     (re.compile(r"\b(?:CUBLAS|CUDNN|CUSOLVER|CUSPARSE)_STATUS_ALLOC_FAILED\b"), "cuda"),
     # torch ROCm builds, hipBLAS: "HIPBLAS_STATUS_ALLOC_FAILED"
     (re.compile(r"\bHIPBLAS_STATUS_ALLOC_FAILED\b"), "hip"),
+    # numpy (numpy/_core/src/multiarray/alloc.c, raised as a MemoryError subclass, _ArrayMemoryError):
+    # "Unable to allocate 728. TiB for an array with shape (100000000000000,) and data type float64"
+    (re.compile(r"\bUnable to allocate \d+(?:\.\d*)? ?[KMGTPE]?i?B for an array\b"), "cpu"),
     # transformers' bitsandbytes 4/8-bit quantizers (quantizer_bnb_4bit.py, quantizer_bnb_8bit.py) and
     # accelerate utils/bnb.py: a quantized load refused because the device_map sends modules to CPU/disk
     (re.compile(r"\bSome modules are dispatched on the CPU or the disk\b"), "dispatch"),
@@ -64,12 +67,17 @@ _UNIT_BYTES = {
     "GB": 2**30,
     "TiB": 2**40,
     "TB": 2**40,
+    "PiB": 2**50,
+    "EiB": 2**60,
 }
 
 # One fact per entry, each with the wordings that state it; any may be missing from a message.
 _FACTS: dict[str, tuple[re.Pattern[str], ...]] = {
     # every allocator; also the CPU one: "you tried to allocate 1125899906842624 bytes"
-    "requested": (re.compile(r"[Tt]ried to allocate " + _SIZE),),
+    "requested": (
+        re.compile(r"[Tt]ried to allocate " + _SIZE),
+        re.compile(r"Unable to allocate (\d+(?:\.\d*)?) ?(B|KiB|MiB|GiB|TiB|PiB|EiB) for an array"),  # numpy
+    ),
     "total": (
         re.compile(_SIZE + r" total capacity"),  # torch <= 1.13, IPEX: "(GPU 0; 11.17 GiB total capacity;"
         re.compile(r"total capaci?ty of " + _SIZE),  # torch 2.0-2.2 "capacty", >= 2.3 "capacity"
@@ -182,8 +190,8 @@ def _is_torch_oom(exc: BaseException) -> bool:
 
 
 def _chain(exc: BaseException, caught_by_user: Callable[[BaseException], bool]) -> Iterator[BaseException]:
-    """``exc``, then its causes and contexts, breadth first, each exception once (so cycles end). A context
-    the user's own code caught is not followed."""
+    """``exc``, then its causes and contexts, breadth first, each exception once (so cycles end). A cause or
+    context the user's own code caught is not followed: what they raised from it is their own error."""
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -192,10 +200,9 @@ def _chain(exc: BaseException, caught_by_user: Callable[[BaseException], bool]) 
             continue
         seen.add(id(current))
         yield current
-        if current.__cause__ is not None:
-            todo.append(current.__cause__)
-        if current.__context__ is not None and not caught_by_user(current.__context__):
-            todo.append(current.__context__)
+        for linked in (current.__cause__, current.__context__):  # `raise X from e`, or raised while handling
+            if linked is not None and not caught_by_user(linked):
+                todo.append(linked)
 
 
 def _own_oom(exc: BaseException) -> OOMInfo | None:
