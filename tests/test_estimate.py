@@ -501,3 +501,45 @@ def test_a_second_estimate_reuses_the_build(monkeypatch: pytest.MonkeyPatch, emp
 
     estimate("Qwen/Qwen2.5-1.5B", quantization="8bit", context=2048)
     plans("Qwen/Qwen2.5-1.5B", free_bytes=4 * GiB)
+
+
+# --- what transformers 5 really loads: the checkpoint's dtype, a checkpoint saved quantized -----------------
+
+
+def test_without_a_dtype_in_the_config_the_weights_say_which_dtype_loads(tmp_path: Path) -> None:
+    from tests.tiny_models import save_float32_without_dtype, save_tiny_llama
+
+    fp32 = save_float32_without_dtype(tmp_path / "fp32")
+    bf16 = save_tiny_llama(tmp_path / "bf16")
+    config = json.loads((bf16 / "config.json").read_text())
+    config.pop("dtype", None)
+    (bf16 / "config.json").write_text(json.dumps(config))  # only the safetensors header says bfloat16
+    assert estimate(str(fp32)).dtype == "float32"
+    found = estimate(str(bf16))
+    assert found.dtype == "bfloat16"
+    assert any("from the checkpoint's weights" in note for note in found.notes)
+    # twice the bytes of the bfloat16 weights (the rotary buffer stays float32 in both)
+    assert estimate(str(fp32)).weights_bytes == pytest.approx(2 * found.weights_bytes, rel=0.001)
+
+
+@pytest.mark.parametrize(
+    ("saved", "bits"),
+    [
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "4bit"),
+        ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "8bit"),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "4bit"),
+        ({"quant_method": "awq", "bits": 4}, "4bit"),
+    ],
+)
+def test_a_checkpoint_saved_quantized_is_estimated_as_saved(
+    tmp_path: Path, saved: dict[str, Any], bits: str
+) -> None:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**LLAMA_085B, dtype="float16").to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": saved}))
+    found = estimate(str(tmp_path))
+    assert found.quantization == bits
+    assert found.weights_bytes == estimate(llama_085b(), dtype="float16", quantization=bits).weights_bytes
+    assert estimate(str(tmp_path), quantization="8bit" if bits == "4bit" else "4bit").quantization == bits
+    assert [plan.key for plan in plans(str(tmp_path), free_bytes=GiB)] == ["fp16", "offload"]

@@ -289,3 +289,17 @@ def test_without_gpu_figures_offload_lets_accelerate_measure_the_gpus() -> None:
     offload = _plan("torch2_11_h100_plain.txt", LOAD)["offload"].rewritten_cell
     assert offload is not None
     assert 'from_pretrained(path, device_map="auto")  # the base model' in offload  # no CPU-only limits
+
+
+def test_a_merge_on_the_cpu_that_cpu_ram_cannot_hold_is_not_offered_to_run() -> None:
+    import torch
+
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights, standing for the PEFT model to merge
+    small_ram = MemorySnapshot(gpus=(), cpu=CpuMemory(8 * GiB, 2 * GiB + MiB, GiB))  # 1 MiB usable
+    merge = _plan("torch2_11_h100_plain.txt", MERGE, namespace={"model": model}, snapshot=small_ram)[
+        "merge-cpu"
+    ]
+    assert not merge.runnable and merge.fits is False
+    assert "needs about 4.00 MiB of CPU RAM and 1.00 MiB is free" in merge.why
+    roomy = _plan("torch2_11_h100_plain.txt", MERGE, namespace={"model": model})["merge-cpu"]
+    assert roomy.runnable and roomy.fits is True

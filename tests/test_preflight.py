@@ -3,6 +3,7 @@ with --auto the first plan that fits runs straight away."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -370,3 +371,21 @@ def test_without_a_gpu_or_a_planned_cap_there_is_no_preflight(ip: Any, checkpoin
     with simulated_gpu(budget_bytes=2**30), capture_output() as captured:
         result = ip.run_cell("%%oomsafe\n" + LOAD_CELL)
     assert result.success and captured.stdout.strip() == ""
+
+
+def test_the_qlora_device_map_of_one_gpu_is_judged(rehearsal: Any) -> None:
+    one_gpu = ', device_map={"": 0}'
+    cell = f"model = {_load(one_gpu)}\n"
+    verdict = check(cell, rehearsal.user_ns, 4 * MiB)
+    assert verdict is not None and not verdict.fits
+
+
+def test_a_checkpoint_saved_in_4bit_is_judged_as_saved_and_runs(rehearsal: Any, tmp_path: Path) -> None:
+    config = json.loads((Path(rehearsal.user_ns["path"]) / "config.json").read_text())
+    saved = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": saved}))
+    cell = f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, device_map='cuda')\n"
+    verdict = check(cell, rehearsal.user_ns, 12 * MiB)
+    # 13.35 MiB in bfloat16 would not fit the 12 MiB; saved in 4-bit it does.
+    assert verdict is not None and verdict.loads[0].model == str(tmp_path)
+    assert verdict.estimates[0].quantization == "4bit" and verdict.fits

@@ -886,3 +886,231 @@ def test_importing_the_module_imports_neither_torch_nor_ipython() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cells as people write them (tests/fixtures/real_cells): keywords in **kwargs, chained casts, old flags
+
+
+def _fixed(cell: str, fix: str, namespace: dict[str, object] | None = None, **options: object) -> str:
+    """The fix made on a cell read with the notebook's names (what the rescue does)."""
+    from vram_magic.cell import read_cell
+    from vram_magic.fixes import apply_fix, check_options
+
+    return apply_fix(read_cell(cell, namespace), fix, check_options(options)).code
+
+
+def test_a_keyword_held_in_a_kwargs_dict_of_the_cell_is_changed_there_never_passed_twice() -> None:
+    cell = (
+        'kw = dict(device_map="cuda", torch_dtype=torch.bfloat16)\n'
+        "model = AutoModelForCausalLM.from_pretrained(name, **kw)\n"
+    )
+    fixed = rewrite(cell, "8bit")
+    assert 'kw = dict(device_map="auto", torch_dtype=torch.bfloat16)\n' in fixed
+    assert "from_pretrained(name, **kw, quantization_config=BitsAndBytesConfig(load_in_8bit=True))" in fixed
+    compile(fixed, "<cell>", "exec")
+
+
+def test_a_kwargs_dict_of_an_earlier_cell_is_overridden_at_the_call() -> None:
+    cell = "model = AutoModelForCausalLM.from_pretrained(name, **kw)\n"
+    fixed = _fixed(cell, "offload", {"kw": {"device_map": "cuda"}}, max_memory={0: 2**30, "cpu": 4 * 2**30})
+    assert (
+        'from_pretrained(name, **{**kw, "device_map": "auto"}, max_memory={0: "1.0GiB", "cpu": "4.0GiB"})'
+        in fixed
+    )
+    unknown = rewrite(cell, "offload", max_memory={0: 2**30})
+    assert '**{**kw, "device_map": "auto", "max_memory": {0: "1.0GiB"}}' in unknown  # keys unknown: override
+
+
+def test_a_keyword_set_by_key_on_a_kwargs_dict_is_read_and_changed_there() -> None:
+    cell = (
+        'model_kwargs = dict(torch_dtype=torch.bfloat16, device_map="auto")\n'
+        'model_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True)\n'
+        "model = AutoModelForCausalLM.from_pretrained(model_id, **model_kwargs)\n"
+    )
+    with pytest.raises(NotApplicable, match="already loaded in 4-bit"):
+        rewrite(cell, "4bit")
+    fixed = rewrite(cell, "offload", max_memory={0: 2**30})
+    assert "BitsAndBytesConfig(load_in_4bit=True, llm_int8_enable_fp32_cpu_offload=True)" in fixed
+
+
+def test_half_and_cuda_chained_on_a_load_become_its_dtype_and_bitsandbytes_places_it() -> None:
+    cell = "model = AutoModelForCausalLM.from_pretrained(name).half().cuda()\n"
+    assert rewrite(cell, "8bit").endswith(
+        "model = AutoModelForCausalLM.from_pretrained(name, quantization_config=BitsAndBytesConfig("
+        'load_in_8bit=True), dtype=torch.float16, device_map="auto")\n'
+    )
+    assert "bnb_4bit_compute_dtype=torch.float16" in rewrite(cell, "4bit")  # the dtype the user chose
+    assert rewrite(cell, "offload").endswith(
+        'model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float16, device_map="auto")\n'
+    )
+
+
+@pytest.mark.parametrize(
+    "device_map", ['{"": 0}', "0", '"cuda:0"', 'torch.device("cuda")', '{"": PartialState().process_index}']
+)
+def test_every_way_to_name_one_gpu_is_a_gpu_load(device_map: str) -> None:
+    from vram_magic.cell import read_cell
+
+    load = read_cell(f"m = AutoModelForCausalLM.from_pretrained(name, device_map={device_map})\n").loads[0]
+    assert load.device_map == "cuda" and load.where == "gpu"
+
+
+def test_a_config_of_an_earlier_cell_is_allowed_to_offload_where_the_load_is() -> None:
+    from transformers import BitsAndBytesConfig
+
+    cell = "model = AutoModelForCausalLM.from_pretrained(name, quantization_config=bnb_config)\n"
+    fixed = _fixed(cell, "offload", {"bnb_config": BitsAndBytesConfig(load_in_4bit=True)})
+    assert fixed.startswith("bnb_config.llm_int8_enable_fp32_cpu_offload = True\nmodel = ")
+    with pytest.raises(NotApplicable, match="already loaded in 4-bit"):
+        _fixed(cell, "8bit", {"bnb_config": BitsAndBytesConfig(load_in_4bit=True)})
+
+
+def test_old_load_in_8bit_keywords_become_a_quantization_config_when_the_load_moves() -> None:
+    cell = 'model = AutoModelForCausalLM.from_pretrained(name, load_in_8bit=True, device_map="auto")\n'
+    for fix in ("offload", "cpu"):
+        fixed = rewrite(cell, fix)
+        assert "load_in_8bit=True," not in fixed.replace("BitsAndBytesConfig(load_in_8bit=True", "")
+        assert "quantization_config=BitsAndBytesConfig(load_in_8bit=True" in fixed
+
+
+def test_a_load_on_the_cpu_on_purpose_is_not_quantized_offloaded_or_moved() -> None:
+    cell = (
+        'base = AutoModelForCausalLM.from_pretrained(name, device_map="cpu")\n'
+        'model = PeftModel.from_pretrained(base, "adapter")\n'
+        "merged = model.merge_and_unload()\n"
+        'merged.save_pretrained("out")\n'
+    )
+    for fix in ("4bit", "8bit", "offload"):
+        with pytest.raises(NotApplicable):
+            rewrite(cell, fix)
+    with pytest.raises(NotApplicable, match="already merges on the CPU"):
+        rewrite(cell, "merge-cpu")
+
+
+def test_a_full_fine_tune_is_not_quantized() -> None:
+    cell = (
+        'model = AutoModelForCausalLM.from_pretrained(name, device_map="cuda")\n'
+        "trainer = Trainer(model=model, args=args, train_dataset=ds)\ntrainer.train()\n"
+    )
+    with pytest.raises(NotApplicable, match="cannot be trained without adapters"):
+        rewrite(cell, "4bit")
+    with_lora = cell.replace(
+        "trainer = Trainer(model=model", "model = get_peft_model(model, lora)\ntrainer = Trainer(model=model"
+    )
+    assert "BitsAndBytesConfig(load_in_4bit=True" in rewrite(with_lora, "4bit")
+
+
+def test_another_librarys_loader_is_left_alone() -> None:
+    cell = (
+        "from auto_gptq import AutoGPTQForCausalLM\n"
+        'model = AutoGPTQForCausalLM.from_quantized(name, device="cuda:0")\n'
+        'other = AutoGPTQForCausalLM.from_pretrained(name, device_map="cuda")\n'
+    )
+    for fix in ("4bit", "8bit", "bf16", "offload"):
+        with pytest.raises(NotApplicable):
+            rewrite(cell, fix)
+
+
+def test_a_pipeline_object_called_on_prompts_is_not_a_pipeline_load() -> None:
+    cell = 'pipe = pipeline("text-generation", model="gpt2")\nout = pipe(prompts, batch_size=16)\n'
+    fixed = rewrite(cell, "4bit")
+    assert fixed.count("BitsAndBytesConfig(") == 1  # the one load, not the call of pipe
+    assert "pipe(prompts, batch_size=16)" in fixed
+    assert "pipe(prompts, batch_size=8)" in rewrite(cell, "half-batch")
+
+
+def test_a_variable_named_like_a_device_is_not_taken_for_one() -> None:
+    cell = "per_device_train_batch_size = 8\ndevice = 'cuda'\nx = t.to(device)\n"
+    fixed = rewrite(cell, "cpu")
+    assert fixed == "per_device_train_batch_size = 8\ndevice = 'cpu'\nx = t.to(device)\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches as people set them
+
+
+def test_an_odd_batch_keeps_its_effective_batch() -> None:
+    cell = "args = TrainingArguments('o', per_device_train_batch_size=3, gradient_accumulation_steps=2)\n"
+    assert rewrite(cell, "half-batch") == cell.replace("=3", "=1").replace("=2)", "=6)")
+
+
+def test_a_conditional_batch_size_halves_each_branch() -> None:
+    cell = "args = TrainingArguments('o', per_device_train_batch_size=6 if big else 4)\n"
+    assert "per_device_train_batch_size=3 if big else 2, gradient_accumulation_steps=2" in rewrite(
+        cell, "half-batch"
+    )
+
+
+def test_a_batch_size_of_an_earlier_cell_is_set_again_before_its_first_use() -> None:
+    cell = "loader = DataLoader(ds, batch_size=batch_size)\nfor batch in loader:\n    pass\n"
+    assert _fixed(cell, "half-batch", {"batch_size": 32}) == "batch_size = 16\n" + cell
+    with pytest.raises(NotApplicable, match="only known when the cell runs") as info:
+        rewrite(cell, "half-batch")
+    assert info.value.elsewhere
+
+
+def test_training_arguments_built_from_a_dict_are_halved_in_the_dict() -> None:
+    inline = "args = TrainingArguments(**{'output_dir': 'o', 'per_device_train_batch_size': 8})\n"
+    assert "'per_device_train_batch_size': 4" in rewrite(inline, "half-batch")
+    earlier = "args = TrainingArguments(**config)\n"
+    fixed = _fixed(
+        earlier,
+        "half-batch",
+        {"config": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}},
+    )
+    assert fixed == (
+        'args = TrainingArguments(**{**config, "per_device_train_batch_size": 4, '
+        '"gradient_accumulation_steps": 4})\n'
+    )
+
+
+def test_without_gradient_accumulation_the_title_says_the_effective_batch_shrinks() -> None:
+    from vram_magic.cell import read_cell
+    from vram_magic.fixes import apply_fix
+
+    loop = "loader = DataLoader(ds, batch_size=8)\nfor batch in loader:\n    model(**batch).loss.backward()\n"
+    made = apply_fix(read_cell(loop), "half-batch")
+    assert (
+        made.title
+        == "Halve the batch (8 → 4); the effective batch shrinks too (this code has no gradient accumulation)"
+    )
+    prompts = "for i in range(0, len(prompts), 16):\n    out = model.generate(**tok(prompts[i:i+16]))\n"
+    assert "batch_size" not in prompts  # a literal step: no batch size to halve here
+    generating = "batch_size = 16\n" + prompts.replace("16", "batch_size")
+    assert apply_fix(read_cell(generating), "half-batch").title.startswith("Halve the batch (16 → 8)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation and inference
+
+
+def test_a_batched_generate_runs_in_chunks_and_more_chunks_each_time() -> None:
+    cell = (
+        "inputs = tok(['a', 'b', 'c', 'd'], return_tensors='pt', padding=True)\n"
+        "out = model.generate(**inputs, max_new_tokens=8)\n"
+    )
+    fixed = rewrite(cell, "chunk")
+    assert "out = vram_magic.chunked(model.generate, chunks=2)(**inputs, max_new_tokens=8)\n" in fixed
+    assert "chunks=4)" in rewrite(fixed, "chunk")
+    single = "inputs = tok('one prompt', return_tensors='pt')\nout = model.generate(**inputs)\n"
+    with pytest.raises(NotApplicable):
+        rewrite(single, "chunk")
+
+
+def test_a_forward_pass_with_gradients_on_runs_under_inference_mode() -> None:
+    cell = "# score the prompts\noutputs = model(**inputs)\nscores = outputs.logits.softmax(-1)\n"
+    assert rewrite(cell, "inference-mode") == (
+        "# score the prompts\nimport torch\nwith torch.inference_mode():\n    outputs = model(**inputs)\n"
+        "scores = outputs.logits.softmax(-1)\n"
+    )
+    with pytest.raises(NotApplicable, match="already"):
+        rewrite("with torch.no_grad():\n    outputs = model(**inputs)\n", "inference-mode")
+
+
+def test_generate_keeps_its_kv_cache_in_cpu_ram_but_not_another_librarys_engine() -> None:
+    cell = "out = model.generate(**inputs, max_new_tokens=2048)\n"
+    assert 'max_new_tokens=2048, cache_implementation="offloaded")' in rewrite(cell, "offload-cache")
+    vllm = "llm = LLM(model='facebook/opt-125m')\nout = llm.generate(prompts, params)\n"
+    with pytest.raises(NotApplicable):
+        rewrite(vllm, "offload-cache")

@@ -74,6 +74,8 @@ class Load(Site):
             return "gpu" if self.device_map == "cuda" else "auto"
         if self.device_map == "unknown" or self.moved == "unknown":
             return "unknown"
+        if self.device_map is None and not self.spread_known:
+            return "unknown"  # its **kwargs may name a device_map
         if self.kind == "pipeline" or self.quantized:
             return "gpu"  # a pipeline takes GPU 0 when there is one; bitsandbytes loads go to the GPU
         return "ram"
