@@ -9,6 +9,7 @@ Pure: no IPython, no torch (a namespace's objects are only inspected, never call
 from __future__ import annotations
 
 from vram_magic.cell._analysis import analyse, analyse_source, kind_of, statement_span
+from vram_magic.cell._batches import ACCUMULATION_NAMES, is_batch_name
 from vram_magic.cell._facts import (
     Accumulation,
     BatchSize,
@@ -20,7 +21,7 @@ from vram_magic.cell._facts import (
     PipelineCall,
     TrainingConfig,
 )
-from vram_magic.cell._reader import ACCUMULATION_NAMES, Cell, is_batch_name, read_cell
+from vram_magic.cell._reader import Cell, read_cell
 from vram_magic.cell._values import AUTO_MAPS, Held, Names, dotted
 
 __all__ = [
