@@ -20,7 +20,7 @@ from pathlib import Path
 
 from IPython.core.inputtransformer2 import TransformerManager
 
-from vram_magic._plan import Context, Room, make_runnable
+from vram_magic._checks import Context, Room, make_runnable
 from vram_magic._types import Fix
 from vram_magic.cell import read_cell
 from vram_magic.fixes import LOAD_FIXES, NotApplicable, apply_fix

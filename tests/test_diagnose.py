@@ -16,15 +16,15 @@ from vram_magic._types import (
     Fix,
     GpuSnapshot,
     Holder,
-    MemorySnapshot,
     OOMInfo,
+    Snapshot,
 )
 from vram_magic.cell import analyse_source as analyse_cell
 
 MESSAGES = Path(__file__).parent / "fixtures" / "oom_messages"
 GiB = 2**30
 NO_CLEANUP = Cleanup(released=(), reclaimed_bytes=None, freed_tensor_bytes=0)
-NO_GPU = MemorySnapshot(gpus=(), cpu=CpuMemory(None, None, None))
+NO_GPU = Snapshot(gpus=(), cpu=CpuMemory(None, None, None))
 
 
 def _oom(name: str) -> OOMInfo:
@@ -35,7 +35,7 @@ def _oom(name: str) -> OOMInfo:
 
 def _diagnose(
     oom: OOMInfo,
-    snapshot: MemorySnapshot,
+    snapshot: Snapshot,
     holders: tuple[Holder, ...],
     analysis: CellAnalysis,
     cleanup: Cleanup,
@@ -128,7 +128,7 @@ def test_other_processes_seen_only_as_a_remainder_are_labelled() -> None:
         others_bytes=6 * GiB,
         others_are_remainder=True,
     )
-    snapshot = MemorySnapshot(gpus=(gpu,), cpu=CpuMemory(None, None, None))
+    snapshot = Snapshot(gpus=(gpu,), cpu=CpuMemory(None, None, None))
     oom = _oom("seed_from_pretrained_torch1.txt")
     causes, _ = _diagnose(oom, snapshot, (), analyse_cell("\nx = f()\n", 2), NO_CLEANUP)
     assert any("about 6.00 GiB (total - free - this process" in c.text for c in causes)

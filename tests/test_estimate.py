@@ -20,14 +20,14 @@ from vram_magic import _estimate
 from vram_magic._estimate import (
     CONFIGS_DIR,
     Estimate,
-    Plan,
+    LoadPlan,
     bundled_models,
     estimate,
     load_config,
     plans,
-    render_estimate_table,
 )
 from vram_magic._who import tensors_in
+from vram_magic.render import render_estimate_table
 
 MiB = 2**20
 GiB = 2**30
@@ -482,7 +482,7 @@ def test_the_table_shows_every_row_and_each_note_once() -> None:
     assert [line.split()[-1] for line in text.splitlines()[2:6]] == ["no", "yes", "yes", "yes"]
     assert text.count("caching_allocator_warmup") == 1
     assert str(rows[0].estimate).startswith("llama (852.56 M parameters, LlamaForCausalLM)")
-    assert isinstance(rows[0], Plan) and isinstance(rows[0].estimate, Estimate)
+    assert isinstance(rows[0], LoadPlan) and isinstance(rows[0].estimate, Estimate)
 
 
 def test_importing_the_module_imports_no_torch() -> None:

@@ -19,8 +19,7 @@ import torch
 from IPython.utils.capture import capture_output
 
 from tests.oom_budget import KiB, MiB, SimulatedGpu, activation_bytes, simulated_gpu
-from vram_magic import Report, parse_oom_message
-from vram_magic._types import Fix, OutOfMemoryHandled
+from vram_magic import Fix, OutOfMemoryHandled, Report, parse_oom_message
 
 SEQ = 32
 MESSAGES = Path(__file__).parent / "fixtures" / "oom_messages"
@@ -220,7 +219,7 @@ def test_after_a_load_oom_the_models_own_figures_say_which_quantized_loads_fit(
     """A share of the failed request would say 8-bit (60%) and 4-bit (35%) fit in 1000 KiB; this model's
     embeddings alone take 1 MiB, so neither does, and the report says so with the estimator's figures."""
     from vram_magic import estimate
-    from vram_magic._render_text import format_bytes
+    from vram_magic._units import format_bytes
 
     ip.run_cell("import torch\nfrom transformers import AutoModelForCausalLM\n")
     ip.user_ns["path"] = str(wide_vocab_checkpoint)

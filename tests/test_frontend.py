@@ -10,8 +10,8 @@ from typing import Any
 import IPython
 import pytest
 
-import vram_magic._frontend as fe
-from vram_magic._frontend import widget_frontend
+import vram_magic.render._frontend as fe
+from vram_magic.render._frontend import widget_frontend
 
 
 class ZMQInteractiveShell:
@@ -127,7 +127,7 @@ def test_env_off_wins_over_colab(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_check_imports_neither_ipykernel_nor_ipython() -> None:
     code = (
-        "import sys, vram_magic._frontend as f\n"
+        "import sys, vram_magic.render._frontend as f\n"
         "print(f.widget_frontend(), 'ipykernel' in sys.modules, 'IPython' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -15,8 +15,7 @@ from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 
 from tests.conftest import CAPPED_LOAD_OOM
-from vram_magic import MemorySnapshot, Report
-from vram_magic._types import OutOfMemoryHandled
+from vram_magic import OutOfMemoryHandled, Report, Snapshot
 
 MiB = 2**20
 
@@ -379,7 +378,7 @@ def test_vram_who_lists_names_biggest_first(ip: Any) -> None:
 
 def test_vram_returns_a_snapshot_usable_in_code(ip: Any) -> None:
     snapshot = ip.run_line_magic("vram", "")
-    assert isinstance(snapshot, MemorySnapshot)
+    assert isinstance(snapshot, Snapshot)
     assert snapshot.cpu.total_bytes is not None and snapshot.cpu.total_bytes > 0
     if not torch.cuda.is_available():
         assert snapshot.gpus == ()

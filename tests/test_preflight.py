@@ -15,10 +15,9 @@ from IPython.utils.capture import capture_output
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.oom_budget import simulated_gpu
-from vram_magic import _caps
+from vram_magic import OutOfMemoryHandled, _caps
 from vram_magic._preflight import Verdict, judged, load_at, need
 from vram_magic._preflight import check as check_reading
-from vram_magic._types import OutOfMemoryHandled
 from vram_magic.cell import read_cell
 
 MiB = 2**20

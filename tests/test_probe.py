@@ -18,7 +18,7 @@ import pytest
 
 from vram_magic import _probe
 from vram_magic._probe import _gpu_snapshot, _match_by_uuid, _NvmlDevice, _TorchFigures, take_snapshot
-from vram_magic._types import MemorySnapshot, ProcessMemory
+from vram_magic._types import ProcessMemory, Snapshot
 
 GiB = 1 << 30
 ME = os.getpid()
@@ -296,6 +296,6 @@ def test_torch_devices_match_nvml_by_uuid() -> None:
 def test_problem_sentences_are_short(use_nvml: Any) -> None:
     use_nvml([gpu(0, process_error=3), gpu(1, compute=[(1, None)])])
     snap = take_snapshot()
-    assert isinstance(snap, MemorySnapshot) and len(snap.problems) >= 2
+    assert isinstance(snap, Snapshot) and len(snap.problems) >= 2
     for text in snap.problems:
         assert "\n" not in text and len(text) < 120, text

@@ -8,16 +8,7 @@ from typing import Any
 
 import pytest
 
-import vram_magic._render_widget as rw
-from vram_magic._render_text import (
-    details_text,
-    format_bytes,
-    render_cleanup,
-    render_holders,
-    render_report,
-    render_snapshot,
-    summary_line,
-)
+import vram_magic.render._widget as rw
 from vram_magic._types import (
     Cause,
     CellAnalysis,
@@ -26,10 +17,19 @@ from vram_magic._types import (
     Fix,
     GpuSnapshot,
     Holder,
-    MemorySnapshot,
     OOMInfo,
     ProcessMemory,
     Report,
+    Snapshot,
+)
+from vram_magic.render._text import (
+    details_text,
+    format_bytes,
+    render_cleanup,
+    render_holders,
+    render_report,
+    render_snapshot,
+    summary_line,
 )
 
 GiB = 2**30
@@ -90,7 +90,7 @@ def capped_report(**changes: Any) -> Report:
             failed_statement="model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)",
             assigned_names=("model",),
         ),
-        snapshot=MemorySnapshot(gpus=(H100,), cpu=CPU),
+        snapshot=Snapshot(gpus=(H100,), cpu=CPU),
         holders=(
             Holder("base_model", "LlamaForCausalLM", int(1.59 * GiB), int(1.59 * GiB), ("peft_model",)),
             Holder("peft_model", "PeftModelForCausalLM", int(1.62 * GiB), int(1.59 * GiB), ("base_model",)),
@@ -161,7 +161,7 @@ def other_report() -> Report:
         oom=OTHER_OOM,
         cell="trainer.train()",
         analysis=CellAnalysis(kind="training", failed_line=1, failed_statement="trainer.train()"),
-        snapshot=MemorySnapshot(gpus=(T4,), cpu=CPU),
+        snapshot=Snapshot(gpus=(T4,), cpu=CPU),
         holders=(),
         cleanup=Cleanup(released=(), reclaimed_bytes=0, freed_tensor_bytes=0),
         causes=(Cause("other_process", "Process 20417 holds 1.10 GiB of this GPU."),),
@@ -176,7 +176,7 @@ def other_report() -> Report:
     )
 
 
-NO_GPU = MemorySnapshot(
+NO_GPU = Snapshot(
     gpus=(),
     cpu=CPU,
     problems=("torch.cuda.is_available() is False (CPU-only torch build)", "NVML library not found"),
@@ -320,7 +320,7 @@ def test_render_cleanup_for_vram_free() -> None:
 
 
 def test_snapshot_text_capped_gpu_with_remainder() -> None:
-    text = render_snapshot(MemorySnapshot(gpus=(H100,), cpu=CPU))
+    text = render_snapshot(Snapshot(gpus=(H100,), cpu=CPU))
     lines = text.splitlines()
     assert lines[0] == "GPU 0: NVIDIA H100 80GB HBM3"
     assert any(ln.split() == ["total", "79.18", "GiB"] for ln in lines)
@@ -348,7 +348,7 @@ def test_snapshot_text_capped_gpu_with_remainder() -> None:
 
 
 def test_snapshot_text_lists_other_processes_by_pid() -> None:
-    text = render_snapshot(MemorySnapshot(gpus=(T4,), cpu=CPU, problems=("psutil not installed",)))
+    text = render_snapshot(Snapshot(gpus=(T4,), cpu=CPU, problems=("psutil not installed",)))
     lines = text.splitlines()
     assert any(ln.split() == ["pid", "20417", "1.10", "GiB"] for ln in lines)
     assert "remainder" not in text and "cap" not in text
@@ -405,7 +405,7 @@ def html_values(widget: Any) -> list[str]:
 def test_widgets_follow_the_theme_with_light_fallbacks() -> None:
     pytest.importorskip("ipywidgets")
     r = capped_report(causes=(Cause("stale", "`old_model` still holds 64.00 MiB."),))
-    html = html_of(rw.report_widget(r)) + html_of(rw.snapshot_widget(MemorySnapshot(gpus=(H100,), cpu=CPU)))
+    html = html_of(rw.report_widget(r)) + html_of(rw.snapshot_widget(Snapshot(gpus=(H100,), cpu=CPU)))
     for variable in (
         "var(--jp-layout-color2,#f6f6f6)",
         "var(--jp-content-font-color2,#444)",
@@ -423,7 +423,7 @@ def test_every_html_value_has_a_readable_line_height() -> None:
     views = [
         rw.report_widget(capped_report()),
         rw.report_widget(other_report()),
-        rw.snapshot_widget(MemorySnapshot(gpus=(T4,), cpu=CPU, problems=("psutil not installed",))),
+        rw.snapshot_widget(Snapshot(gpus=(T4,), cpu=CPU, problems=("psutil not installed",))),
         rw.snapshot_widget(NO_GPU),
     ]
     for view in views:
@@ -517,12 +517,12 @@ def test_report_widget_escapes_every_text() -> None:
 
 def test_snapshot_widget_bar_segments_and_cap() -> None:
     pytest.importorskip("ipywidgets")
-    html = html_of(rw.snapshot_widget(MemorySnapshot(gpus=(T4,), cpu=CPU)))
+    html = html_of(rw.snapshot_widget(Snapshot(gpus=(T4,), cpu=CPU)))
     assert "Tesla T4" in html
     assert 'title="PyTorch allocated: 12.91 GiB"' in html
     assert 'title="other processes: 1.10 GiB"' in html and "pid 20417: 1.10 GiB" in html
     assert "vram-cap" not in html  # no cap set on this GPU
-    capped = html_of(rw.snapshot_widget(MemorySnapshot(gpus=(H100,), cpu=CPU)))
+    capped = html_of(rw.snapshot_widget(Snapshot(gpus=(H100,), cpu=CPU)))
     assert "vram-cap" in capped and "cap on this process 1.50 GiB" in capped
 
 
@@ -564,7 +564,7 @@ def test_mimebundle_with_widgets_carries_our_text(monkeypatch: pytest.MonkeyPatc
     bundle = r._repr_mimebundle_()
     assert bundle[WIDGET_VIEW]["model_id"]
     assert bundle["text/plain"] == render_report(r) == str(r)
-    snap = MemorySnapshot(gpus=(H100,), cpu=CPU)
+    snap = Snapshot(gpus=(H100,), cpu=CPU)
     bundle = snap._repr_mimebundle_()
     assert WIDGET_VIEW in bundle and bundle["text/plain"] == render_snapshot(snap)
 

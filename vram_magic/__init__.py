@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from vram_magic._errors import NotApplicable
+from vram_magic._errors import CellSyntaxError, NotApplicable, OutOfMemoryHandled
 from vram_magic._oom import is_oom, parse_oom_message
 from vram_magic._types import (
     Cause,
@@ -18,10 +18,10 @@ from vram_magic._types import (
     Fix,
     GpuSnapshot,
     Holder,
-    MemorySnapshot,
     OOMInfo,
     ProcessMemory,
     Report,
+    Snapshot,
 )
 
 if TYPE_CHECKING:
@@ -33,16 +33,19 @@ _Result = TypeVar("_Result")
 
 __all__ = [
     "Cause",
+    "CellSyntaxError",
     "Cleanup",
     "CpuMemory",
+    "Estimate",
     "Fix",
     "GpuSnapshot",
     "Holder",
-    "MemorySnapshot",
     "NotApplicable",
     "OOMInfo",
+    "OutOfMemoryHandled",
     "ProcessMemory",
     "Report",
+    "Snapshot",
     "__version__",
     "chunked",
     "estimate",
@@ -57,7 +60,7 @@ __all__ = [
 ]
 
 
-def snapshot() -> MemorySnapshot:
+def snapshot() -> Snapshot:
     """Take a VRAM/RAM snapshot of every visible GPU (what ``%vram`` shows)."""
     from vram_magic._probe import take_snapshot
 

@@ -6,32 +6,27 @@ Presets, size parsing, and the target kept when there is no GPU to cap; on a rea
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from vram_magic._render_text import format_bytes
-
-_GiB = 2**30
+from vram_magic._units import GiB, format_bytes, parse_size
 
 # Usable memory as PyTorch reports it (``total_memory``), not the label on the box; rounded to 0.01 GiB.
 PRESETS: dict[str, int] = {
-    "t4": round(14.75 * _GiB),
-    "p100": round(15.89 * _GiB),
-    "v100-16": round(15.77 * _GiB),
-    "v100-32": round(31.74 * _GiB),
-    "l4": round(22.06 * _GiB),
-    "a10g": round(22.19 * _GiB),
-    "rtx3090": round(23.69 * _GiB),
-    "rtx4090": round(23.65 * _GiB),
-    "a100-40": round(39.39 * _GiB),
-    "a100-80": round(79.15 * _GiB),
-    "h100": round(79.18 * _GiB),
+    "t4": round(14.75 * GiB),
+    "p100": round(15.89 * GiB),
+    "v100-16": round(15.77 * GiB),
+    "v100-32": round(31.74 * GiB),
+    "l4": round(22.06 * GiB),
+    "a10g": round(22.19 * GiB),
+    "rtx3090": round(23.69 * GiB),
+    "rtx4090": round(23.65 * GiB),
+    "a100-40": round(39.39 * GiB),
+    "a100-80": round(79.15 * GiB),
+    "h100": round(79.18 * GiB),
 }
 _ALIASES = {"v100": "v100-16", "3090": "rtx3090", "4090": "rtx4090", "a100": "a100-80", "a10": "a10g"}
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)$", re.IGNORECASE)
 _MIN_CAP_BYTES = 2**20
-_MAX_CAP_BYTES = 1024 * _GiB  # more than any GPU has
-_UNIT_BYTES = {"gib": _GiB, "gb": _GiB, "g": _GiB, "mib": 2**20, "mb": 2**20, "m": 2**20}
+_MAX_CAP_BYTES = 1024 * GiB  # more than any GPU has
 
 # The cap planned for when no GPU is here to cap (None: no target).
 _target_bytes: int | None = None
@@ -43,9 +38,8 @@ def parse_cap(text: str) -> tuple[int, str]:
     key = _ALIASES.get(key, key)
     if key in PRESETS:
         return PRESETS[key], key.upper()
-    match = _SIZE.match(key)
-    if match:
-        size = round(float(match.group(1)) * _UNIT_BYTES[match.group(2).lower()])
+    size = parse_size(key)
+    if size is not None:
         if not _MIN_CAP_BYTES <= size <= _MAX_CAP_BYTES:
             raise ValueError(
                 f"A cap of {text.strip()} is not a GPU's memory: type a size from 1MiB to 1024GiB, or a "

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from vram_magic._render_text import format_bytes
 from vram_magic._types import (
     Cause,
     CellAnalysis,
@@ -19,9 +18,10 @@ from vram_magic._types import (
     Fix,
     GpuSnapshot,
     Holder,
-    MemorySnapshot,
     OOMInfo,
+    Snapshot,
 )
+from vram_magic._units import format_bytes
 
 _GiB = 2**30
 # Below these sizes a holder or a fragmented pool is not worth a line in the report.
@@ -87,7 +87,7 @@ class Diagnosis:
         return _FIX_RANK.get(fix.key, _CELL_FIX_RANK)
 
 
-def failing_gpu(snapshot: MemorySnapshot, oom: OOMInfo | None) -> GpuSnapshot | None:
+def failing_gpu(snapshot: Snapshot, oom: OOMInfo | None) -> GpuSnapshot | None:
     """The GPU named in the message, else the only/first one."""
     wanted = oom.device_index if oom and oom.device_index is not None else 0
     for gpu in snapshot.gpus:
@@ -98,7 +98,7 @@ def failing_gpu(snapshot: MemorySnapshot, oom: OOMInfo | None) -> GpuSnapshot | 
 
 def diagnose(
     oom: OOMInfo | None,
-    snapshot: MemorySnapshot,
+    snapshot: Snapshot,
     holders: tuple[Holder, ...],
     analysis: CellAnalysis,
     cleanup: Cleanup,

@@ -1,7 +1,10 @@
-"""Every exception vram_magic raises on purpose.
+"""Every exception vram_magic raises on purpose, all importable from ``vram_magic``.
 
 ValueError
 └── NotApplicable        a fix does not apply to a cell; ``reason`` says why
+Exception
+├── OutOfMemoryHandled   ends a %%oomsafe cell that ran out of memory, after its report
+└── CellSyntaxError      a %%oomsafe cell that does not compile, shown as a plain cell's SyntaxError
 """
 
 from __future__ import annotations
@@ -22,4 +25,27 @@ class NotApplicable(ValueError):
         self.elsewhere = elsewhere
 
 
-NotApplicable.__module__ = "vram_magic"
+class OutOfMemoryHandled(Exception):
+    """Ends a ``%%oomsafe`` cell that ran out of memory, after the memory was freed and the report shown.
+
+    It keeps no frame of the user's code alive, and IPython shows it as one line.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class CellSyntaxError(Exception):
+    """A ``%%oomsafe`` cell that does not compile. IPython shows it exactly as a plain cell's SyntaxError,
+    with no frame of the magic's; the SyntaxError itself is the ``__cause__``."""
+
+    def __init__(self, error: SyntaxError, rendered: list[str]) -> None:
+        super().__init__(str(error))
+        self.rendered = rendered
+
+    def _render_traceback_(self) -> list[str]:
+        return self.rendered
+
+
+for _public in (NotApplicable, OutOfMemoryHandled, CellSyntaxError):
+    _public.__module__ = "vram_magic"

@@ -20,15 +20,15 @@ import logging
 import math
 import os
 import re
-import textwrap
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vram_magic._render_text import format_bytes
+from vram_magic._types import Estimate, LoadPlan
+from vram_magic._units import format_bytes
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -92,7 +92,7 @@ _LORA_R = 16
 _LORA_BYTES = 16  # per trainable LoRA parameter: float32 weight and gradient, AdamW's two float32 states
 _FULL_BYTES = {2: 14, 4: 12}  # per parameter beyond the weights: gradients, 2 Adam states, float32 master
 _TRAIN_SEQ = 512
-# The offload plan leaves what vram_magic._plan leaves for activations and the CUDA context.
+# The offload plan leaves what vram_magic._checks leaves for activations and the CUDA context.
 _GPU_HEADROOM = 0.1
 _MIN_HEADROOM_BYTES = 512 * MiB
 _CACHE_SIZE = 8
@@ -101,65 +101,6 @@ _HUB_TIMEOUT_S = 5
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _GATED_MLP = frozenset({"gate_proj", "gate_up_proj", "wi_0", "w3"})
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """What loading (and, when asked, running or training) a model needs on one GPU.
-
-    ``weights_bytes`` is what the weights take on the GPU as placed (quantized, and only the GPU's share when
-    ``device_map="auto"`` offloads); ``offloaded_bytes`` what goes to CPU RAM instead. ``load_peak_bytes`` is
-    the most the GPU must hold at once while loading; ``peak_bytes`` adds the KV cache and activations for
-    ``context`` tokens, or a training step, when asked. Figures not asked for are None.
-    """
-
-    model: str
-    model_class: str
-    params: int
-    dtype: str
-    quantization: str | None
-    device_map: str | None
-    weights_bytes: int
-    offloaded_bytes: int
-    load_peak_bytes: int
-    peak_bytes: int
-    kv_cache_bytes: int | None = None
-    activations_bytes: int | None = None
-    training_bytes: int | None = None
-    trainable_params: int | None = None
-    context: int | None = None
-    batch_size: int = 1
-    training: str | None = None
-    notes: tuple[str, ...] = ()
-
-    @property
-    def label(self) -> str:
-        """``bfloat16``, ``8-bit``, ``4-bit NF4``; ``+ offload`` when some weights go to CPU RAM."""
-        text = {"8bit": "8-bit", "4bit": "4-bit NF4"}.get(self.quantization or "", self.dtype)
-        return f"{text} + offload" if self.offloaded_bytes else text
-
-    def __str__(self) -> str:
-        return render_estimate_table((self,))
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One way to load a model, with what it needs against the room there is (``fits`` None: room unknown).
-
-    ``key`` is the fix it stands for (``bf16``/``fp16``/``fp32``, ``8bit``, ``4bit``, ``offload``) and ``how``
-    the ``from_pretrained`` keywords that do it.
-    """
-
-    key: str
-    label: str
-    how: str
-    estimate: Estimate
-    need_bytes: int
-    room_bytes: int | None
-    fits: bool | None
-
-    def __str__(self) -> str:
-        return render_estimate_table((self,))
 
 
 @dataclass(frozen=True)
@@ -226,7 +167,7 @@ def plans(
     training: str | None = None,
     batch_size: int = 1,
     gradient_checkpointing: bool = False,
-) -> tuple[Plan, ...]:
+) -> tuple[LoadPlan, ...]:
     """One row per way to load ``model``: the dtype asked (or the config's), 8-bit, 4-bit NF4 and CPU offload.
 
     The room is ``free_bytes`` (free on the GPU now), no more than ``cap_bytes`` (what this process may
@@ -271,7 +212,7 @@ def plans(
         found = _estimate(config, name, source, folder, True, gradient_checkpointing, **options)
         need = found.peak_bytes
         fits = None if room is None else need <= room
-        result.append(Plan(key, label, how, found, need, room, fits))
+        result.append(LoadPlan(key, label, how, found, need, room, fits))
     return tuple(result)
 
 
@@ -284,57 +225,6 @@ def load_config(model: str | PretrainedConfig) -> PretrainedConfig:
 def bundled_models() -> tuple[str, ...]:
     """The Hub ids whose config ships with vram_magic (they work offline, with no download)."""
     return tuple(sorted(path.stem.replace("--", "/") for path in CONFIGS_DIR.glob("*--*.json")))
-
-
-def render_estimate_table(rows: Iterable[Estimate | Plan]) -> str:
-    """Estimates or plans as a plain text table, then their notes (each once)."""
-    items = list(rows)
-    if not items:
-        return "No estimates."
-    estimates = [item.estimate if isinstance(item, Plan) else item for item in items]
-    models = list(dict.fromkeys(found.model for found in estimates))
-    columns: list[tuple[str, list[str]]] = []
-    if len(models) > 1:
-        columns.append(("model", [found.model for found in estimates]))
-    columns.append(("plan", [item.label for item in items]))
-    columns.append(("weights on GPU", [format_bytes(found.weights_bytes) for found in estimates]))
-    if any(found.offloaded_bytes for found in estimates):
-        columns.append(("in CPU RAM", [_maybe_bytes(found.offloaded_bytes or None) for found in estimates]))
-    if any(found.kv_cache_bytes for found in estimates):
-        columns.append(("KV cache", [_maybe_bytes(found.kv_cache_bytes) for found in estimates]))
-    if any(found.activations_bytes for found in estimates):
-        columns.append(("activations", [_maybe_bytes(found.activations_bytes) for found in estimates]))
-    if any(found.training_bytes for found in estimates):
-        columns.append(("grads+optimizer", [_maybe_bytes(found.training_bytes) for found in estimates]))
-    columns.append(("peak needed", [format_bytes(found.peak_bytes) for found in estimates]))
-    if any(isinstance(item, Plan) for item in items):
-        columns.append(
-            ("room", [_maybe_bytes(item.room_bytes) if isinstance(item, Plan) else "" for item in items])
-        )
-        columns.append(("fits", [_fits_word(item) for item in items]))
-    widths = [max(len(title), *(len(cell) for cell in cells)) for title, cells in columns]
-    lines = []
-    if len(models) == 1:
-        first = estimates[0]
-        lines.append(f"{first.model} ({_count(first.params)} parameters, {first.model_class})")
-    lines.append(
-        "  "
-        + "  ".join(title.ljust(width) for (title, _), width in zip(columns, widths, strict=True)).rstrip()
-    )
-    for index in range(len(items)):
-        row = [cells[index].ljust(width) for (_, cells), width in zip(columns, widths, strict=True)]
-        lines.append("  " + "  ".join(row).rstrip())
-    labels = [item.label for item in items]
-    notes: dict[str, list[str]] = {}  # each note once, with the rows it belongs to
-    for label, found in zip(labels, estimates, strict=True):
-        for note in found.notes:
-            notes.setdefault(note, []).append(label)
-    if notes:
-        lines.append("How this was estimated:")
-    for note, owners in notes.items():
-        prefix = "" if len(items) == 1 or len(owners) == len(items) else f"{', '.join(owners)}: "
-        lines.extend(textwrap.wrap(prefix + note, 88, initial_indent="  - ", subsequent_indent="    "))
-    return "\n".join(lines)
 
 
 # --- checking what was asked -------------------------------------------------------------------------------
@@ -1196,13 +1086,3 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return str(n)
-
-
-def _maybe_bytes(n: int | None) -> str:
-    return "" if n is None else format_bytes(n)
-
-
-def _fits_word(item: Estimate | Plan) -> str:
-    if not isinstance(item, Plan) or item.fits is None:
-        return "?" if isinstance(item, Plan) else ""
-    return "yes" if item.fits else "no"

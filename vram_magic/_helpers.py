@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from vram_magic._render_text import format_bytes
+from vram_magic._units import format_bytes
 
 _Model = TypeVar("_Model")
 _Result = TypeVar("_Result")

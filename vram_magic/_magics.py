@@ -27,27 +27,20 @@ from IPython.display import display
 
 from vram_magic._caps import apply_cap, parse_cap, target_bytes
 from vram_magic._cleanup import free_memory
+from vram_magic._errors import CellSyntaxError, OutOfMemoryHandled
 from vram_magic._oom import exception_text, oom_from_exception
 from vram_magic._probe import take_snapshot
 from vram_magic._quiet import show_int8_cast_warning_once
-from vram_magic._render_text import (
+from vram_magic._types import Attempt, Fix, OOMInfo, Report, Snapshot
+from vram_magic._who import bytes_only_in, find_holders
+from vram_magic.render._text import (
     render_auto_result,
     render_cleanup,
     render_fix_worked,
     render_holders,
     summary_line,
 )
-from vram_magic._render_widget import mimebundle
-from vram_magic._types import (
-    Attempt,
-    CellSyntaxError,
-    Fix,
-    MemorySnapshot,
-    OOMInfo,
-    OutOfMemoryHandled,
-    Report,
-)
-from vram_magic._who import bytes_only_in, find_holders
+from vram_magic.render._widget import mimebundle
 
 _SHORT_TRACEBACK_FRAMES = 4
 _DEFAULT_MAX_ATTEMPTS = 4
@@ -219,7 +212,7 @@ class VramMagics(Magics):
     def _preflight(self, cell: str) -> Report | None:
         """A report when the cell's model loads are estimated not to fit the room (the GPU's, or the cap
         planned for without one); None when they fit or cannot be estimated."""
-        from vram_magic._plan import room_after_cleanup
+        from vram_magic._checks import room_after_cleanup
         from vram_magic._preflight import check
         from vram_magic._report import preflight_report, read
 
@@ -495,10 +488,11 @@ class VramMagics(Magics):
         return bytes_only_in(self._ip.user_ns, names, device, skip=lambda name: name in hidden)
 
 
-def estimate_table(model: str, args: Any, snapshot: MemorySnapshot) -> str:
+def estimate_table(model: str, args: Any, snapshot: Snapshot) -> str:
     """``%vram estimate``: the load plans for ``model`` against the room on the first GPU, the ``--gpu`` card,
     or the cap planned for without a GPU."""
-    from vram_magic._estimate import estimate, plans, render_estimate_table
+    from vram_magic._estimate import estimate, plans
+    from vram_magic.render import render_estimate_table
 
     free = snapshot.gpus[0].free_bytes if snapshot.gpus else None
     cap = parse_cap(args.gpu)[0] if args.gpu else target_bytes()

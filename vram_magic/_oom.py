@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 from vram_magic._types import OOMInfo, OOMKind
+from vram_magic._units import to_bytes
 
 # Every wording that means "out of memory", first match wins. Searched in the message with its runs of
 # whitespace made single spaces, so a wrapped message still matches.
@@ -56,20 +57,6 @@ _NOT_OOM_DESPITE_TYPE = re.compile(r"\bout of resource: ")
 # A size as torch prints it. c10's format_size prints bytes/KiB/MiB/GiB; the MPS allocator's own format_size
 # (MPSAllocator.h) prints KB/MB/GB but divides by powers of 1024, so those are binary units too.
 _SIZE = r"(\d+(?:\.\d+)?) ?(bytes|B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)\b"
-_UNIT_BYTES = {
-    "bytes": 1,
-    "B": 1,
-    "KiB": 2**10,
-    "KB": 2**10,
-    "MiB": 2**20,
-    "MB": 2**20,
-    "GiB": 2**30,
-    "GB": 2**30,
-    "TiB": 2**40,
-    "TB": 2**40,
-    "PiB": 2**50,
-    "EiB": 2**60,
-}
 
 # One fact per entry, each with the wordings that state it; any may be missing from a message.
 _FACTS: dict[str, tuple[re.Pattern[str], ...]] = {
@@ -110,15 +97,11 @@ _DEVICE = re.compile(r"\(GPU ?(\d+);|\bGPU (\d+) has a total capac")
 _OTHER_PROCESS = re.compile(r"\bProcess (\d+) has " + _SIZE + r" memory in use")
 
 
-def _to_bytes(number: str, unit: str) -> int:
-    return round(float(number) * _UNIT_BYTES[unit])
-
-
 def _fact(name: str, text: str) -> int | None:
     for pattern in _FACTS[name]:
         match = pattern.search(text)
         if match:
-            return _to_bytes(match.group(1), match.group(2))
+            return to_bytes(match.group(1), match.group(2))
     return None
 
 
@@ -160,7 +143,7 @@ def parse_oom_message(text: str) -> OOMInfo | None:
         process_bytes=process,
         allowed_bytes=_fact("allowed", flat),
         other_processes=tuple(
-            (int(pid), _to_bytes(number, unit)) for pid, number, unit in _OTHER_PROCESS.findall(flat)
+            (int(pid), to_bytes(number, unit)) for pid, number, unit in _OTHER_PROCESS.findall(flat)
         ),
     )
 

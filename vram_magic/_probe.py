@@ -2,7 +2,7 @@
 
 Nothing here creates a CUDA context just to look: torch is used only if it is already imported,
 and its CUDA calls only once CUDA is initialised. Every failure becomes a plain sentence in
-``MemorySnapshot.problems``; nothing raises.
+``Snapshot.problems``; nothing raises.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from vram_magic._types import CpuMemory, GpuSnapshot, MemorySnapshot, ProcessMemory
+from vram_magic._types import CpuMemory, GpuSnapshot, ProcessMemory, Snapshot
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def cuda_initialized() -> bool:
         return False
 
 
-def take_snapshot() -> MemorySnapshot:
+def take_snapshot() -> Snapshot:
     """Every visible GPU, this machine's RAM, and what could not be read."""
     problems: list[str] = []
     try:
@@ -74,7 +74,7 @@ def take_snapshot() -> MemorySnapshot:
     except Exception as exc:  # a bug here must not break the user's cell
         problems.append(f"GPU figures could not be read ({_why(exc)})")
         gpus = ()
-    return MemorySnapshot(gpus=gpus, cpu=_cpu_memory(problems), problems=tuple(problems))
+    return Snapshot(gpus=gpus, cpu=_cpu_memory(problems), problems=tuple(problems))
 
 
 # --- NVML ------------------------------------------------------------------------------------------

@@ -13,11 +13,11 @@ from dataclasses import replace
 
 import libcst as cst
 
+from vram_magic._checks import Context, Room, make_runnable, room_after_cleanup
 from vram_magic._diagnose import ADVISE_BY_HAND, LOAD_FIXES, diagnose
-from vram_magic._plan import Context, Room, make_runnable, room_after_cleanup
 from vram_magic._preflight import Verdict, load_at
-from vram_magic._render_text import format_bytes
-from vram_magic._types import Cause, CellAnalysis, Cleanup, Holder, MemorySnapshot, OOMInfo, Report
+from vram_magic._types import Cause, CellAnalysis, Cleanup, Holder, OOMInfo, Report, Snapshot
+from vram_magic._units import format_bytes
 from vram_magic.cell import Cell, analyse, read_cell
 
 
@@ -41,7 +41,7 @@ def explain(
     source: str,
     body: str,
     failed_line: int | None,
-    snapshot: MemorySnapshot,
+    snapshot: Snapshot,
     holders: tuple[Holder, ...],
     cleanup: Cleanup,
     namespace: Mapping[str, object],
@@ -84,7 +84,7 @@ def explain(
 
 
 def preflight_report(
-    cell: Cell, verdict: Verdict, snapshot: MemorySnapshot, room: Room, namespace: Mapping[str, object]
+    cell: Cell, verdict: Verdict, snapshot: Snapshot, room: Room, namespace: Mapping[str, object]
 ) -> Report:
     """A load estimated not to fit, as a report: why, and the load fixes with the estimator's verdicts."""
     load, first = verdict.biggest

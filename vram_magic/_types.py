@@ -103,7 +103,7 @@ class CpuMemory:
 
 
 @dataclass(frozen=True)
-class MemorySnapshot:
+class Snapshot:
     """Everything ``%vram`` shows. ``problems`` says, in plain words, what could not be read."""
 
     gpus: tuple[GpuSnapshot, ...]
@@ -111,12 +111,12 @@ class MemorySnapshot:
     problems: tuple[str, ...] = ()
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        from vram_magic._render_widget import mimebundle
+        from vram_magic.render._widget import mimebundle
 
         return mimebundle(self)
 
     def __str__(self) -> str:
-        from vram_magic._render_text import render_snapshot
+        from vram_magic.render._text import render_snapshot
 
         return render_snapshot(self)
 
@@ -212,7 +212,7 @@ class Report:
     oom: OOMInfo | None
     cell: str
     analysis: CellAnalysis
-    snapshot: MemorySnapshot
+    snapshot: Snapshot
     holders: tuple[Holder, ...]
     cleanup: Cleanup
     causes: tuple[Cause, ...]
@@ -224,33 +224,99 @@ class Report:
     headline: str | None = None  # replaces the OOM summary (preflight: a load that was not run)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        from vram_magic._render_widget import mimebundle
+        from vram_magic.render._widget import mimebundle
 
         return mimebundle(self)
 
     def __str__(self) -> str:
-        from vram_magic._render_text import render_report
+        from vram_magic.render._text import render_report
 
         return render_report(self)
 
 
-class OutOfMemoryHandled(Exception):
-    """Ends a ``%%oomsafe`` cell that ran out of memory, after the memory was freed and the report shown.
+Facts = tuple[tuple[str, Any], ...]
 
-    It keeps no frame of the user's code alive, and IPython shows it as one line.
+
+def facts(**values: Any) -> Facts:
+    """Named figures for a ``Note`` or a ``Cause``, in a hashable form."""
+    return tuple(values.items())
+
+
+@dataclass(frozen=True)
+class Note:
+    """One thing to know about a figure (an assumption, an approximation): ``key`` says which, ``facts`` hold
+    its figures; ``str(note)`` words it."""
+
+    key: str
+    facts: Facts = ()
+
+    def fact(self, name: str, default: Any = None) -> Any:
+        return dict(self.facts).get(name, default)
+
+    def __str__(self) -> str:
+        from vram_magic.render import note_text
+
+        return note_text(self)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What loading (and, when asked, running or training) a model needs on one GPU.
+
+    ``weights_bytes`` is what the weights take on the GPU as placed (quantized, and only the GPU's share when
+    ``device_map="auto"`` offloads); ``offloaded_bytes`` what goes to CPU RAM instead. ``load_peak_bytes`` is
+    the most the GPU must hold at once while loading; ``peak_bytes`` adds the KV cache and activations for
+    ``context`` tokens, or a training step, when asked. Figures not asked for are None.
     """
 
-    def _render_traceback_(self) -> list[str]:
-        return [f"{type(self).__name__}: {self}"]
+    model: str
+    model_class: str
+    params: int
+    dtype: str
+    quantization: str | None
+    device_map: str | None
+    weights_bytes: int
+    offloaded_bytes: int
+    load_peak_bytes: int
+    peak_bytes: int
+    kv_cache_bytes: int | None = None
+    activations_bytes: int | None = None
+    training_bytes: int | None = None
+    trainable_params: int | None = None
+    context: int | None = None
+    batch_size: int = 1
+    training: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``bfloat16``, ``8-bit``, ``4-bit NF4``; ``+ offload`` when some weights go to CPU RAM."""
+        text = {"8bit": "8-bit", "4bit": "4-bit NF4"}.get(self.quantization or "", self.dtype)
+        return f"{text} + offload" if self.offloaded_bytes else text
+
+    def __str__(self) -> str:
+        from vram_magic.render import render_estimate_table
+
+        return render_estimate_table((self,))
 
 
-class CellSyntaxError(Exception):
-    """A ``%%oomsafe`` cell that does not compile. IPython shows it exactly as a plain cell's SyntaxError,
-    with no frame of the magic's; the SyntaxError itself is the ``__cause__``."""
+@dataclass(frozen=True)
+class LoadPlan:
+    """One way to load a model, with what it needs against the room there is (``fits`` None: room unknown).
 
-    def __init__(self, error: SyntaxError, rendered: list[str]) -> None:
-        super().__init__(str(error))
-        self.rendered = rendered
+    ``key`` is the fix it stands for (``bf16``/``fp16``/``fp32``, ``8bit``, ``4bit``, ``offload``) and ``how``
+    the ``from_pretrained`` keywords that do it.
+    """
 
-    def _render_traceback_(self) -> list[str]:
-        return self.rendered
+    key: str
+    label: str
+    how: str
+    estimate: Estimate
+    need_bytes: int
+    room_bytes: int | None
+    fits: bool | None
+
+    def __str__(self) -> str:
+        from vram_magic.render import render_estimate_table
+
+        return render_estimate_table((self,))

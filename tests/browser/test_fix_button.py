@@ -23,7 +23,7 @@ CELLS = [
     "%%oomsafe\n" + TRAINING_CELL,  # batch 16, accumulation 1
     'print("state:", batch_size, gradient_accumulation_steps)',
 ]
-HALF_BATCH = re.compile(r"^\d+\. Halve the batch, double gradient accumulation$")
+HALF_BATCH = re.compile(r"^\d+\. Halve the batch \(\d+ → \d+\) and double gradient accumulation")
 
 
 def _notebook() -> dict[str, Any]:

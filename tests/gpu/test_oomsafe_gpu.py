@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from IPython.utils.capture import capture_output
 
-from vram_magic._types import OutOfMemoryHandled, Report
+from vram_magic import OutOfMemoryHandled, Report
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu

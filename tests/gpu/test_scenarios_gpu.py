@@ -19,7 +19,7 @@ import torch
 from IPython.utils.capture import capture_output
 
 from tests.gpu import scenarios as sc
-from vram_magic._types import OutOfMemoryHandled, Report
+from vram_magic import OutOfMemoryHandled, Report
 
 pytestmark = pytest.mark.gpu
 

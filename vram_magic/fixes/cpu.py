@@ -4,7 +4,7 @@ What is a CUDA device is decided by its value, not its name: ``"cuda"``, ``"cuda
 ``torch.device("cuda")``, ``"cuda" if torch.cuda.is_available() else "cpu"``, or a variable bound to one (in
 the cell, or by an earlier cell); a variable the notebook does not hold counts when its name says it is a
 device. Not offered for a cell that trains (far too slow on a CPU). Whether the model fits in CPU RAM is
-checked before it is offered (``vram_magic._plan``).
+checked before it is offered (``vram_magic._checks``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """bf16: load the model in 16-bit (``dtype=torch.bfloat16``; float16 where the GPU has no bfloat16).
 
 Only a float32 load shrinks: transformers 5 already loads a checkpoint in its own dtype (bfloat16 for most
-LLMs), so whether this changes anything is the estimator's call (see ``vram_magic._plan``). A load already in
+LLMs), so whether this changes anything is the estimator's call (``vram_magic._checks``). A load already in
 16-bit, or quantized, is left alone.
 """
 

@@ -6,7 +6,7 @@ Every way a notebook merges is handled: ``merged = model.merge_and_unload()``, a
 the CPU first (``model = model.to("cpu")``); a base or adapter model the cell loads itself is loaded there
 (``device_map="cpu"``). The merged model goes back to the GPU only where the cell goes on using it (not just
 saving it), and only if it fits (``vram_magic.to_gpu_if_it_fits``). Whether the model fits in CPU RAM is
-checked before it is offered (``vram_magic._plan``).
+checked before it is offered (``vram_magic._checks``).
 """
 
 from __future__ import annotations

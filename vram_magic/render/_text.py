@@ -18,11 +18,12 @@ from vram_magic._types import (
     Fix,
     GpuSnapshot,
     Holder,
-    MemorySnapshot,
     OOMInfo,
     OOMKind,
     Report,
+    Snapshot,
 )
+from vram_magic._units import format_bytes
 
 WIDTH = 88
 LABEL_WIDTH = 30
@@ -45,19 +46,6 @@ CELL_WORDS: dict[CellKind, str] = {
     "generation": "generation",
     "other": "this cell",
 }
-
-_UNITS = (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10))
-
-
-def format_bytes(n: int | None) -> str:
-    """``3.00 GiB``, ``518.00 MiB``, ``0 B``; ``unknown`` for None. Binary units."""
-    if n is None:
-        return "unknown"
-    sign, n = ("-", -n) if n < 0 else ("", n)
-    for unit, shift in _UNITS:
-        if n >= 1 << shift:
-            return f"{sign}{n / (1 << shift):.2f} {unit}"
-    return f"{sign}{n} B"
 
 
 def _row(label: str, value: str, indent: int = 2) -> str:
@@ -143,7 +131,7 @@ def _cpu_lines(c: CpuMemory) -> list[str]:
     ]
 
 
-def no_gpu_paragraph(s: MemorySnapshot) -> str:
+def no_gpu_paragraph(s: Snapshot) -> str:
     """Why there are no GPU figures, and what still works."""
     missing = "; ".join(s.problems) if s.problems else "no GPU is visible to this process"
     return (
@@ -152,7 +140,7 @@ def no_gpu_paragraph(s: MemorySnapshot) -> str:
     )
 
 
-def render_snapshot(s: MemorySnapshot) -> str:
+def render_snapshot(s: Snapshot) -> str:
     """``%vram`` as text: each GPU's figures, then CPU RAM."""
     lines: list[str] = []
     if not s.gpus:
@@ -338,7 +326,7 @@ def _numerics_note(fix: Fix) -> list[str]:
     return _wrap(note, "")
 
 
-def _gpu_now(s: MemorySnapshot) -> list[str]:
+def _gpu_now(s: Snapshot) -> list[str]:
     return [
         f"GPU {g.index} now: {format_bytes(g.free_bytes)} free of {format_bytes(g.total_bytes)}"
         + (f" (cap {format_bytes(g.cap_bytes)})" if g.cap_bytes is not None else "")
@@ -347,13 +335,13 @@ def _gpu_now(s: MemorySnapshot) -> list[str]:
     ]
 
 
-def render_fix_worked(number: int, fix: Fix, seconds: float, s: MemorySnapshot) -> str:
+def render_fix_worked(number: int, fix: Fix, seconds: float, s: Snapshot) -> str:
     """What ``%vram fix N`` says when the fixed cell ran."""
     lines = [f"Fix {number} worked: {fix.title} ({seconds:.1f} s).", *_numerics_note(fix), *_gpu_now(s)]
     return "\n".join(lines)
 
 
-def render_auto_result(report: Report, number: int, fix: Fix, s: MemorySnapshot) -> str:
+def render_auto_result(report: Report, number: int, fix: Fix, s: Snapshot) -> str:
     """What ``%%oomsafe --auto`` says when a fix worked: what failed, which fix worked, the attempts and
     their cost, the code that ran. ``report`` is the first run's, with the attempts."""
     attempts = report.attempts

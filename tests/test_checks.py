@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 
 from tests.gpu.scenarios import LLAMA_085B
+from vram_magic._checks import room_after_cleanup
 from vram_magic._oom import parse_oom_message
-from vram_magic._plan import room_after_cleanup
 from vram_magic._report import explain
-from vram_magic._types import Cleanup, CpuMemory, Fix, GpuSnapshot, Holder, MemorySnapshot, OOMInfo
+from vram_magic._types import Cleanup, CpuMemory, Fix, GpuSnapshot, Holder, OOMInfo, Snapshot
 from vram_magic.fixes import NotApplicable, rewrite
 
 MESSAGES = Path(__file__).parent / "fixtures" / "oom_messages"
 MiB = 2**20
 GiB = 2**30
 RAM = CpuMemory(total_bytes=128 * GiB, available_bytes=100 * GiB, process_rss_bytes=GiB)
-NO_GPU = MemorySnapshot(gpus=(), cpu=RAM)
+NO_GPU = Snapshot(gpus=(), cpu=RAM)
 
 LOAD = """\
 import torch
@@ -57,7 +57,7 @@ def _plan(
     cell: str,
     *,
     namespace: dict[str, object] | None = None,
-    snapshot: MemorySnapshot = NO_GPU,
+    snapshot: Snapshot = NO_GPU,
     holders: tuple[Holder, ...] = (),
     freed_bytes: int = 0,
 ) -> dict[str, Fix]:
@@ -199,7 +199,7 @@ def test_merging_on_the_cpu_is_runnable_for_every_form_of_merge() -> None:
 
 
 def test_a_cpu_fix_that_cpu_ram_cannot_hold_is_not_offered_to_run(llama: str) -> None:
-    small_ram = MemorySnapshot(gpus=(), cpu=CpuMemory(8 * GiB, 2 * GiB + 512 * MiB, GiB))  # 0.5 GiB usable
+    small_ram = Snapshot(gpus=(), cpu=CpuMemory(8 * GiB, 2 * GiB + 512 * MiB, GiB))  # 0.5 GiB usable
     fixes = _plan(
         "torch2_11_h100_from_pretrained_capped.txt", LOAD, namespace={"path": llama}, snapshot=small_ram
     )
@@ -260,14 +260,14 @@ def _gpu(index: int, free: int, *, cap: int | None = None, reserved: int | None 
 
 
 def test_the_live_gpu_gives_the_room_not_the_message() -> None:
-    snapshot = MemorySnapshot(gpus=(_gpu(0, free=60 * GiB, cap=16 * GiB, reserved=10 * GiB),), cpu=RAM)
+    snapshot = Snapshot(gpus=(_gpu(0, free=60 * GiB, cap=16 * GiB, reserved=10 * GiB),), cpu=RAM)
     room = room_after_cleanup(snapshot, _oom("torch2_11_h100_capped.txt"), freed_bytes=GiB)
     assert room.gpu_bytes == 6 * GiB  # the cap less what is reserved now
     assert room.gpu_free_without_cap_bytes == 60 * GiB
 
 
 def test_offload_spreads_the_model_over_each_gpus_room_and_cpu_ram_with_headroom() -> None:
-    snapshot = MemorySnapshot(
+    snapshot = Snapshot(
         gpus=(_gpu(0, free=10 * GiB), _gpu(1, free=40 * GiB, cap=24 * GiB, reserved=4 * GiB)),
         cpu=CpuMemory(total_bytes=128 * GiB, available_bytes=64 * GiB, process_rss_bytes=GiB),
     )
@@ -280,7 +280,7 @@ def test_offload_spreads_the_model_over_each_gpus_room_and_cpu_ram_with_headroom
 
 
 def test_a_small_gpu_keeps_at_least_512_mib_of_headroom() -> None:
-    snapshot = MemorySnapshot(gpus=(_gpu(0, free=3 * GiB),), cpu=CpuMemory(None, None, None))
+    snapshot = Snapshot(gpus=(_gpu(0, free=3 * GiB),), cpu=CpuMemory(None, None, None))
     room = room_after_cleanup(snapshot, _oom("torch2_11_h100_plain.txt"), 0)
     assert room.max_memory == {0: 3 * GiB - 512 * MiB}
 
@@ -295,7 +295,7 @@ def test_a_merge_on_the_cpu_that_cpu_ram_cannot_hold_is_not_offered_to_run() -> 
     import torch
 
     model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights, standing for the PEFT model to merge
-    small_ram = MemorySnapshot(gpus=(), cpu=CpuMemory(8 * GiB, 2 * GiB + MiB, GiB))  # 1 MiB usable
+    small_ram = Snapshot(gpus=(), cpu=CpuMemory(8 * GiB, 2 * GiB + MiB, GiB))  # 1 MiB usable
     merge = _plan("torch2_11_h100_plain.txt", MERGE, namespace={"model": model}, snapshot=small_ram)[
         "merge-cpu"
     ]

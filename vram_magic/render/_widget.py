@@ -12,19 +12,19 @@ from html import escape
 from typing import Any
 
 from vram_magic._diagnose import failing_gpu
-from vram_magic._frontend import widget_frontend
-from vram_magic._render_text import (
+from vram_magic._types import Fix, GpuSnapshot, OOMInfo, ProcessMemory, Report, Snapshot
+from vram_magic._units import format_bytes
+from vram_magic.render._frontend import widget_frontend
+from vram_magic.render._text import (
     FIX_HINT,
     HOLDERS_TITLE,
     details_text,
     failed_where,
-    format_bytes,
     no_gpu_paragraph,
     render_report,
     render_snapshot,
     summary_line,
 )
-from vram_magic._types import Fix, GpuSnapshot, MemorySnapshot, OOMInfo, ProcessMemory, Report
 
 # (label, colour) for each bar segment, left to right.
 SEGMENTS = (
@@ -79,13 +79,13 @@ def _prose(text: str) -> str:
     return _BACKTICKED.sub(lambda m: _code(m.group(1)), escape(text))
 
 
-def mimebundle(obj: MemorySnapshot | Report, rerun: Rerun | None = None) -> dict[str, Any]:
+def mimebundle(obj: Snapshot | Report, rerun: Rerun | None = None) -> dict[str, Any]:
     """The display bundle: the widget view plus our text, or our text alone where widgets cannot render.
     ``rerun(n)`` gives a report's runnable fixes their buttons."""
-    text = render_snapshot(obj) if isinstance(obj, MemorySnapshot) else render_report(obj)
+    text = render_snapshot(obj) if isinstance(obj, Snapshot) else render_report(obj)
     if not widget_frontend():
         return {"text/plain": text}
-    widget = snapshot_widget(obj) if isinstance(obj, MemorySnapshot) else report_widget(obj, rerun)
+    widget = snapshot_widget(obj) if isinstance(obj, Snapshot) else report_widget(obj, rerun)
     bundle = dict(widget._repr_mimebundle_() or {})
     bundle["text/plain"] = text
     return bundle
@@ -157,7 +157,7 @@ def bar_html(g: GpuSnapshot, title: str | None = None) -> str:
     return "".join(parts)
 
 
-def cpu_html(s: MemorySnapshot) -> str:
+def cpu_html(s: Snapshot) -> str:
     c = s.cpu
     return (
         f"<div><b>CPU RAM</b> &mdash; this process (RSS) {format_bytes(c.process_rss_bytes)}; "
@@ -165,7 +165,7 @@ def cpu_html(s: MemorySnapshot) -> str:
     )
 
 
-def snapshot_widget(s: MemorySnapshot) -> Any:
+def snapshot_widget(s: Snapshot) -> Any:
     """``%vram`` as a widget: one bar per GPU (or why there is none), then CPU RAM."""
     import ipywidgets as w
 

@@ -19,8 +19,8 @@ import libcst as cst
 
 from vram_magic._diagnose import failing_gpu
 from vram_magic._errors import NotApplicable
-from vram_magic._render_text import format_bytes
-from vram_magic._types import Fix, GpuSnapshot, MemorySnapshot, OOMInfo
+from vram_magic._types import Fix, GpuSnapshot, OOMInfo, Snapshot
+from vram_magic._units import format_bytes
 from vram_magic.cell import Cell, Held, Load, read_cell
 from vram_magic.fixes import FIXES, Options, apply_fix, diff
 
@@ -56,7 +56,7 @@ class Context:
     failed_load: int | None = None  # the index, among the cell's loads, of the load that failed
 
 
-def room_after_cleanup(snapshot: MemorySnapshot, oom: OOMInfo | None, freed_bytes: int) -> Room:
+def room_after_cleanup(snapshot: Snapshot, oom: OOMInfo | None, freed_bytes: int) -> Room:
     """Room on the failing GPU (the live snapshot when there is one, else the message plus what was freed)."""
     gpu = failing_gpu(snapshot, oom)
     if gpu is not None:
