@@ -1066,19 +1066,23 @@ def test_training_arguments_built_from_a_dict_are_halved_in_the_dict() -> None:
 
 
 def test_without_gradient_accumulation_the_title_says_the_effective_batch_shrinks() -> None:
+    from vram_magic import Fix
     from vram_magic.cell import read_cell
     from vram_magic.fixes import apply_fix
 
     loop = "loader = DataLoader(ds, batch_size=8)\nfor batch in loader:\n    model(**batch).loss.backward()\n"
-    made = apply_fix(read_cell(loop), "half-batch")
+
+    def title(source: str) -> str:
+        return Fix("half-batch", "", change=apply_fix(read_cell(source), "half-batch").change).title
+
     assert (
-        made.title
+        title(loop)
         == "Halve the batch (8 → 4); the effective batch shrinks too (this code has no gradient accumulation)"
     )
     prompts = "for i in range(0, len(prompts), 16):\n    out = model.generate(**tok(prompts[i:i+16]))\n"
     assert "batch_size" not in prompts  # a literal step: no batch size to halve here
     generating = "batch_size = 16\n" + prompts.replace("16", "batch_size")
-    assert apply_fix(read_cell(generating), "half-batch").title.startswith("Halve the batch (16 → 8)")
+    assert title(generating).startswith("Halve the batch (16 → 8)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import libcst as cst
 from vram_magic._diagnose import failing_gpu
 from vram_magic._errors import NotApplicable
 from vram_magic._types import Fix, GpuSnapshot, OOMInfo, Snapshot
-from vram_magic._units import format_bytes
 from vram_magic.cell import Cell, Held, Load, read_cell
 from vram_magic.fixes import FIXES, Options, apply_fix, diff
 
@@ -111,16 +110,16 @@ def _checked(fix: Fix, context: Context) -> Fix | None:
         made = apply_fix(context.cell, fix.key, _options(fix.key, context.room))
     except NotApplicable as reason:
         if reason.elsewhere and fix.key in context.advise_elsewhere:  # code of an earlier cell: by hand
-            return replace(fix, why=f"{fix.why} (Apply it by hand: {reason.reason}.)")
+            return replace(fix, by_hand=reason.reason)
         return None
     try:
         compile(made.code, "<fixed cell>", "exec")
         after = read_cell(made.code, context.namespace)
     except (SyntaxError, cst.ParserSyntaxError):  # a fix must never hand back broken code
         return None
-    fix = replace(fix, title=made.title, rewritten_cell=made.code, code=diff(context.cell.source, made.code))
-    if made.note:
-        fix = replace(fix, why=f"{fix.why} {made.note}")
+    fix = replace(
+        fix, change=made.change, rewritten_cell=made.code, code=diff(context.cell.source, made.code)
+    )
     if fix.key in ("bf16", "8bit", "4bit"):
         return _sized_load(fix, context, after)
     if fix.key == "offload":
@@ -154,8 +153,6 @@ def _sized_load(fix: Fix, context: Context, after: Cell) -> Fix | None:
     fits: bool | None = needed <= room
     if fits and not context.failed_in_load:
         fits = None  # the load fits, but the step that failed needs more than its weights
-    if fits is False:
-        fix = replace(fix, why=f"{fix.why} Estimated not to fit: needs about {format_bytes(needed)}.")
     return replace(fix, needed_bytes=needed, fits=fits)
 
 
@@ -227,16 +224,7 @@ def _cpu_ram_verdict(fix: Fix, needed: int, context: Context) -> Fix:
     available = context.room.cpu_bytes
     if available is None or needed <= available:
         return fix
-    return replace(
-        fix,
-        rewritten_cell=None,
-        fits=False,
-        why=(
-            f"{fix.why} Not offered to run: it needs about {format_bytes(needed)} of CPU RAM and "
-            f"{format_bytes(available)} is free; running out of RAM would kill the kernel and lose every "
-            "variable."
-        ),
-    )
+    return replace(fix, rewritten_cell=None, fits=False, ram_bytes=(needed, available))
 
 
 def _cpu_bytes(key: str, context: Context) -> int | None:
@@ -305,10 +293,7 @@ def _lift_cap(fix: Fix, context: Context) -> Fix:
     available = context.room.gpu_free_without_cap_bytes
     if requested is None or available is None:
         return fix
-    fits = requested <= available
-    if not fits:
-        fix = replace(fix, why=f"{fix.why} Estimated not to fit: needs about {format_bytes(requested)}.")
-    return replace(fix, needed_bytes=requested, fits=fits)
+    return replace(fix, needed_bytes=requested, fits=requested <= available)
 
 
 def _options(fix_key: str, room: Room) -> Options:

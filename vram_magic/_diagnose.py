@@ -1,8 +1,8 @@
 """Rules: (OOM message, live snapshot, holders, cell) -> ranked causes and fixes.
 
-Pure Python. Each rule reads the evidence and, when it applies, adds one cause in plain words and the
-fixes that follow from it. Fixes are ranked: freeing what is not needed first, then the changes to the
-cell that lose the least quality.
+Pure Python. Each rule reads the evidence and, when it applies, adds one cause (a key and its figures; the
+renderer words it) and the fixes that follow from it. Fixes are ranked: freeing what is not needed first,
+then the changes to the cell that lose the least quality.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from vram_magic._types import (
     Holder,
     OOMInfo,
     Snapshot,
+    facts,
 )
-from vram_magic._units import format_bytes
 
 _GiB = 2**30
 # Below these sizes a holder or a fragmented pool is not worth a line in the report.
@@ -115,7 +115,7 @@ def diagnose(
     result.fixes.extend(_cell_fixes(evidence))
     _non_pytorch(evidence, result)
     if not result.causes:
-        result.causes.append(Cause("unknown", _fallback_cause(evidence)))
+        result.causes.append(Cause("unknown", facts(message=_first_line(evidence))))
     fixes = sorted(result.fixes, key=result.rank)
     if any(cause.key == "too-big" for cause in result.causes):
         # One allocation larger than the whole limit: freeing or defragmenting cannot help.
@@ -126,39 +126,19 @@ def diagnose(
 def _too_big_for_the_gpu(evidence: Evidence, result: Diagnosis) -> None:
     requested, limit = evidence.requested_bytes, evidence.limit_bytes
     if evidence.oom and evidence.oom.kind == "dispatch":
-        result.causes.append(
-            Cause(
-                "dispatch",
-                "The quantized model does not fit on the GPU: some modules would have to go to the CPU "
-                "or disk, which bitsandbytes refuses unless told to.",
-            )
-        )
+        result.causes.append(Cause("dispatch"))
         return
     if requested is None:
         return
-    what = _KIND_WORDS[evidence.analysis.kind]
+    kind = evidence.analysis.kind
     if limit is not None and requested > limit:
-        whole = (
-            f"this machine's RAM ({format_bytes(limit)})"
-            if evidence.in_ram
-            else (f"this process may use at all ({format_bytes(limit)})")
-        )
-        result.causes.append(
-            Cause(
-                "too-big",
-                f"{_capitalized(what)} asked for {format_bytes(requested)} in one allocation, more than "
-                f"{whole}: freeing memory will not help; what the cell runs has to change.",
-            )
-        )
+        figures = facts(kind=kind, requested=requested, limit=limit, in_ram=evidence.in_ram)
+        result.causes.append(Cause("too-big", figures))
         return
     free = evidence.oom.free_bytes if evidence.oom else None
-    room = evidence.room_bytes
-    text = f"{_capitalized(what)} asked for {format_bytes(requested)} more"
-    if room is not None:
-        text += f"; only {format_bytes(room)} was left to this process"
-    elif free is not None:
-        text += f"; the GPU had {format_bytes(free)} free"
-    result.causes.append(Cause("need", text + "."))
+    result.causes.append(
+        Cause("need", facts(kind=kind, requested=requested, room=evidence.room_bytes, free=free))
+    )
 
 
 def _cap(evidence: Evidence, result: Diagnosis) -> None:
@@ -167,21 +147,8 @@ def _cap(evidence: Evidence, result: Diagnosis) -> None:
         cap = evidence.gpu.cap_bytes
     if cap is None:
         return
-    result.causes.append(
-        Cause(
-            "cap",
-            f"A per-process cap of {format_bytes(cap)} is set (torch.cuda.set_per_process_memory_fraction): "
-            "it is the limit here, not the GPU's size.",
-        )
-    )
-    result.fixes.append(
-        Fix(
-            "lift-cap",
-            "Lift the per-process cap",
-            "Only if you did not set it on purpose to rehearse a smaller GPU.",
-            "import torch\ntorch.cuda.set_per_process_memory_fraction(1.0)",
-        )
-    )
+    result.causes.append(Cause("cap", facts(cap=cap)))
+    result.fixes.append(Fix("lift-cap", "import torch\ntorch.cuda.set_per_process_memory_fraction(1.0)"))
 
 
 def _earlier_holders(evidence: Evidence, result: Diagnosis) -> None:
@@ -189,9 +156,7 @@ def _earlier_holders(evidence: Evidence, result: Diagnosis) -> None:
     that deletes them. A name whose memory all stays with other names frees nothing and is left out."""
     used = set(evidence.analysis.used_names)
     shortfall = _shortfall_bytes(evidence)
-    notable = (
-        _NOTABLE_HOLDER_BYTES if not shortfall else min(_NOTABLE_HOLDER_BYTES, shortfall)
-    )  # what matters
+    notable = _NOTABLE_HOLDER_BYTES if not shortfall else min(_NOTABLE_HOLDER_BYTES, shortfall)
     candidates = [h.name for h in evidence.holders if h.total_bytes >= notable and h.name not in used]
     total = evidence.bytes_freed_by(candidates) if candidates else 0
     names = list(candidates)
@@ -203,34 +168,26 @@ def _earlier_holders(evidence: Evidence, result: Diagnosis) -> None:
         return
     holders = {h.name: h for h in evidence.holders}
     for name in names:
-        result.causes.append(Cause("holder", _holder_text(holders[name], evidence.analysis, names)))
-    holds = "Together they hold" if len(names) > 1 else "It holds"
-    why = f"{holds} about {format_bytes(total)} that this cell does not need."
+        holder = holders[name]
+        figures = facts(
+            name=name,
+            type_name=holder.type_name,
+            total_bytes=holder.total_bytes,
+            rebound=name in evidence.analysis.assigned_names,
+            staying=tuple(each for each in holder.shared_with if each not in names),
+        )
+        result.causes.append(Cause("holder", figures))
     if shortfall is not None and total < shortfall:
-        why += f" Not enough alone: the cell was {format_bytes(shortfall)} short."
         result.demoted.add("free")
-    title = f"Free {_join_names(names)}, then run the cell again"
-    fits = None if shortfall is None else total >= shortfall
-    code = f"%vram free {' '.join(names)}"
-    result.fixes.append(Fix("free", title, why, code, free_names=tuple(names), fits=fits))
-
-
-def _holder_text(holder: Holder, analysis: CellAnalysis, freed: list[str]) -> str:
-    if holder.name in analysis.assigned_names:
-        text = (
-            f"`{holder.name}` ({holder.type_name}) from an earlier run still holds "
-            f"{format_bytes(holder.total_bytes)}: this cell re-binds `{holder.name}`, but the old object "
-            "stays in memory until the new one is complete."
+    result.fixes.append(
+        Fix(
+            "free",
+            f"%vram free {' '.join(names)}",
+            free_names=tuple(names),
+            fits=None if shortfall is None else total >= shortfall,
+            change=facts(freed_bytes=total, shortfall_bytes=shortfall),
         )
-    else:
-        text = (
-            f"`{holder.name}` ({holder.type_name}) from an earlier cell still holds "
-            f"{format_bytes(holder.total_bytes)}, and this cell does not use it."
-        )
-    staying = [name for name in holder.shared_with if name not in freed]
-    if staying:
-        text += f" Some of it is shared with {_join_names(staying)}, which stays."
-    return text
+    )
 
 
 def _shortfall_bytes(evidence: Evidence) -> int | None:
@@ -247,28 +204,14 @@ def _other_processes(evidence: Evidence, result: Diagnosis) -> None:
         pairs = [(p.pid, p.used_bytes or 0) for p in evidence.gpu.other_processes]
     notable = [(pid, used) for pid, used in pairs if used >= _NOTABLE_HOLDER_BYTES]
     for pid, used in notable:
-        result.causes.append(
-            Cause("other-process", f"Process {pid} holds {format_bytes(used)} on this GPU (another program).")
-        )
+        result.causes.append(Cause("other-process", facts(pid=pid, used_bytes=used)))
     gpu = evidence.gpu
     if not notable and gpu is not None and gpu.others_are_remainder and (gpu.others_bytes or 0) > _GiB:
-        result.causes.append(
-            Cause(
-                "other-process",
-                f"Other processes seem to hold about {format_bytes(gpu.others_bytes)} "
-                "(total - free - this process; NVML cannot name them here).",
-            )
-        )
+        result.causes.append(Cause("other-process", facts(pid=None, used_bytes=gpu.others_bytes)))
         notable = [(0, gpu.others_bytes or 0)]
     if notable:
         result.fixes.append(
-            Fix(
-                "other-process",
-                "Stop the other programs using this GPU",
-                "Another notebook's kernel or a leftover training run is the usual one; "
-                "shut it down if it is yours.",
-                "!nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv",
-            )
+            Fix("other-process", "!nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv")
         )
 
 
@@ -277,20 +220,10 @@ def _fragmentation(evidence: Evidence, result: Diagnosis) -> None:
     requested = evidence.requested_bytes or 0
     if unallocated is None or unallocated < max(requested, _NOTABLE_FRAGMENTATION_BYTES):
         return
-    result.causes.append(
-        Cause(
-            "fragmentation",
-            f"{format_bytes(unallocated)} was reserved by PyTorch but unallocated, more than the "
-            f"{format_bytes(requested)} asked for: fragmentation. Set "
-            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True and restart the kernel.",
-        )
-    )
+    result.causes.append(Cause("fragmentation", facts(unallocated=unallocated, requested=requested)))
     result.fixes.append(
         Fix(
             "expandable-segments",
-            "Let PyTorch grow memory segments instead of fragmenting them",
-            "Read once when CUDA starts: put this in the first cell and restart the kernel "
-            "(a restart loses your variables; save what you need first).",
             "import os\nos.environ['PYTORCH_CUDA_ALLOC_CONF'] = 'expandable_segments:True'",
         )
     )
@@ -300,110 +233,51 @@ def _non_pytorch(evidence: Evidence, result: Diagnosis) -> None:
     gpu = evidence.gpu
     outside = gpu.non_pytorch_bytes if gpu else None
     if outside is not None and outside >= _NOTABLE_NON_PYTORCH_BYTES:
-        result.causes.append(
-            Cause(
-                "non-pytorch",
-                f"This process holds {format_bytes(outside)} outside PyTorch's allocator "
-                "(CUDA context, cuBLAS workspaces, other libraries).",
-            )
-        )
+        result.causes.append(Cause("non-pytorch", facts(outside=outside)))
 
 
-def _fallback_cause(evidence: Evidence) -> str:
-    text = evidence.oom.message.splitlines()[0] if evidence.oom else "The cell ran out of memory"
-    return f"{text.rstrip('.')}. The message gives no figures to say more."
+def _first_line(evidence: Evidence) -> str:
+    return evidence.oom.message.splitlines()[0] if evidence.oom else "The cell ran out of memory"
 
-
-_KIND_WORDS = {
-    "load": "the model load",
-    "merge": "the LoRA merge",
-    "training": "the training step",
-    "generation": "generation",
-    "other": "the cell",
-}
 
 _BNB_IMPORT = "from transformers import BitsAndBytesConfig\n"
+# What each fix changes, as code to type where it cannot be made on the cell itself.
+_IN_LOAD = "# in from_pretrained(...):\n"
 LOAD_FIXES = (
-    Fix(
-        "bf16",
-        "Load the model in bfloat16",
-        "Half the memory of float32 weights, in the precision most models were trained in.",
-        "# in from_pretrained(...):\ndtype=torch.bfloat16",
-    ),
+    Fix("bf16", _IN_LOAD + "dtype=torch.bfloat16"),
     Fix(
         "8bit",
-        "Load the model in 8-bit",
-        "One byte per weight (half of 16-bit, a quarter of 32-bit) with little quality loss (LLM.int8).",
-        _BNB_IMPORT + "# in from_pretrained(...):\n"
-        'quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto"',
+        _BNB_IMPORT
+        + _IN_LOAD
+        + 'quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto"',
     ),
     Fix(
         "4bit",
-        "Load the model in 4-bit (NF4)",
-        "A quarter of a 16-bit model's weights; the usual QLoRA setting; some quality loss.",
-        _BNB_IMPORT + "# in from_pretrained(...):\n"
-        'quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"), '
+        _BNB_IMPORT
+        + _IN_LOAD
+        + 'quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"), '
         'device_map="auto"',
     ),
-    Fix(
-        "offload",
-        "Offload what does not fit to CPU RAM",
-        "Keeps full precision; layers that do not fit run from CPU RAM (much slower).",
-        '# in from_pretrained(...):\ndevice_map="auto"',
-    ),
-    Fix(
-        "cpu",
-        "Run on the CPU",
-        "Much slower, and only if CPU RAM holds the model.",
-        '# in from_pretrained(...):\ndevice_map="cpu"\n# and drop .to("cuda") / .cuda() of the model',
-    ),
+    Fix("offload", _IN_LOAD + 'device_map="auto"'),
+    Fix("cpu", _IN_LOAD + 'device_map="cpu"\n# and drop .to("cuda") / .cuda() of the model'),
 )
 _SEEDS = {fix.key: fix for fix in LOAD_FIXES} | {
     fix.key: fix
     for fix in (
-        Fix(
-            "merge-cpu",
-            "Merge on the CPU",
-            "Merging needs the base weights and the adapters at once; CPU RAM is usually larger.",
-            'model = model.to("cpu")\nmerged = model.merge_and_unload()',
-        ),
+        Fix("merge-cpu", 'model = model.to("cpu")\nmerged = model.merge_and_unload()'),
         Fix(
             "half-batch",
-            "Halve the batch",
-            "Activations shrink with the batch.",
             "# in TrainingArguments(...):\n"
             "per_device_train_batch_size=<half>, gradient_accumulation_steps=<double>",
         ),
         Fix(
             "checkpointing",
-            "Turn on gradient checkpointing and a paged 8-bit optimizer",
-            "Recomputes activations instead of storing them; the optimizer state pages to CPU when needed.",
             '# in TrainingArguments(...):\ngradient_checkpointing=True, optim="paged_adamw_8bit"',
         ),
-        Fix(
-            "chunk",
-            "Run the batch in chunks",
-            "The same outputs; the KV cache and activations of part of the batch at a time.",
-            "vram_magic.chunked(model.generate, chunks=2)(**inputs)",
-        ),
-        Fix(
-            "inference-mode",
-            "Run the forward pass under torch.inference_mode()",
-            "Without gradients nothing is kept for a backward pass.",
-            "with torch.inference_mode():\n    outputs = model(**inputs)",
-        ),
-        Fix(
-            "offload-cache",
-            "Keep the KV cache in CPU RAM while generating",
-            "For long generations, where the cache outgrows the weights; slower.",
-            '# in generate(...):\ncache_implementation="offloaded"',
-        ),
-        Fix(
-            "smaller-generation",
-            "Generate fewer tokens at once",
-            "The KV cache grows with batch x (prompt + new tokens).",
-            "# in generate(...):\nmax_new_tokens=<smaller>",
-        ),
+        Fix("chunk", "vram_magic.chunked(model.generate, chunks=2)(**inputs)"),
+        Fix("inference-mode", "with torch.inference_mode():\n    outputs = model(**inputs)"),
+        Fix("offload-cache", '# in generate(...):\ncache_implementation="offloaded"'),
+        Fix("smaller-generation", "# in generate(...):\nmax_new_tokens=<smaller>"),
     )
 }
 # The fixes to try for each kind of cell, most promising first; load fixes join where the cell also loads.
@@ -443,12 +317,3 @@ def _cell_fixes(evidence: Evidence) -> tuple[Fix, ...]:
     if kind == "generation":
         keys += ("smaller-generation",)
     return tuple(_SEEDS[key] for key in keys)
-
-
-def _capitalized(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def _join_names(names: list[str]) -> str:
-    quoted = [f"`{n}`" for n in names]
-    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]

@@ -33,14 +33,14 @@ from vram_magic._probe import take_snapshot
 from vram_magic._quiet import show_int8_cast_warning_once
 from vram_magic._types import Attempt, Fix, OOMInfo, Report, Snapshot
 from vram_magic._who import bytes_only_in, find_holders
-from vram_magic.render._text import (
+from vram_magic.render import (
+    mimebundle,
     render_auto_result,
     render_cleanup,
     render_fix_worked,
     render_holders,
     summary_line,
 )
-from vram_magic.render._widget import mimebundle
 
 _SHORT_TRACEBACK_FRAMES = 4
 _DEFAULT_MAX_ATTEMPTS = 4
@@ -238,7 +238,7 @@ class VramMagics(Magics):
         )
         if fix is None:
             self._fail(report)
-        print(f"{report.headline} Running fix {number} instead: {fix.title}.")
+        print(f"{summary_line(report)} Running fix {number} instead: {fix.title}.")
         self.last_report = report
         return self.apply_fix(report, number)
 
@@ -544,7 +544,7 @@ def _worth_trying_unattended(fix: Fix) -> bool:
 
 
 def _halve_again(fix: Fix, cell: str) -> Fix | None:
-    """A smaller batch or more chunks, made once more on the fix's own cell (its title says the new step,
+    """A smaller batch or more chunks, made once more on the fix's own cell (its change is the new step,
     its diff is against ``cell``); None for other fixes (they are not repeated) or when it cannot shrink."""
     from vram_magic.cell import read_cell
     from vram_magic.fixes import NotApplicable, apply_fix, diff
@@ -555,7 +555,7 @@ def _halve_again(fix: Fix, cell: str) -> Fix | None:
         smaller = apply_fix(read_cell(fix.rewritten_cell), fix.key)
     except (NotApplicable, ValueError):
         return None
-    return replace(fix, rewritten_cell=smaller.code, title=smaller.title, code=diff(cell, smaller.code))
+    return replace(fix, rewritten_cell=smaller.code, change=smaller.change, code=diff(cell, smaller.code))
 
 
 _COMMANDS = (None, "who", "free", "fix", "estimate", "cap")

@@ -16,8 +16,17 @@ import libcst as cst
 from vram_magic._checks import Context, Room, make_runnable, room_after_cleanup
 from vram_magic._diagnose import ADVISE_BY_HAND, LOAD_FIXES, diagnose
 from vram_magic._preflight import Verdict, load_at
-from vram_magic._types import Cause, CellAnalysis, Cleanup, Holder, OOMInfo, Report, Snapshot
-from vram_magic._units import format_bytes
+from vram_magic._types import (
+    Cause,
+    CellAnalysis,
+    Cleanup,
+    Holder,
+    OOMInfo,
+    Preflight,
+    Report,
+    Snapshot,
+    facts,
+)
 from vram_magic.cell import Cell, analyse, read_cell
 
 
@@ -88,17 +97,6 @@ def preflight_report(
 ) -> Report:
     """A load estimated not to fit, as a report: why, and the load fixes with the estimator's verdicts."""
     load, first = verdict.biggest
-    where = "on this GPU" if snapshot.gpus else "under the cap planned for (no GPU here)"
-    headline = (
-        f"Not run: the model load would need about {format_bytes(verdict.need_bytes)} at its peak, "
-        f"more than the {format_bytes(verdict.room_bytes)} {where}."
-    )
-    cause = Cause(
-        "estimate",
-        f"Loading {first.model} ({first.label}) needs about {format_bytes(first.peak_bytes)} at its peak: "
-        f"{format_bytes(first.weights_bytes)} of weights, reserved in one allocation while loading. "
-        "Run it anyway with `%%oomsafe --force`.",
-    )
     context = Context(
         cell=cell,
         namespace=namespace,
@@ -108,14 +106,14 @@ def preflight_report(
         failed_load=cell.loads.index(load) if load in cell.loads else None,
     )
     return Report(
-        error_text=headline,
+        error_text="",
         oom=None,
         cell=cell.source,
         analysis=analyse(cell),
         snapshot=snapshot,
         holders=(),
         cleanup=Cleanup(released=(), reclaimed_bytes=None, freed_tensor_bytes=0),
-        causes=(cause,),
+        causes=(Cause("estimate", facts(estimate=first)),),
         fixes=make_runnable(LOAD_FIXES, context),
-        headline=headline,
+        preflight=Preflight(verdict.need_bytes, verdict.room_bytes, on_gpu=bool(snapshot.gpus)),
     )

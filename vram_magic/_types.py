@@ -6,7 +6,7 @@ and units live in field names (``free_bytes``). Nothing here imports torch or IP
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 OOMKind = Literal["cuda", "hip", "xpu", "mps", "cpu", "dispatch"]
@@ -111,12 +111,12 @@ class Snapshot:
     problems: tuple[str, ...] = ()
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        from vram_magic.render._widget import mimebundle
+        from vram_magic.render import mimebundle
 
-        return mimebundle(self)
+        return mimebundle(self, include=include, exclude=exclude)
 
     def __str__(self) -> str:
-        from vram_magic.render._text import render_snapshot
+        from vram_magic.render import render_snapshot
 
         return render_snapshot(self)
 
@@ -152,33 +152,62 @@ class Cleanup:
 
 @dataclass(frozen=True)
 class Cause:
-    """One reason the cell ran out of memory, in plain words, most important first."""
+    """One reason the cell ran out of memory: ``key`` says which (``need``, ``cap``, ``holder``...) and
+    ``facts`` hold its figures; ``text`` words it."""
 
     key: str
-    text: str
+    facts: Facts = ()
+
+    def fact(self, name: str, default: Any = None) -> Any:
+        return dict(self.facts).get(name, default)
+
+    @property
+    def text(self) -> str:
+        from vram_magic.render import cause_text
+
+        return cause_text(self)
 
 
 @dataclass(frozen=True)
 class Fix:
-    """One way out.
+    """One way out; ``title`` and ``why`` word it.
 
-    ``code`` is what the user reads (a diff for a rewritten cell). A fix is runnable when it has
-    ``rewritten_cell``: the cell to run, after deleting ``free_names``. ``needed_bytes`` is a rough estimate
-    of what the fixed cell needs on the GPU and ``fits`` whether that fits the room there (None: unknown).
+    ``code`` is what the user reads: the diff of a rewritten cell, else the code to type. A fix is runnable
+    when it has ``rewritten_cell``: the cell to run, after deleting ``free_names``. ``change`` holds what the
+    rewrite changed (the batch sizes, the chunks, the models). ``needed_bytes`` is the estimator's need of the
+    fixed cell on the GPU and ``fits`` whether that fits the room (None: unknown). ``by_hand``: why it is
+    advice to apply by hand (what it changes is in an earlier cell). ``ram_bytes``: (needed, free) CPU RAM,
+    when RAM cannot hold it, so it is not offered to run.
     """
 
     key: str
-    title: str
-    why: str
     code: str
     rewritten_cell: str | None = None
     free_names: tuple[str, ...] = ()
     needed_bytes: int | None = None
     fits: bool | None = None
+    change: Facts = ()
+    by_hand: str | None = None
+    ram_bytes: tuple[int, int] | None = None
+
+    def fact(self, name: str, default: Any = None) -> Any:
+        return dict(self.change).get(name, default)
 
     @property
     def runnable(self) -> bool:
         return self.rewritten_cell is not None
+
+    @property
+    def title(self) -> str:
+        from vram_magic.render import fix_title
+
+        return fix_title(self)
+
+    @property
+    def why(self) -> str:
+        from vram_magic.render import fix_why
+
+        return fix_why(self)
 
 
 @dataclass(frozen=True)
@@ -205,6 +234,16 @@ class CellAnalysis:
 
 
 @dataclass(frozen=True)
+class Preflight:
+    """A load not run because it is estimated not to fit: its peak need, the room, and whether that room is
+    a GPU's here (else the cap planned for without one)."""
+
+    need_bytes: int
+    room_bytes: int
+    on_gpu: bool
+
+
+@dataclass(frozen=True)
 class Report:
     """One OOM, explained: the single object every renderer reads."""
 
@@ -218,18 +257,17 @@ class Report:
     causes: tuple[Cause, ...]
     fixes: tuple[Fix, ...]
     traceback_text: str = ""
-    notes: tuple[str, ...] = field(default=())
     rebound_names: tuple[str, ...] = ()
     attempts: tuple[Attempt, ...] = ()
-    headline: str | None = None  # replaces the OOM summary (preflight: a load that was not run)
+    preflight: Preflight | None = None  # a load that was not run: the report is about its estimate
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        from vram_magic.render._widget import mimebundle
+        from vram_magic.render import mimebundle
 
-        return mimebundle(self)
+        return mimebundle(self, include=include, exclude=exclude)
 
     def __str__(self) -> str:
-        from vram_magic.render._text import render_report
+        from vram_magic.render import render_report
 
         return render_report(self)
 

@@ -245,7 +245,7 @@ def test_s3_preflight_does_not_run_the_doomed_load_and_auto_loads_8bit_with_no_o
     result, shown = _run(ip, "%%oomsafe\n" + sc.LOAD_CELL)
     assert isinstance(result.error_in_exec, OutOfMemoryHandled), shown
     report = sc.magics(ip).last_report
-    assert report.oom is None and report.headline is not None and report.headline.startswith("Not run:")
+    assert report.oom is None and report.preflight is not None and str(report).startswith("Not run:")
     assert sc.allocated() == before  # nothing was loaded
     with sc.recording_reports(ip) as reports:
         result, shown = _run(ip, "%%oomsafe --auto\n" + sc.LOAD_CELL)

@@ -1,7 +1,7 @@
 """The fixes: each rewrites the user's cell so that it needs less memory, from one reading of it.
 
-Each fix is a function ``(Cell, Options) -> Rewritten`` (its new code and a title that says what the code
-does), or raises ``NotApplicable`` saying why not. They only rewrite: whether a fix is worth offering (it
+Each fix is a function ``(Cell, Options) -> Rewritten`` (its new code and the figures of what it changed),
+or raises ``NotApplicable`` saying why not. They only rewrite: whether a fix is worth offering (it
 parses, it changes what it should, the estimator says it fits, CPU RAM holds it) is ``vram_magic._checks``'s
 check, made on the rewritten cell read again with the same reader.
 """

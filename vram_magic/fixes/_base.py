@@ -1,4 +1,4 @@
-"""The shape of a fix: options in, the rewritten cell (with a title saying what it does) out."""
+"""The shape of a fix: options in, the rewritten cell (with the figures of what it changed) out."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib.metadata
 import re
 from dataclasses import dataclass, field
 
+from vram_magic._types import Facts, facts
 from vram_magic.cell import Cell, Load
 from vram_magic.fixes._edit import Edits, apply
 
@@ -29,28 +30,26 @@ class Options:
 
 @dataclass(frozen=True)
 class Rewritten:
-    """A fix made: the new cell and, in plain words, what it does."""
+    """A fix made: the new cell and what it changed (``Fix.change``: the models, the batch sizes, ...)."""
 
     key: str
     code: str
-    title: str
-    note: str = ""
+    change: Facts = ()
 
 
-def finish(cell: Cell, key: str, edits: Edits, title: str, note: str = "") -> Rewritten:
-    return Rewritten(key, apply(cell.module, edits), title, note)
+def finish(cell: Cell, key: str, edits: Edits, change: Facts = ()) -> Rewritten:
+    return Rewritten(key, apply(cell.module, edits), change)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def model_words(loads: list[Load]) -> str:
-    """``meta-llama/Llama-3.1-8B`` (one model whose Hub id is known), else ``the model`` / ``the models``
-    (a local folder's path says little and can be long)."""
+def models_changed(loads: list[Load]) -> Facts:
+    """How many loads a fix changed, and the Hub id of the one model when it is known (a local folder's path
+    says little and can be long)."""
     models = list(dict.fromkeys(load.model for load in loads if load.model))
-    if len(models) == 1 and len(loads) == 1 and _HUB_ID.match(models[0]):
-        return models[0]
-    return "the model" if len(loads) == 1 else "the models"
+    hub_id = models[0] if len(models) == 1 and _HUB_ID.match(models[0]) else None
+    return facts(model=hub_id, count=len(loads))
 
 
 def default_dtype_keyword() -> str:

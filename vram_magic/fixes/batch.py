@@ -4,7 +4,7 @@ half-batch halves every batch size the cell sets (a keyword, a dict entry, a var
 earlier cell, each branch of ``8 if big else 4``). An odd size keeps its effective batch with the largest
 divisor below half (3 -> 1 x 3). Gradient accumulation grows by the same factor only where the code has it:
 a ``TrainingArguments``/``SFTConfig`` (the Trainer accumulates), or a loop that already accumulates;
-elsewhere the title says that the effective batch changes. Batches of prompts give the same results in more
+elsewhere the fix says that the effective batch changes. Batches of prompts give the same results in more
 steps. checkpointing turns on gradient checkpointing (and the paged 8-bit AdamW where a Trainer runs).
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import libcst as cst
 
 from vram_magic._errors import NotApplicable
+from vram_magic._types import Facts, facts
 from vram_magic.cell import BatchSize, Cell, Held, is_batch_name
 from vram_magic.cell._values import keyword_values
 from vram_magic.fixes._base import Options, Rewritten, finish
@@ -73,7 +74,7 @@ def rewrite(cell: Cell, options: Options) -> Rewritten:
     accumulation = _accumulate(cell, edits, overrides, multiplier) if multiplier and accumulates else False
     for arg, entries in overrides.values():
         edits.change(arg, _overridden(entries))
-    return finish(cell, "half-batch", edits, _title(changes, multiplier, accumulation))
+    return finish(cell, "half-batch", edits, _change(changes, multiplier, accumulation))
 
 
 def _overridden(entries: dict[str, int]) -> Callable[[cst.Arg], cst.Arg]:
@@ -225,22 +226,14 @@ def _role_of(roles: set[str], accumulates: bool) -> str:
     return "unknown"
 
 
-def _title(changes: list[tuple[str, int, int]], multiplier: int, accumulation: tuple[int, int] | bool) -> str:
+def _change(
+    changes: list[tuple[str, int, int]], multiplier: int, accumulation: tuple[int, int] | bool
+) -> Facts:
+    """The batch the title names (the training one where there is one) and the accumulation steps: their
+    sizes when the cell says them, True when it accumulates by an amount it does not say, None when not."""
     role, old, new = next(((r, o, n) for r, o, n in changes if r == "train"), changes[0])
-    what = "the evaluation batch" if role == "eval" else "the batch"
-    verb = f"Halve {what}" if old == 2 * new else f"Shrink {what}"
-    sizes = f"{verb} ({old} → {new})"
-    if role == "train" and accumulation is not False:
-        more = "double" if multiplier == 2 else f"multiply by {multiplier}"
-        steps = f" ({accumulation[0]} → {accumulation[1]})" if isinstance(accumulation, tuple) else ""
-        return f"{sizes} and {more} gradient accumulation{steps}: the same effective batch"
-    if role == "train":
-        return f"{sizes}; the effective batch shrinks too (this code has no gradient accumulation)"
-    if role == "eval":
-        return sizes
-    if role == "unknown":
-        return f"{sizes}; where it feeds training, the effective batch shrinks too"
-    return f"{sizes}: the same results, in more steps"
+    steps = None if accumulation is False else accumulation
+    return facts(role=role, old=old, new=new, multiplier=multiplier, accumulation=steps)
 
 
 def checkpointing(cell: Cell, options: Options) -> Rewritten:
@@ -274,10 +267,7 @@ def checkpointing(cell: Cell, options: Options) -> Rewritten:
             "this cell has no TrainingArguments or SFTConfig and no training loop of a model it can name",
             elsewhere=True,
         )
-    title = "Turn on gradient checkpointing"
-    if cell.training_configs:
-        title += " and the paged 8-bit AdamW optimizer"
-    return finish(cell, "checkpointing", edits, title)
+    return finish(cell, "checkpointing", edits, facts(optimizer=bool(cell.training_configs)))
 
 
 def _checkpoint_a_loop(cell: Cell, edits: Edits) -> None:

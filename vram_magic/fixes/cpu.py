@@ -38,7 +38,7 @@ def rewrite(cell: Cell, options: Options) -> Rewritten:
         if found:
             raise NotApplicable("this cell already runs on the CPU", already=True)
         raise NotApplicable("this cell neither loads a model nor moves anything to CUDA", elsewhere=True)
-    return finish(cell, "cpu", edits, "Run the cell on the CPU")
+    return finish(cell, "cpu", edits)
 
 
 def _runs_a_model_from_elsewhere(cell: Cell) -> bool:

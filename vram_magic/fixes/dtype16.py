@@ -8,12 +8,11 @@ LLMs), so whether this changes anything is the estimator's call (``vram_magic._c
 from __future__ import annotations
 
 from vram_magic._errors import NotApplicable
+from vram_magic._types import facts
 from vram_magic.cell import Cell, Load
-from vram_magic.fixes._base import PREQUANTIZED, Options, Rewritten, finish, model_words
+from vram_magic.fixes._base import PREQUANTIZED, Options, Rewritten, finish, models_changed
 from vram_magic.fixes._edit import Edits
 from vram_magic.fixes._loads import LoadEdit, no_load_reason
-
-_WORDS = {"bfloat16": "bfloat16", "float16": "float16"}
 
 
 def rewrite(cell: Cell, options: Options) -> Rewritten:
@@ -35,7 +34,7 @@ def rewrite(cell: Cell, options: Options) -> Rewritten:
             if link.func.attr.value == "float":  # type: ignore[attr-defined]
                 edits.unwrap.add(id(link))
         edit.finish()
-    return finish(cell, "bf16", edits, f"Load {model_words(targets)} in {_WORDS[options.dtype]}")
+    return finish(cell, "bf16", edits, models_changed(targets) + facts(dtype=options.dtype))
 
 
 def _why_not(load: Load, reasons: list[str]) -> str | None:

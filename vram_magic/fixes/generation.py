@@ -13,6 +13,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from vram_magic._errors import NotApplicable
+from vram_magic._types import facts
 from vram_magic.cell import Cell, Generate, dotted
 from vram_magic.fixes._base import Options, Rewritten, finish
 from vram_magic.fixes._edit import Edits, code, set_kwarg, string, with_keyword
@@ -49,9 +50,7 @@ def chunk(cell: Cell, options: Options) -> Rewritten:
         edits.change(inner, with_keyword("chunks", cst.Integer(str(chunks))))
     if not edits:
         raise NotApplicable("this cell makes no batched generate() or forward call to split into chunks")
-    return finish(
-        cell, "chunk", edits, f"Run the batch in {chunks} chunks: the same outputs, less memory at a time"
-    )
+    return finish(cell, "chunk", edits, facts(chunks=chunks))
 
 
 def _batched_calls(cell: Cell) -> list[tuple[cst.Call, bool | None]]:
@@ -81,12 +80,7 @@ def inference_mode(cell: Cell, options: Options) -> Rewritten:
     edits.needs.add("torch")
     for forward in forwards:
         edits.wrap[id(forward.statement)] = "torch.inference_mode()"
-    return finish(
-        cell,
-        "inference-mode",
-        edits,
-        "Run the forward pass under torch.inference_mode(): no activations kept",
-    )
+    return finish(cell, "inference-mode", edits)
 
 
 def _on_gpu(cell: Cell) -> list[Generate]:
@@ -105,9 +99,4 @@ def offload_cache(cell: Cell, options: Options) -> Rewritten:
     edits = Edits()
     for generate in targets:
         edits.change(generate.call, lambda call: set_kwarg(call, "cache_implementation", string("offloaded")))
-    return finish(
-        cell,
-        "offload-cache",
-        edits,
-        'Keep the KV cache in CPU RAM while generating (cache_implementation="offloaded"; slower)',
-    )
+    return finish(cell, "offload-cache", edits)

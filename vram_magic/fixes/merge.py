@@ -16,6 +16,7 @@ import sys
 import libcst as cst
 
 from vram_magic._errors import NotApplicable
+from vram_magic._types import facts
 from vram_magic.cell import Cell, Held, Load, Merge
 from vram_magic.fixes._base import Options, Rewritten, finish
 from vram_magic.fixes._edit import Edits, code, find_arg, string
@@ -36,10 +37,7 @@ def rewrite(cell: Cell, options: Options) -> Rewritten:
         back = _back_to_gpu(cell, merge, edits) or back
     if not edits:
         raise NotApplicable(reasons[0], already=all(r.startswith("already") for r in reasons))
-    title = "Merge on the CPU, then move the merged model back to the GPU if it fits"
-    if not back:
-        title = "Merge on the CPU (the merged model stays there: this cell saves it from there)"
-    return finish(cell, "merge-cpu", edits, title)
+    return finish(cell, "merge-cpu", edits, facts(back=back))
 
 
 def _on_cpu(cell: Cell, merge: Merge, edits: Edits) -> str | None:

@@ -13,7 +13,7 @@ import libcst as cst
 from vram_magic._errors import NotApplicable
 from vram_magic.cell import Cell, Held, Load
 from vram_magic.cell._values import keyword_values
-from vram_magic.fixes._base import Options, Rewritten, finish, model_words
+from vram_magic.fixes._base import Options, Rewritten, finish, models_changed
 from vram_magic.fixes._edit import Edits, render_max_memory, set_dict_key, set_kwarg
 from vram_magic.fixes._loads import (
     LoadEdit,
@@ -41,7 +41,7 @@ def rewrite(cell: Cell, options: Options) -> Rewritten:
     for load in targets:
         _offload(cell, load, options, edits)
     release_pipelines(cell, targets, edits)
-    return finish(cell, "offload", edits, f"Offload what does not fit of {model_words(targets)} to CPU RAM")
+    return finish(cell, "offload", edits, models_changed(targets))
 
 
 def _why_not(load: Load, options: Options, reasons: list[str]) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from vram_magic._errors import NotApplicable
 from vram_magic.cell import Cell, Load
-from vram_magic.fixes._base import PREQUANTIZED, Options, Rewritten, finish, model_words
+from vram_magic.fixes._base import PREQUANTIZED, Options, Rewritten, finish, models_changed
 from vram_magic.fixes._edit import Edits
 from vram_magic.fixes._loads import (
     LoadEdit,
@@ -49,10 +49,7 @@ def rewrite(cell: Cell, options: Options, bits: int) -> Rewritten:
     for load in targets:
         _quantize(cell, load, bits, options, edits)
     release_pipelines(cell, targets, edits)
-    note = ""
-    if bits == 8:
-        note = "LLM.int8 computes in float16; its outputs differ slightly from the 16-bit model's."
-    return finish(cell, key, edits, f"Load {model_words(targets)} in {_WORDS[bits]}", note)
+    return finish(cell, key, edits, models_changed(targets))
 
 
 def _why_not(load: Load, bits: int, reasons: list[str]) -> str | None:
