@@ -234,7 +234,7 @@ def measure(ip: Any, scenario: Scenario, names: dict[str, str], how: Literal["fi
             del ip.user_ns[name]
     ip.user_ns.update(names, SEQ=SEQ, Path=Path)
     magics = ip.magics_manager.registry["VramMagics"]
-    magics.last_report = None
+    magics.session.last_report = None
     with simulated_gpu(budget_bytes=2**30) as gpu, capture_output() as captured:
         setup = ip.run_cell(scenario.setup)
         if not setup.success:

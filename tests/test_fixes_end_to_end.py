@@ -498,16 +498,16 @@ def test_the_code_auto_ran_can_be_inserted_as_its_hint_says(
 def test_auto_goes_on_to_the_next_fix_when_one_fails_another_way(
     ip: Any, gpu: SimulatedGpu, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vram_magic import _magics
+    from vram_magic._session import Session
 
-    real = _magics.VramMagics._attempt
+    real = Session._attempt
 
     def eight_bit_breaks(self: Any, fix: Fix, number: int) -> Any:
         if fix.key == "8bit":
             raise TypeError("from_pretrained() got multiple values for keyword argument 'device_map'")
         return real(self, fix, number)
 
-    monkeypatch.setattr(_magics.VramMagics, "_attempt", eight_bit_breaks)
+    monkeypatch.setattr(Session, "_attempt", eight_bit_breaks)
     _ready_to_load(ip, gpu, checkpoint)
     result, printed = _run(ip, f"%%oomsafe --auto --force\n{LOAD_CELL}")
     assert result.success, result.error_in_exec

@@ -600,7 +600,7 @@ def test_vram_fix_insert_offers_the_fixed_cell_as_a_new_cell(
 
 
 def test_vram_fix_mistakes_are_one_line_usage_errors(ip: Any) -> None:
-    ip.magics_manager.registry["VramMagics"].last_report = None
+    ip.magics_manager.registry["VramMagics"].session.last_report = None
     with pytest.raises(UsageError, match="No %%oomsafe cell has run out of memory yet"):
         ip.run_line_magic("vram", "fix 1")
     ip.run_cell(TRAINING_SETUP)
@@ -624,17 +624,17 @@ def test_vram_fix_mistakes_are_one_line_usage_errors(ip: Any) -> None:
 
 def test_auto_never_lifts_a_cap_or_tries_a_bf16_load_not_known_to_shrink() -> None:
     from vram_magic import Fix
-    from vram_magic._magics import _worth_trying_unattended
+    from vram_magic._session import worth_trying_unattended
 
     def fix(key: str, fits: bool | None) -> Fix:
         return Fix(key, "", rewritten_cell="x = 1\n", fits=fits)
 
-    assert not _worth_trying_unattended(fix("lift-cap", True))  # the cap may be a rehearsal
-    assert not _worth_trying_unattended(fix("bf16", None))  # transformers 5 may load bf16 already
-    assert _worth_trying_unattended(fix("bf16", True))
-    assert _worth_trying_unattended(fix("half-batch", None))
-    assert not _worth_trying_unattended(fix("8bit", False))
-    assert not _worth_trying_unattended(Fix("other-process", "!nvidia-smi"))
+    assert not worth_trying_unattended(fix("lift-cap", True))  # the cap may be a rehearsal
+    assert not worth_trying_unattended(fix("bf16", None))  # transformers 5 may load bf16 already
+    assert worth_trying_unattended(fix("bf16", True))
+    assert worth_trying_unattended(fix("half-batch", None))
+    assert not worth_trying_unattended(fix("8bit", False))
+    assert not worth_trying_unattended(Fix("other-process", "!nvidia-smi"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from vram_magic._errors import CellSyntaxError, NotApplicable, OutOfMemoryHandled
+from vram_magic._errors import CellSyntaxError, NotApplicable, OutOfMemoryHandled, Refused
 from vram_magic._oom import is_oom, parse_oom_message
 from vram_magic._types import (
     Cause,
@@ -44,6 +44,7 @@ __all__ = [
     "OOMInfo",
     "OutOfMemoryHandled",
     "ProcessMemory",
+    "Refused",
     "Report",
     "Snapshot",
     "__version__",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vram_magic._types import Caps
 from vram_magic._units import GiB, format_bytes, parse_size
 
 # Usable memory as PyTorch reports it (``total_memory``), not the label on the box; rounded to 0.01 GiB.
@@ -62,38 +63,30 @@ def set_target_bytes(value: int | None) -> None:
     _target_bytes = value
 
 
-def apply_cap(text: str | None) -> str:
+def apply_cap(text: str | None) -> Caps:
     """``%vram cap [SIZE|PRESET|off]``: cap every visible GPU (imports torch), or keep the target when there
-    is none; no text: say what is set. Returns what to tell the user; raises ValueError on a bad size."""
+    is none; no text: what is set. Raises ValueError on a bad size or one larger than a GPU."""
     import torch
 
     gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else range(0)
     if text is None:
-        capped = [
-            f"GPU {i} is capped at {format_bytes(cap)}."
-            for i in gpus
-            if (cap := _cap_bytes(torch, i)) is not None
-        ]
-        if _target_bytes is not None:
-            capped.append(f"No GPU here; estimates and preflight plan for {format_bytes(_target_bytes)}.")
-        return "\n".join(capped) or "No cap is set. Type `%vram cap t4` to rehearse a T4."
+        return Caps("show", tuple((i, _cap_bytes(torch, i)) for i in gpus), _target_bytes)
     if text.lower() == "off":
         for i in gpus:
             torch.cuda.set_per_process_memory_fraction(1.0, i)
         set_target_bytes(None)
-        return "No cap now: the whole GPU is this process's again." if gpus else "No cap now."
+        return Caps("off", tuple((i, None) for i in gpus), None)
     size, label = parse_cap(text)
     if not gpus:
         set_target_bytes(size)
-        return f"No GPU here: estimates and preflight will plan for {format_bytes(size)} ({label})."
-    lines = []
+        return Caps("set", (), size, label)
     for i in gpus:
         total = torch.cuda.get_device_properties(i).total_memory
         if size > total:
             raise ValueError(f"GPU {i} has {format_bytes(total)}: a cap must be smaller than that.")
-        torch.cuda.set_per_process_memory_fraction(size / total, i)
-        lines.append(f"GPU {i} capped at {format_bytes(size)} ({label}): allocations past it raise an OOM.")
-    return "\n".join([*lines, "`%vram cap off` lifts the cap."])
+    for i in gpus:
+        torch.cuda.set_per_process_memory_fraction(size / torch.cuda.get_device_properties(i).total_memory, i)
+    return Caps("set", tuple((i, size) for i in gpus), None, label)
 
 
 def _cap_bytes(torch: Any, index: int) -> int | None:

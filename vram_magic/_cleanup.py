@@ -1,12 +1,12 @@
 """Free what a failed cell pinned, and measure what came back.
 
 After a cell fails, its traceback keeps every frame of the failing call alive, and with them every tensor
-those frames held. IPython keeps that traceback in three places (see shared/DESIGN.md, "Facts"):
-``sys.last_*``, ``shell.InteractiveTB.tb`` and ``shell.last_execution_result.error_in_exec``. Clearing
-only some of them frees nothing. This module clears them all, clears the frames, drops output-cache
-entries that hold device memory, collects garbage and empties the CUDA cache.
+those frames held. The traceback is kept in three places: ``sys.last_*`` and, in IPython,
+``InteractiveTB.tb`` and ``last_execution_result.error_in_exec``; clearing only some of them frees nothing.
+This module clears them all, clears the frames, drops cached outputs that hold device memory, collects
+garbage and empties the CUDA cache.
 
-No IPython import here: the shell is passed in and used through its attributes.
+IPython-free: what the shell keeps is reached through a ``Keeper`` (the runner, or a test's fake).
 """
 
 from __future__ import annotations
@@ -16,15 +16,29 @@ import inspect
 import sys
 import traceback
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from vram_magic._probe import cuda_initialized
 from vram_magic._types import Cleanup
 from vram_magic._who import tensors_in
 
 _LAST_EXCEPTION_ATTRIBUTES = ("last_type", "last_value", "last_traceback", "last_exc")
+
+
+class Keeper(Protocol):
+    """Where the notebook keeps references a failed cell can pin: its namespace, the errors it keeps, and
+    its cached outputs (``vram_magic._runner.CellRunner`` for IPython)."""
+
+    @property
+    def namespace(self) -> dict[str, Any]: ...
+
+    def kept_errors(self) -> list[BaseException]: ...
+
+    def drop_kept_errors(self) -> bool: ...
+
+    def drop_outputs(self, holds_memory: Callable[[object], bool]) -> list[tuple[str, object]]: ...
 
 
 class _DeathWatch:
@@ -46,19 +60,20 @@ class _DeathWatch:
 
 
 def free_memory(
-    shell: Any,
+    keeper: Keeper,
     *,
     names: Iterable[str] = (),
     failure: BaseException | None = None,
     device: str = "cuda",
 ) -> Cleanup:
-    """Release a failure's frames, IPython's references to the last failure, the given names and
-    output-cache entries holding ``device`` memory; then collect and empty the CUDA cache."""
+    """Release a failure's frames, every reference kept to the last failure, the given names and cached
+    outputs holding ``device`` memory; then collect and empty the CUDA cache."""
     allocated_before = _cuda_allocated_bytes()
     watch = _DeathWatch(device)
     released: list[str] = []
 
-    failures = [exc for exc in (failure, *_ipython_failures(shell)) if exc is not None]
+    kept = [getattr(sys, "last_value", None), getattr(sys, "last_exc", None), *keeper.kept_errors()]
+    failures = [exc for exc in (failure, *kept) if isinstance(exc, BaseException)]
     for exc in failures:
         for frame in _frames_of(exc):
             if _is_user_function_frame(frame):
@@ -70,16 +85,20 @@ def free_memory(
         _clear_frames(exc)
     if failures:
         released.append("the failed cell's traceback frames")
-    del failures, failure
-    if _drop_ipython_failures(shell):
+    del failures, failure, kept
+    if _drop_last_exception() | keeper.drop_kept_errors():
         released.append("IPython's references to the last error")
 
     for name in names:
-        watch.watch(shell.user_ns[name])
-        del shell.user_ns[name]
+        watch.watch(keeper.namespace[name])
+        del keeper.namespace[name]
         released.append(f"variable {name}")
 
-    released.extend(_drop_output_cache(shell, watch))
+    dropped = keeper.drop_outputs(lambda value: bool(tensors_in(value, device)))
+    for label, value in dropped:
+        watch.watch(value)
+        released.append(label)
+    del dropped
 
     gc.collect()
     if cuda_initialized():
@@ -127,55 +146,14 @@ def _clear_frames(exc: BaseException) -> None:
             traceback.clear_frames(link.__traceback__)  # skips frames still running (ours)
 
 
-def _ipython_failures(shell: Any) -> list[BaseException]:
-    found = [getattr(sys, "last_value", None), getattr(sys, "last_exc", None)]
-    result = getattr(shell, "last_execution_result", None)
-    found.append(getattr(result, "error_in_exec", None))
-    return [exc for exc in found if isinstance(exc, BaseException)]
-
-
-def _drop_ipython_failures(shell: Any) -> bool:
-    """Drop every reference IPython keeps to the last error. True if there was one."""
+def _drop_last_exception() -> bool:
+    """Drop Python's own references to the last uncaught error (``sys.last_*``). True if there was one."""
     dropped = False
     for attribute in _LAST_EXCEPTION_ATTRIBUTES:
         if getattr(sys, attribute, None) is not None:
             delattr(sys, attribute)
             dropped = True
-    interactive_tb: Any = getattr(shell, "InteractiveTB", None)
-    if getattr(interactive_tb, "tb", None) is not None:
-        interactive_tb.tb = None
-        dropped = True
-    result: Any = getattr(shell, "last_execution_result", None)
-    if getattr(result, "error_in_exec", None) is not None:
-        result.error_in_exec = None
-        dropped = True
     return dropped
-
-
-def _drop_output_cache(shell: Any, watch: _DeathWatch) -> list[str]:
-    """Remove ``Out[N]``/``_N`` and ``_``, ``__``, ``___`` entries that hold device memory."""
-    released: list[str] = []
-    user_ns: dict[str, Any] = shell.user_ns
-    output_cache: dict[int, Any] = user_ns.get("_oh", {})
-    for number, value in list(output_cache.items()):
-        if tensors_in(value, watch.device):
-            watch.watch(value)
-            del output_cache[number]
-            user_ns.pop(f"_{number}", None)
-            getattr(shell, "user_ns_hidden", {}).pop(f"_{number}", None)
-            released.append(f"Out[{number}]")
-    displayhook = getattr(shell, "displayhook", None)
-    for underscores in ("_", "__", "___"):
-        value = getattr(displayhook, underscores, None)
-        if value is None or not tensors_in(value, watch.device):
-            continue
-        watch.watch(value)
-        setattr(displayhook, underscores, "")
-        for namespace in (user_ns, getattr(shell, "user_ns_hidden", {})):
-            if namespace.get(underscores) is value:
-                namespace[underscores] = ""
-        released.append(underscores)
-    return released
 
 
 def _cuda_allocated_bytes() -> int | None:

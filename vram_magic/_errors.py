@@ -4,7 +4,8 @@ ValueError
 └── NotApplicable        a fix does not apply to a cell; ``reason`` says why
 Exception
 ├── OutOfMemoryHandled   ends a %%oomsafe cell that ran out of memory, after its report
-└── CellSyntaxError      a %%oomsafe cell that does not compile, shown as a plain cell's SyntaxError
+├── CellSyntaxError      a %%oomsafe cell that does not compile, shown as a plain cell's SyntaxError
+└── Refused              a command that cannot do what was asked; the magics show it as one line
 """
 
 from __future__ import annotations
@@ -47,5 +48,10 @@ class CellSyntaxError(Exception):
         return self.rendered
 
 
-for _public in (NotApplicable, OutOfMemoryHandled, CellSyntaxError):
+class Refused(Exception):
+    """A command that cannot do what was asked (``%vram fix 9`` of a report with 3 fixes); the message says
+    what to type instead, and the magics show it as IPython shows a UsageError: one line."""
+
+
+for _public in (NotApplicable, OutOfMemoryHandled, CellSyntaxError, Refused):
     _public.__module__ = "vram_magic"

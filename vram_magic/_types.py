@@ -122,6 +122,17 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class Caps:
+    """The caps after ``%vram cap``: what was asked (``show``, ``set``, ``off``), each GPU's cap (None: none),
+    the cap planned for when there is no GPU, and the preset or size as typed."""
+
+    action: Literal["show", "set", "off"]
+    gpu_caps: tuple[tuple[int, int | None], ...]
+    target_bytes: int | None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
 class Holder:
     """A name in the user namespace that holds memory on the device being counted.
 

@@ -17,6 +17,7 @@ from vram_magic.render._frontend import widget_frontend
 from vram_magic.render._html import report_html, snapshot_html
 from vram_magic.render._text import (
     render_auto_result,
+    render_cap,
     render_cleanup,
     render_fix_worked,
     render_holders,
@@ -36,6 +37,7 @@ __all__ = [
     "mimebundle",
     "note_text",
     "render_auto_result",
+    "render_cap",
     "render_cleanup",
     "render_estimate_table",
     "render_fix_worked",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vram_magic._diagnose import failing_gpu
 from vram_magic._types import (
     Attempt,
     Cleanup,
@@ -202,7 +203,7 @@ def _oom_figures(report: Report) -> Figures | None:
                 rows.append((label, format_bytes(value), 0))
         for i, (pid, used) in enumerate(oom.other_processes):
             rows.append(("other processes" if i == 0 else "", f"pid {pid}: {format_bytes(used)}", 0))
-    gpu = failure_gpu(report)
+    gpu = gpu_when_it_failed(report)
     if not rows and gpu is None:
         return None
     index = oom.device_index if oom is not None and oom.device_index is not None else None
@@ -210,16 +211,13 @@ def _oom_figures(report: Report) -> Figures | None:
     return Figures(f"Memory when it failed{where}", tuple(rows), gpu)
 
 
-def failure_gpu(r: Report) -> GpuSnapshot | None:
-    """The failing GPU as the OOM message saw it; else the snapshot's GPU of that index (or its only one)."""
-    oom = r.oom
-    wanted = oom.device_index if oom and oom.device_index is not None else 0
-    seen = next((gpu for gpu in r.snapshot.gpus if gpu.index == wanted), None)
-    if seen is None and r.snapshot.gpus:
-        seen = r.snapshot.gpus[0]
+def gpu_when_it_failed(r: Report) -> GpuSnapshot | None:
+    """The failing GPU as the OOM message saw it; else as the snapshot after the cleanup sees it."""
+    oom, seen = r.oom, failing_gpu(r.snapshot, r.oom)
     if oom is None or oom.total_bytes is None:
         return seen
-    return _gpu_from_oom(oom, wanted, seen.name if seen else None)
+    index = oom.device_index if oom.device_index is not None else 0
+    return _gpu_from_oom(oom, index, seen.name if seen else None)
 
 
 def _gpu_from_oom(oom: OOMInfo, index: int, name: str | None) -> GpuSnapshot:

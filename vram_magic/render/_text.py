@@ -8,7 +8,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterable
 
-from vram_magic._types import Cleanup, Fix, Holder, Report, Snapshot
+from vram_magic._types import Caps, Cleanup, Fix, Holder, Report, Snapshot
 from vram_magic._units import format_bytes
 from vram_magic.render._sections import (
     Details,
@@ -69,6 +69,26 @@ def render_auto_result(report: Report, number: int, fix: Fix, snapshot: Snapshot
         lines += ["", f"The code that ran (your cell is unchanged; {keep}):"]
         lines += ["    " + line for line in fix.rewritten_cell.rstrip("\n").splitlines()]
     return "\n".join(lines)
+
+
+def render_cap(caps: Caps) -> str:
+    """What ``%vram cap`` says: the caps now, and how to lift them."""
+    capped = [(i, cap) for i, cap in caps.gpu_caps if cap is not None]
+    label = f" ({caps.label})" if caps.label else ""
+    if caps.action == "show":
+        lines = [f"GPU {i} is capped at {format_bytes(cap)}." for i, cap in capped]
+        if caps.target_bytes is not None:
+            lines.append(f"No GPU here; estimates and preflight plan for {format_bytes(caps.target_bytes)}.")
+        return "\n".join(lines) or "No cap is set. Type `%vram cap t4` to rehearse a T4."
+    if caps.action == "off":
+        return "No cap now: the whole GPU is this process's again." if caps.gpu_caps else "No cap now."
+    if not caps.gpu_caps:
+        return f"No GPU here: estimates and preflight will plan for {format_bytes(caps.target_bytes)}{label}."
+    lines = [
+        f"GPU {i} capped at {format_bytes(cap)}{label}: allocations past it raise an OOM."
+        for i, cap in capped
+    ]
+    return "\n".join([*lines, "`%vram cap off` lifts the cap."])
 
 
 def _sections_text(sections: list[Section]) -> str:
