@@ -25,6 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check vram_magic tests benchmarks notebooks docs
 	$(VENV)/bin/ruff format --check vram_magic tests benchmarks notebooks docs
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 # As root, install chromium where it is missing; elsewhere say so (the browser test then skips, or fails under CI).
 chromium:

@@ -16,7 +16,7 @@ the memory accounting is simulated. What is counted, and where it fails:
   LoRA adapters added later included) or a held tensor, each once, while it lives. Gradients, optimizer
   state and the caching allocator's slack are not counted.
 - **Failures.** (1) A load: in ``transformers.modeling_utils.caching_allocator_warmup``, the step that on a
-  GPU allocates the whole model at once (shared/DESIGN.md: "fails at once in caching_allocator_warmup"), the
+  GPU allocates the whole model at once (a real load fails at once there, measured on an H100), the
   bytes as placed (transformers' own ``get_total_byte_count``, with the quantizer's element sizes) must fit.
   A quantized ``device_map="auto"`` load that does not fit raises bitsandbytes' "Some modules are dispatched
   on the CPU or the disk" ValueError instead, as on a GPU. (2) A LoRA merge: peft's

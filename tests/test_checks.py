@@ -1,7 +1,7 @@
 """Checked fixes: after an OOM each fix is made on the user's cell and checked before it is offered.
 
 Fed with real OOM messages (tests/fixtures/oom_messages) through ``_report.explain`` (diagnose, then plan),
-and, for the estimator's figures, the config of the 0.85 B Llama measured on an H100 (shared/DESIGN.md):
+and, for the estimator's figures, the config of the 0.85 B Llama measured on an H100 (README, "Measured"):
 1.59 GiB in bfloat16, about 0.96 GiB in 8-bit and 0.65 GiB in 4-bit at their loading peaks.
 """
 

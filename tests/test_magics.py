@@ -280,7 +280,7 @@ def test_keyboard_interrupt_passes_through(ip: Any) -> None:
 
 
 def test_plain_ipython_keeps_the_failed_cells_memory_alive(ip: Any) -> None:
-    """The baseline the magic exists for (shared/DESIGN.md, 'Facts')."""
+    """The baseline the magic exists for: without it, the failed cell's traceback keeps its memory."""
     ip.run_cell(FAILING_LOAD)
     _run(ip, "load_model()\n")
     assert ip.user_ns["PINNED"][0]() is not None

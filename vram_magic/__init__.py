@@ -15,9 +15,12 @@ from vram_magic._types import (
     Cause,
     Cleanup,
     CpuMemory,
+    Estimate,
     Fix,
     GpuSnapshot,
     Holder,
+    LoadPlan,
+    Note,
     OOMInfo,
     ProcessMemory,
     Report,
@@ -40,7 +43,9 @@ __all__ = [
     "Fix",
     "GpuSnapshot",
     "Holder",
+    "LoadPlan",
     "NotApplicable",
+    "Note",
     "OOMInfo",
     "OutOfMemoryHandled",
     "ProcessMemory",
@@ -75,7 +80,7 @@ def find_holders(namespace: dict[str, Any], device: str = "cuda") -> tuple[Holde
     return _find_holders(namespace, device=device)
 
 
-def estimate(model: Any, **options: Any) -> Any:
+def estimate(model: Any, **options: Any) -> Estimate:
     """What loading ``model`` (a hub id, a local folder or a config) needs on the GPU, from its config alone:
     ``params``, ``weights_bytes``, ``peak_bytes`` and notes. Options: ``dtype``, ``quantization`` ("4bit",
     "8bit"), ``device_map``, ``context``, ``training`` ("lora", "qlora", "full"), ``batch_size``."""

@@ -4,7 +4,7 @@
 The model is a 0.85 B Llama built from a config (hidden 2048, 16 layers, 16 heads, 4 KV heads, intermediate
 5632, vocab 32000; 1.59 GiB in bfloat16) and saved once. Each scenario is set-up code run in the notebook
 namespace without a cap, a cap computed from what the set-up left on the GPU, and the cell that then runs out
-of memory (shared/DESIGN.md, "Facts measured"):
+of memory (measured on an H100; README, "Measured"):
 
 - ``merge``: ``merged = model.merge_and_unload()`` on a LoRA model (adapters on every linear layer) while
   ``reference``, a second copy of the base, holds 1.59 GiB; capped at what the process holds plus 16 MiB. peft
