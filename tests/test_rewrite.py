@@ -410,7 +410,7 @@ def test_imports_go_after_the_last_import_even_after_a_magic_line() -> None:
 
 
 def test_imports_go_to_the_top_when_the_cell_has_none_and_are_not_repeated() -> None:
-    cell = 'model = AutoModelForCausalLM.from_pretrained("x")\n'
+    cell = 'model = AutoModelForCausalLM.from_pretrained("x", device_map="cuda")\n'
     assert rewrite(cell, "4bit").startswith(
         "import torch\nfrom transformers import BitsAndBytesConfig\nmodel ="
     )
@@ -419,7 +419,7 @@ def test_imports_go_to_the_top_when_the_cell_has_none_and_are_not_repeated() -> 
 
 
 def test_imports_go_before_the_first_use_when_imports_come_later() -> None:
-    cell = 'model = AutoModelForCausalLM.from_pretrained("x")\nimport os\n'
+    cell = 'model = AutoModelForCausalLM.from_pretrained("x", device_map="cuda")\nimport os\n'
     fixed = rewrite(cell, "8bit")
     assert fixed.startswith("from transformers import BitsAndBytesConfig\nmodel =")
 
@@ -1118,3 +1118,115 @@ def test_generate_keeps_its_kv_cache_in_cpu_ram_but_not_another_librarys_engine(
     vllm = "llm = LLM(model='facebook/opt-125m')\nout = llm.generate(prompts, params)\n"
     with pytest.raises(NotApplicable):
         rewrite(vllm, "offload-cache")
+
+
+# --------------------------------------------------------------------------------------------------
+# Found by running every fix on other people's cells (tests/fixtures/real_cells/README.md, December 2026)
+
+
+def test_cpu_moves_a_pipeline_given_a_model_object_and_reads_f_string_devices() -> None:
+    gptj = (  # ruxiliang/AIGC-evaluation gpt-j/gptj.py: a pipeline would move the model back to GPU 0
+        'model = AutoModelForCausalLM.from_pretrained("EleutherAI/gpt-j-6B")\n'
+        'gen = pipeline("text-generation",model=model,tokenizer=tokenizer,device=0)\n'
+    )
+    fixed = rewrite(gptj, "cpu")
+    assert 'from_pretrained("EleutherAI/gpt-j-6B", device_map="cpu")' in fixed and 'device="cpu"' in fixed
+    fstring = 'model = AutoModelForCausalLM.from_pretrained(MODEL).to(device=f"cuda", non_blocking=True)\n'
+    assert '.to(device="cpu", non_blocking=True)' in rewrite(fstring, "cpu")
+    indexed = 'DEV = f"cuda:{rank}"\nmodel = AutoModelForCausalLM.from_pretrained(MODEL).to(DEV)\n'
+    assert 'DEV = "cpu"' in rewrite(indexed, "cpu")
+
+
+def test_cpu_trades_flash_attention_for_sdpa() -> None:
+    cell = (  # Failure-Tech/presai video/reason.py: FlashAttention runs on CUDA only
+        'model = Qwen2VLForConditionalGeneration.from_pretrained("Qwen/Qwen2-VL-7B-Instruct", '
+        'torch_dtype="auto", device_map="auto", attn_implementation="flash_attention_2")\n'
+    )
+    fixed = rewrite(cell, "cpu")
+    assert 'device_map="cpu"' in fixed and 'attn_implementation="sdpa"' in fixed
+
+
+def test_quantizing_is_refused_where_the_model_runs_in_cpu_ram_or_for_loftq() -> None:
+    t5 = (  # kid2001git/trm t5_enc_dec2.py: model and inputs on the CPU
+        'model = T5ForConditionalGeneration.from_pretrained("../t5-base")\n'
+        'inputs = tokenizer(sentences, return_tensors="pt", padding=True)\n'
+        'out = model.generate(input_ids=inputs["input_ids"])\n'
+    )
+    for bits in ("4bit", "8bit"):
+        with pytest.raises(NotApplicable, match="runs in CPU RAM here"):
+            rewrite(t5, bits)
+    trained = "model = AutoModelForCausalLM.from_pretrained(p)\nmodel = get_peft_model(model, lora)\n"
+    trained += "trainer.train()\n"  # the Trainer puts the model on the GPU
+    assert "BitsAndBytesConfig(load_in_4bit=True" in rewrite(trained, "4bit")
+    loftq = (  # hiyouga/LLaMA-Factory scripts/loftq_init.py: LoftQ quantizes the full weights itself
+        'model = AutoModelForCausalLM.from_pretrained(path, torch_dtype="auto", device_map="cuda")\n'
+        'lora_config = LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4))\n'
+        "peft_model = get_peft_model(model, lora_config)\n"
+    )
+    with pytest.raises(NotApplicable, match="LoftQ"):
+        rewrite(loftq, "4bit")
+
+
+def test_merge_cpu_loads_an_auto_mapped_model_on_the_cpu_and_leaves_a_cpu_merge_alone() -> None:
+    qwen = (  # EAG2014/Qwen lora_merge.py: accelerate refuses .to() on a model device_map="auto" offloaded
+        'model = AutoPeftModelForCausalLM.from_pretrained(output_qwen, device_map="auto").eval()\n'
+        "merged_model = model.merge_and_unload()\n"
+        "merged_model.save_pretrained(path)\n"
+    )
+    fixed = rewrite(qwen, "merge-cpu")
+    assert 'device_map="cpu"' in fixed and ".to(" not in fixed
+    omni = (  # hiyouga/LLaMA-Factory scripts/qwen_omni_merge.py: already on the CPU, through a submodule
+        "model = Qwen2_5OmniForConditionalGeneration.from_pretrained("
+        'base, torch_dtype="auto", device_map="cpu")\n'
+        "base_submodule = getattr(model, submodule_name)\n"
+        "lora_model = PeftModel.from_pretrained(base_submodule, lora_checkpoint_path)\n"
+        "merged_submodule = lora_model.merge_and_unload()\n"
+        "setattr(model, submodule_name, merged_submodule)\n"
+        "model.save_pretrained(save_path)\n"
+    )
+    with pytest.raises(NotApplicable, match="already merges on the CPU"):
+        rewrite(omni, "merge-cpu")
+
+
+def test_checkpointing_keeps_a_light_optimizer_and_leaves_inference_alone() -> None:
+    from vram_magic import Fix
+    from vram_magic.cell import read_cell
+    from vram_magic.fixes import apply_fix
+
+    tpu = (
+        'args = TrainingArguments(output_dir="o", optim="adafactor")\ntrainer = Trainer(model=m, args=args)\n'
+    )
+    fixed = rewrite(tpu + "trainer.train()\n", "checkpointing")  # huggingface/blog gemma-peft.md
+    assert 'optim="adafactor"' in fixed and "gradient_checkpointing=True" in fixed
+    on = 'args = TrainingArguments(output_dir="o", gradient_checkpointing=True)\ntrainer.train()\n'
+    made = apply_fix(read_cell(on), "checkpointing")
+    title = Fix("checkpointing", "", change=made.change).title
+    assert title == "Use the paged 8-bit AdamW optimizer (gradient checkpointing is already on)"
+    infer = (  # hiyouga/LLaMA-Factory scripts/hf_infer.py: the arguments only feed a dataset loader
+        'training_args = Seq2SeqTrainingArguments(output_dir="dummy_dir")\nout = model.generate(**batch)\n'
+    )
+    with pytest.raises(NotApplicable, match="nothing in it trains"):
+        rewrite(infer, "checkpointing")
+
+
+def test_half_batch_says_when_fewer_in_batch_negatives_change_the_loss() -> None:
+    from vram_magic import Fix
+    from vram_magic.cell import read_cell
+    from vram_magic.fixes import apply_fix
+
+    cell = (  # huggingface/blog train-sentence-transformers.md
+        "loss = MultipleNegativesRankingLoss(model)\n"
+        'args = SentenceTransformerTrainingArguments(output_dir="o", per_device_train_batch_size=16)\n'
+        "trainer.train()\n"
+    )
+    fix = Fix("half-batch", "", change=apply_fix(read_cell(cell), "half-batch").change)
+    assert "sees fewer in-batch negatives" in fix.title and "same effective batch" not in fix.title
+    assert "CachedMultipleNegativesRankingLoss" in fix.why
+
+
+def test_an_old_4bit_flag_keeps_its_scheme_when_offloading() -> None:
+    cell = 'model = AutoModelForCausalLM.from_pretrained("facebook/opt-350m", load_in_4bit=True, '
+    cell += 'device_map="auto")\n'
+    fixed = rewrite(cell, "offload")  # huggingface/blog 4bit-transformers-bitsandbytes.md
+    assert "BitsAndBytesConfig(load_in_4bit=True, llm_int8_enable_fp32_cpu_offload=True)" in fixed
+    assert "nf4" not in fixed

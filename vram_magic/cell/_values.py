@@ -123,6 +123,10 @@ class Names:
         if isinstance(expr, (cst.SimpleString, cst.ConcatenatedString)):
             evaluated = expr.evaluated_value
             return evaluated if isinstance(evaluated, str) else None
+        if isinstance(expr, cst.FormattedString) and all(
+            isinstance(part, cst.FormattedStringText) for part in expr.parts
+        ):
+            return _fstring_start(expr)  # f"cuda": no placeholder, a plain string
         return None
 
     def integer(self, expr: Value) -> int | None:
@@ -165,6 +169,9 @@ class Names:
         text = self.text(expr)
         if text is not None:
             return _text_place(text)
+        if isinstance(expr, cst.FormattedString):  # f"cuda:{rank}": where its fixed start says
+            start = _fstring_start(expr)
+            return _text_place(start) if start.startswith(("cuda", "cpu")) else "unknown"
         if isinstance(
             expr, cst.IfExp
         ):  # "cuda" if torch.cuda.is_available() else "cpu": a GPU where there is one
@@ -404,3 +411,13 @@ def _dotted(expr: cst.CSTNode) -> str | None:
 
 
 dotted = _dotted
+
+
+def _fstring_start(expr: cst.FormattedString) -> str:
+    """The text of an f-string up to its first placeholder."""
+    start = ""
+    for part in expr.parts:
+        if not isinstance(part, cst.FormattedStringText):
+            break
+        start += part.value
+    return start

@@ -200,6 +200,10 @@ def no_load_reason(cell: Cell, what: str) -> NotApplicable:
             "loads the base model",
             elsewhere=True,
         )
+    if any(load.kind == "foreign" for load in cell.loads):
+        return NotApplicable(
+            f"this cell loads its model with another library's loader, which vram_magic does not {what}"
+        )
     return NotApplicable(
         f"this cell has no from_pretrained(...) or pipeline(...) call of a model to {what}", elsewhere=True
     )
@@ -286,8 +290,9 @@ def legacy_flags(edit: LoadEdit) -> list[str]:
     return [flag for flag in _LEGACY_FLAGS if find_arg(edit.load.call, flag) is not None]
 
 
-def translate_legacy_flags(edit: LoadEdit, *, offload: bool, compute_dtype: str) -> None:
-    """A load quantized with ``load_in_8bit=True`` gets the same quantization as a ``quantization_config``."""
+def translate_legacy_flags(edit: LoadEdit, *, offload: bool) -> None:
+    """A load quantized with ``load_in_8bit=True`` or ``load_in_4bit=True`` gets the same quantization as a
+    ``quantization_config`` (the old 4-bit flag meant FP4 without double quantization: it stays so)."""
     written = legacy_flags(edit)
     bits = edit.load.quantization
     if not written and "load_in_4bit" not in edit.removals and "load_in_8bit" not in edit.removals:
@@ -295,9 +300,8 @@ def translate_legacy_flags(edit: LoadEdit, *, offload: bool, compute_dtype: str)
     if bits not in ("4bit", "8bit"):
         return
     edit.edits.needs.add("BitsAndBytesConfig")
-    if bits == "4bit":
-        edit.edits.needs.add("torch")
-    config = quantization_config_code(4 if bits == "4bit" else 8, f"torch.{compute_dtype}", offload=offload)
+    extra = ", llm_int8_enable_fp32_cpu_offload=True" if offload else ""
+    config = f"BitsAndBytesConfig(load_in_{bits}=True{extra})"
     edit.assign("quantization_config", config, instead_of=written[0] if written else None)
 
 

@@ -10,6 +10,7 @@ steps. checkpointing turns on gradient checkpointing (and the paged 8-bit AdamW 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from vram_magic._types import Facts, facts
 from vram_magic.cell import BatchSize, Cell, Held, is_batch_name
 from vram_magic.cell._values import keyword_values
 from vram_magic.fixes._base import Options, Rewritten, finish
-from vram_magic.fixes._edit import Edits, code, find_arg, set_kwarg, string, string_value, with_integer
+from vram_magic.fixes._edit import Edits, code, find_arg, set_kwarg, string, with_integer
 
 
 @dataclass
@@ -33,6 +34,19 @@ class _Holder:
     variable: str | None = None  # an earlier cell's variable: re-bound at the top of this cell
     spread: tuple[cst.Arg, str] | None = None  # (``**args`` of an earlier cell's dict, the key in it)
     first_step: int = 0
+
+
+# sentence-transformers losses that take each anchor's negatives from the rest of its batch: a smaller batch
+# gives them fewer, and gradient accumulation does not bring them back.
+_IN_BATCH_NEGATIVES = (
+    "CachedMultipleNegativesRankingLoss",
+    "MultipleNegativesSymmetricRankingLoss",
+    "MultipleNegativesRankingLoss",
+    "CachedGISTEmbedLoss",
+    "GISTEmbedLoss",
+    "MegaBatchMarginLoss",
+    "ContrastiveTensionLossInBatchNegatives",
+)
 
 
 def smaller(value: int, factor: int) -> tuple[int, int] | None:
@@ -74,7 +88,9 @@ def rewrite(cell: Cell, options: Options) -> Rewritten:
     accumulation = _accumulate(cell, edits, overrides, multiplier) if multiplier and accumulates else False
     for arg, entries in overrides.values():
         edits.change(arg, _overridden(entries))
-    return finish(cell, "half-batch", edits, _change(changes, multiplier, accumulation))
+    negatives = next((loss for loss in _IN_BATCH_NEGATIVES if loss in cell.source), None)
+    change = _change(changes, multiplier, accumulation) + facts(in_batch_negatives=negatives)
+    return finish(cell, "half-batch", edits, change)
 
 
 def _overridden(entries: dict[str, int]) -> Callable[[cst.Arg], cst.Arg]:
@@ -236,51 +252,63 @@ def _change(
     return facts(role=role, old=old, new=new, multiplier=multiplier, accumulation=steps)
 
 
+# Optimizers whose state is already small (Adafactor's factored moments, 8-bit and paged states, GaLore's
+# projections, LOMO's none): the checkpointing fix keeps them rather than switch to paged 8-bit AdamW.
+_LIGHT_OPTIMIZER = re.compile(r"adafactor|8bit|paged|galore|lomo|sgd", re.IGNORECASE)
+
+
 def checkpointing(cell: Cell, options: Options) -> Rewritten:
     """Gradient checkpointing (and the paged 8-bit AdamW) in the training configs, or, for a loop of the
     user's, ``model.gradient_checkpointing_enable()`` before it."""
+    if cell.generates and not cell.trains:
+        raise NotApplicable("this cell generates, and nothing in it trains")
     edits = Edits()
-    already = 0
+    already, checkpointing, optimizer = 0, False, False
     for config in cell.training_configs:
         keywords, _ = keyword_values(config.call, cell.names)
         wanted = cell.names.boolean(keywords.get("gradient_checkpointing")) is True
-        optim = cell.names.text(keywords.get("optim")) or ""
-        if wanted and "8bit" in optim:
+        light = _LIGHT_OPTIMIZER.search(cell.names.text(keywords.get("optim")) or "") is not None
+        if wanted and light:
             already += 1
             continue
+        checkpointing, optimizer = checkpointing or not wanted, optimizer or not light
 
-        def change(call: cst.Call, wanted: bool = wanted) -> cst.Call:
+        def change(call: cst.Call, wanted: bool = wanted, light: bool = light) -> cst.Call:
             if not wanted:
                 call = set_kwarg(call, "gradient_checkpointing", cst.Name("True"))
-            old = find_arg(call, "optim")
-            if old is None or "8bit" not in (string_value(old.value) or ""):
+            if not light:
+                old = find_arg(call, "optim")
                 call = set_kwarg(call, "optim", string("paged_adamw_8bit", old.value if old else None))
             return call
 
         edits.change(config.call, change)
     if not cell.training_configs:
-        _checkpoint_a_loop(cell, edits)
+        checkpointing = _checkpoint_a_loop(cell, edits)
     if not edits:
         if already:
-            raise NotApplicable("gradient checkpointing and the 8-bit optimizer are already on", already=True)
+            raise NotApplicable(
+                "gradient checkpointing and a memory-light optimizer are already on", already=True
+            )
         raise NotApplicable(
             "this cell has no TrainingArguments or SFTConfig and no training loop of a model it can name",
             elsewhere=True,
         )
-    return finish(cell, "checkpointing", edits, facts(optimizer=bool(cell.training_configs)))
+    return finish(cell, "checkpointing", edits, facts(checkpointing=checkpointing, optimizer=optimizer))
 
 
-def _checkpoint_a_loop(cell: Cell, edits: Edits) -> None:
+def _checkpoint_a_loop(cell: Cell, edits: Edits) -> bool:
+    """``model.gradient_checkpointing_enable()`` before the user's own training loop; True if added."""
     if not cell.trains:
-        return
+        return False
     forward = next((f for f in cell.forwards if f.receiver_name and f.in_training), None)
     if forward is None or forward.receiver_name is None:
-        return
+        return False
     name = forward.receiver_name
     held = cell.names.resolve(name.split(".")[0])
     supported = isinstance(held, Held) and hasattr(held.value, "gradient_checkpointing_enable")
     if not supported and not any(load.bound_to == name for load in cell.loads):
-        return
+        return False
     if f"{name}.gradient_checkpointing_enable" in cell.source:
-        return
+        return False
     edits.add_before(cell.steps[forward.step].node, f"{name}.gradient_checkpointing_enable()")
+    return True

@@ -3,8 +3,9 @@
 What is a CUDA device is decided by its value, not its name: ``"cuda"``, ``"cuda:1"``, a GPU index,
 ``torch.device("cuda")``, ``"cuda" if torch.cuda.is_available() else "cpu"``, or a variable bound to one (in
 the cell, or by an earlier cell); a variable the notebook does not hold counts when its name says it is a
-device. Not offered for a cell that trains (far too slow on a CPU). Whether the model fits in CPU RAM is
-checked before it is offered (``vram_magic._checks``).
+device. A pipeline given a model object gets ``device="cpu"``; FlashAttention (CUDA only) becomes ``"sdpa"``.
+Not offered for a cell that trains (far too slow on a CPU). Whether the model fits in CPU RAM is checked
+before it is offered (``vram_magic._checks``).
 """
 
 from __future__ import annotations
@@ -88,8 +89,12 @@ def _loads(cell: Cell, options: Options, edits: Edits) -> int:
             written = find_arg(load.call, "device_map")
             edit.assign("device_map", code(string("cpu", written.value if written else None)))
         if edit.sets and load.legacy_flag:  # only on a load this fix moves
-            compute = load.dtype if load.dtype in ("float16", "bfloat16") else options.compute_dtype
-            translate_legacy_flags(edit, offload=False, compute_dtype=compute)
+            translate_legacy_flags(edit, offload=False)
+        attention = find_arg(load.call, "attn_implementation")
+        if edit.sets and attention is not None and (string_value(attention.value) or "").startswith("flash"):
+            edit.assign(
+                "attn_implementation", code(string("sdpa", attention.value))
+            )  # FlashAttention needs CUDA
         edit.finish()
     return found
 
@@ -111,7 +116,9 @@ def _devices(cell: Cell, edits: Edits) -> int:
     """``device=``/``device_map=`` arguments, ``.to(<cuda>)``, ``torch.device("cuda")``,
     ``torch.set_default_device("cuda")`` and ``device = <cuda>`` become the CPU."""
     found = 0
-    loads = {id(load.call) for load in cell.loads}
+    used_as_device: set[str] = set()
+    # A pipeline given a model object is no load of ours: its device= moves that model (made the CPU here).
+    loads = {id(load.call) for load in cell.loads if not (load.kind == "pipeline" and load.model_is_object)}
     for call in m.findall(cell.module, m.Call()):
         assert isinstance(call, cst.Call)
         name = dotted(call.func) or ""
@@ -130,6 +137,8 @@ def _devices(cell: Cell, edits: Edits) -> int:
                 found += 1
             elif isinstance(arg.value, cst.Name) and arg.value.value in cell.names.bound:
                 found += 1  # a variable of this cell: its own value is made the CPU where it is set
+                if keyword != "device_map":
+                    used_as_device.add(arg.value.value)
             elif _is_cuda(cell, arg.value) and not (
                 method == "to" and cell.names.place(arg.value) == "model"
             ):
@@ -142,7 +151,9 @@ def _devices(cell: Cell, edits: Edits) -> int:
                 continue
             target = small.targets[0].target
             value = small.value
-            if not isinstance(target, cst.Name) or not _DEVICE_VARIABLE.match(target.value):
+            if not isinstance(target, cst.Name):
+                continue
+            if not _DEVICE_VARIABLE.match(target.value) and target.value not in used_as_device:
                 continue
             if isinstance(value, (cst.Name, cst.Call)) or cell.names.place(value) != "cuda":
                 continue

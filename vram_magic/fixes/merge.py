@@ -54,7 +54,7 @@ def _on_cpu(cell: Cell, merge: Merge, edits: Edits) -> str | None:
             return None
         if load.base is not None and _is_plain(load.base):
             name = code(load.base).strip()
-            if _held_on_cpu(cell, name):
+            if _held_on_cpu(cell, name) or _all_on_cpu(cell):
                 return "already merges on the CPU: the base model is there"
             edits.add_before(_statement_of(cell, load), f'{name} = {name}.to("cpu")')
             return None
@@ -63,15 +63,44 @@ def _on_cpu(cell: Cell, merge: Merge, edits: Edits) -> str | None:
     if name is None:
         return "the merged model is not a plain name, so it cannot be moved to the CPU"
     own = next(
-        (each for each in cell.loads if each.kind == "model" and each.bound_to == name.split(".")[0]), None
+        (
+            each
+            for each in cell.loads
+            if each.kind in ("model", "peft")
+            and each.bound_to == name.split(".")[0]
+            and each.step <= merge.step
+        ),
+        None,
     )
     moved = any(
         move.receiver_name == name and move.target == "cpu" and move.step <= merge.step for move in cell.moves
     )
     if moved or (own is not None and own.where in ("cpu", "ram")) or _held_on_cpu(cell, name):
         return "already merges on the CPU: the model is there"
+    if own is not None and name == own.bound_to and not _runs_before(cell, merge.step):
+        # Loaded here only to be merged: load it on the CPU (accelerate refuses .to() on a model that
+        # device_map="auto" offloaded in part).
+        _load_on_cpu(cell, own, edits)
+        return None
     edits.add_before(merge.statement, f'{name} = {name}.to("cpu")')
     return None
+
+
+def _all_on_cpu(cell: Cell) -> bool:
+    """Whether the cell loads its models into CPU RAM and moves nothing to CUDA (a base model taken from
+    one of them, ``getattr(model, "thinker")``, is there too)."""
+    models = [load for load in cell.loads if load.kind == "model"]
+    return (
+        bool(models)
+        and all(load.where in ("cpu", "ram") for load in models)
+        and not any(move.target == "cuda" for move in cell.moves)
+    )
+
+
+def _runs_before(cell: Cell, step: int) -> bool:
+    """Whether the cell trains, generates or calls a model before top-level statement ``step``."""
+    runs = [g.step for g in cell.generates] + [f.step for f in cell.forwards]
+    return cell.trains or any(each < step for each in runs)
 
 
 def _back_to_gpu(cell: Cell, merge: Merge, edits: Edits) -> bool:

@@ -80,14 +80,12 @@ def _offload(cell: Cell, load: Load, options: Options, edits: Edits) -> None:
     if options.offload_folder is not None:
         edit.assign("offload_folder", f'"{options.offload_folder}"')
     if load.quantized and not load.offload_allowed:
-        compute = load.dtype if load.dtype in ("float16", "bfloat16") else options.compute_dtype
         if load.legacy_flag:
-            translate_legacy_flags(edit, offload=True, compute_dtype=compute)
+            translate_legacy_flags(edit, offload=True)
         else:
             _allow_cpu_offload(cell, load, edit)
     elif load.legacy_flag:
-        compute = load.dtype if load.dtype in ("float16", "bfloat16") else options.compute_dtype
-        translate_legacy_flags(edit, offload=load.offload_allowed, compute_dtype=compute)
+        translate_legacy_flags(edit, offload=load.offload_allowed)
     edit.finish()
 
 

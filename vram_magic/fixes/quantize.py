@@ -2,8 +2,9 @@
 
 Casts and GPU moves of the model go (transformers refuses ``.half()`` and ``.to()`` on a quantized model, and
 bitsandbytes places it); ``load_in_4bit=True`` becomes a ``quantization_config``. Not offered for a load that
-is on the CPU on purpose, a checkpoint already quantized, another library's loader, or a cell that trains the
-whole model without adapters (quantized weights cannot be trained without LoRA).
+is on the CPU on purpose or runs in CPU RAM, a checkpoint already quantized, another library's loader, a cell
+that trains the whole model without adapters (quantized weights cannot be trained without LoRA), or LoftQ
+(it needs the full-precision weights).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def rewrite(cell: Cell, options: Options, bits: int) -> Rewritten:
             "(LoRA: peft's get_peft_model)"
         )
     reasons: list[str] = []
-    targets = [load for load in loads if _why_not(load, bits, reasons) is None]
+    targets = [load for load in loads if _why_not(cell, load, bits, reasons) is None]
     if not targets:
         raise NotApplicable(reasons[0], already=all(r.startswith("already") for r in reasons))
     edits = Edits()
@@ -52,12 +53,17 @@ def rewrite(cell: Cell, options: Options, bits: int) -> Rewritten:
     return finish(cell, key, edits, models_changed(targets))
 
 
-def _why_not(load: Load, bits: int, reasons: list[str]) -> str | None:
+def _why_not(cell: Cell, load: Load, bits: int, reasons: list[str]) -> str | None:
     reason = None
     if load.kind == "pipeline" and load.model_is_object:
         reason = "its pipeline is given a model loaded elsewhere"
     elif load.where == "cpu":
         reason = "the model is loaded on the CPU on purpose (device_map='cpu')"
+    elif load.where == "ram" and not cell.trains:
+        # bitsandbytes would put it on the GPU, and the inputs this cell makes would stay on the CPU.
+        reason = "the model runs in CPU RAM here (no device_map, and nothing in this cell moves it)"
+    elif _loftq(cell):
+        reason = "LoftQ initialises the adapters from the full-precision weights: it quantizes them itself"
     elif load.model and PREQUANTIZED.search(load.model):
         reason = f"already quantized: {load.model} is a quantized checkpoint"
     elif load.quantization == f"{bits}bit":
@@ -90,3 +96,8 @@ def _quantize(cell: Cell, load: Load, bits: int, options: Options, edits: Edits)
         edit.assign(options.dtype_keyword, f"torch.{folded}")
     device_map_auto(edit, keep_dicts=True)
     edit.finish()
+
+
+def _loftq(cell: Cell) -> bool:
+    """Whether the cell sets up LoftQ (peft's ``LoftQConfig`` or ``init_lora_weights="loftq"``)."""
+    return "LoftQConfig" in cell.source or '"loftq"' in cell.source or "'loftq'" in cell.source

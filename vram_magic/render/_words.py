@@ -222,6 +222,9 @@ def _half_batch_title(fix: Fix) -> str:
     verb = f"Halve {what}" if old == 2 * new else f"Shrink {what}"
     sizes = f"{verb} ({old} → {new})"
     accumulation, multiplier = change.get("accumulation"), change.get("multiplier", 2)
+    negatives = change.get("in_batch_negatives")
+    if role == "train" and negatives:
+        return f"{sizes}: {negatives} then sees fewer in-batch negatives, which changes what it learns"
     if role == "train" and accumulation is not None:
         more = "double" if multiplier == 2 else f"multiply by {multiplier}"
         steps = f" ({accumulation[0]} → {accumulation[1]})" if isinstance(accumulation, tuple) else ""
@@ -250,8 +253,11 @@ def _merge_title(fix: Fix) -> str:
 
 
 def _checkpointing_title(fix: Fix) -> str:
-    if fix.fact("optimizer", True):
+    checkpointing, optimizer = fix.fact("checkpointing", True), fix.fact("optimizer", True)
+    if checkpointing and optimizer:
         return "Turn on gradient checkpointing and the paged 8-bit AdamW optimizer"
+    if optimizer:
+        return "Use the paged 8-bit AdamW optimizer (gradient checkpointing is already on)"
     return "Turn on gradient checkpointing"
 
 
@@ -284,6 +290,21 @@ _TITLES: dict[str, Callable[[Fix], str]] = {
 }
 
 
+def _half_batch_why(fix: Fix) -> str:
+    loss = fix.fact("in_batch_negatives")
+    if not loss:
+        return "Activations shrink with the batch."
+    keep = (
+        "a smaller mini_batch_size keeps the batch and saves memory instead"
+        if loss.startswith("Cached")
+        else "CachedMultipleNegativesRankingLoss(model, mini_batch_size=...) keeps the batch and saves memory"
+    )
+    return (
+        f"Activations shrink with the batch. {loss} takes its negatives from the batch itself, so gradient "
+        f"accumulation does not bring them back; {keep}."
+    )
+
+
 def _free_why(fix: Fix) -> str:
     holds = "Together they hold" if len(fix.free_names) > 1 else "It holds"
     text = f"{holds} about {format_bytes(fix.fact('freed_bytes'))} that this cell does not need."
@@ -304,7 +325,7 @@ _WHY: dict[str, Callable[[Fix], str]] = {
     "merge-cpu": lambda fix: (
         "Merging needs the base weights and the adapters at once; CPU RAM is usually larger."
     ),
-    "half-batch": lambda fix: "Activations shrink with the batch.",
+    "half-batch": lambda fix: _half_batch_why(fix),
     "checkpointing": lambda fix: (
         "Recomputes activations instead of storing them; the optimizer state pages to CPU when needed."
     ),
