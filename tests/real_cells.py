@@ -138,7 +138,7 @@ def judge(cells: list[RealCell] | None = None) -> Judgement:
                     room=T4_ROOM,
                     failed_in_load=fix in LOAD_FIXES,
                 )
-                offered = make_runnable((Fix(fix, fix, "", ""),), context)
+                offered = make_runnable((Fix(fix, ""),), context)
             except Exception as error:  # a crash of ours
                 outcome.problem = f"crash: {type(error).__name__}: {error}"
                 continue
@@ -263,11 +263,17 @@ def _cpu(before: ast.AST, after: ast.AST) -> str | None:
     for call in _calls(after):
         if _method(call) == "cuda":
             return ".cuda() left"
+        if _method(call) == "half" and any(_method(inner) == "from_pretrained" for inner in _calls(call)):
+            return ".half() left on a model loaded on the CPU"
+        if any(k.arg == "attn_implementation" and "flash" in ast.unparse(k.value) for k in call.keywords):
+            return "FlashAttention (CUDA only) left on the CPU"
         arguments = [*call.args[:1], *(k.value for k in call.keywords if k.arg in ("device", "device_map"))]
         if _method(call) == "to" or _text(call.func) in ("torch.device", "pipeline") or call.keywords:
             for argument in arguments:
                 if isinstance(argument, ast.Constant) and str(argument.value).startswith("cuda"):
                     return f"{ast.unparse(call)[:60]} still names cuda"
+                if isinstance(argument, ast.JoinedStr) and ast.unparse(argument)[2:].startswith("cuda"):
+                    return f"{ast.unparse(call)[:60]} still names cuda (an f-string)"
     return None
 
 
@@ -312,6 +318,16 @@ def _batch_values(tree: ast.AST) -> list[int]:
                 named = isinstance(key, ast.Constant) and str(key.value).endswith("batch_size")
                 if named and isinstance(value, ast.Constant) and type(value.value) is int:
                     values.append(value.value)
+        if isinstance(node, ast.arguments):  # def infer(..., batch_size: int = 4)
+            parameters = [*node.posonlyargs, *node.args][-len(node.defaults) :] if node.defaults else []
+            pairs = [
+                *zip(parameters, node.defaults, strict=True),
+                *zip(node.kwonlyargs, node.kw_defaults, strict=True),
+            ]
+            for parameter, default in pairs:
+                named = parameter.arg.lower().endswith("batch_size")
+                if named and isinstance(default, ast.Constant) and type(default.value) is int:
+                    values.append(default.value)
     return values
 
 

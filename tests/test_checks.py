@@ -60,13 +60,16 @@ def _plan(
     snapshot: Snapshot = NO_GPU,
     holders: tuple[Holder, ...] = (),
     freed_bytes: int = 0,
+    failing: str = "",
 ) -> dict[str, Fix]:
-    """What the magic does after an OOM: diagnose, measure the room, make the fixes runnable and checked."""
+    """What the magic does after an OOM: diagnose, measure the room, make the fixes runnable and checked.
+    The failed line is the first with ``failing`` in it, else a load, a training step or a merge."""
     oom = _oom(message)
     line = next(
         i
         for i, text in enumerate(cell.splitlines(), 2)
-        if "from_pretrained(" in text or "train" in text or "merge" in text
+        if (failing and failing in text)
+        or (not failing and ("from_pretrained(" in text or "train" in text or "merge" in text))
     )
     report = explain(
         oom=oom,
@@ -303,3 +306,28 @@ def test_a_merge_on_the_cpu_that_cpu_ram_cannot_hold_is_not_offered_to_run() -> 
     assert "needs about 4.00 MiB of CPU RAM and 1.00 MiB is free" in merge.why
     roomy = _plan("torch2_11_h100_plain.txt", MERGE, namespace={"model": model})["merge-cpu"]
     assert roomy.runnable and roomy.fits is True
+
+
+def test_a_generation_oom_puts_the_fixes_of_its_step_before_moving_the_model(llama: str) -> None:
+    """Offloading or the CPU fit the weights, which loaded fine: they say nothing of the KV cache that ran
+    out, so they are not ranked as fitting above chunking the batch (found in review)."""
+    cell = (
+        f'model = AutoModelForCausalLM.from_pretrained("{llama}", device_map="cuda")\n'
+        'inputs = tok(["a", "b", "c", "d"], return_tensors="pt", padding=True).to("cuda")\n'
+        "out = model.generate(**inputs, max_new_tokens=4000)\n"
+    )
+    fixes = _plan("torch2_11_h100_plain.txt", cell, failing="generate(")
+    order = list(fixes)
+    assert fixes["offload"].fits is None and fixes["cpu"].fits is None
+    assert order.index("chunk") < order.index("offload") and order.index("chunk") < order.index("cpu")
+
+
+def test_a_training_oom_tries_checkpointing_before_a_smaller_evaluation_batch() -> None:
+    cell = (
+        'args = TrainingArguments("out", per_device_train_batch_size=1, per_device_eval_batch_size=8, '
+        "gradient_accumulation_steps=16)\n"
+        "trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds)\n"
+        "trainer.train()\n"
+    )
+    order = list(_plan("torch2_11_h100_plain.txt", cell, failing="trainer.train()"))
+    assert order.index("checkpointing") < order.index("half-batch")

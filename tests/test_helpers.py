@@ -77,3 +77,32 @@ def test_one_row_or_one_chunk_is_one_call() -> None:
     assert calls == [1, 6, 2, 2, 2]  # at most `chunks` parts, as even as the rows allow
     with pytest.raises(ValueError, match="chunks must be a whole number"):
         vram_magic.chunked(run, chunks=0)
+
+
+def test_settings_that_are_lists_go_whole_to_every_chunk(model: Any) -> None:
+    batch = {key: value[:2] for key, value in _left_padded_batch().items()}
+    stops = [5, 7]  # eos_token_id=[eos, eot]: two stop tokens, not one per row
+    whole = model.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=stops)
+    parts = vram_magic.chunked(model.generate, chunks=2)(
+        **batch, max_new_tokens=8, do_sample=False, eos_token_id=stops
+    )
+    assert torch.equal(parts, whole)
+
+
+def test_a_loss_is_weighted_by_the_rows_of_each_chunk() -> None:
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return x.float().mean()
+
+    rows = torch.arange(3).unsqueeze(1)  # chunks of 2 and 1 rows
+    assert float(vram_magic.chunked(loss, chunks=2)(rows)) == pytest.approx(float(loss(rows)))
+
+
+def test_what_cannot_be_joined_is_left_out_with_a_warning() -> None:
+    def generate(input_ids: torch.Tensor) -> dict[str, Any]:
+        # a stand-in whose chunks stop after different numbers of steps, each step with its scores
+        steps = 1 if int(input_ids[0, 0]) < 2 else 3
+        return {"sequences": input_ids, "scores": tuple(torch.zeros(len(input_ids), 4) for _ in range(steps))}
+
+    with pytest.warns(UserWarning, match="`scores` cannot be joined"):
+        out = vram_magic.chunked(generate, chunks=2)(torch.arange(4).unsqueeze(1))
+    assert out["sequences"].tolist() == [[0], [1], [2], [3]] and "scores" not in out

@@ -388,3 +388,24 @@ def test_a_checkpoint_saved_in_4bit_is_judged_as_saved_and_runs(rehearsal: Any, 
     # 13.35 MiB in bfloat16 would not fit the 12 MiB; saved in 4-bit it does.
     assert verdict is not None and verdict.loads[0].model == str(tmp_path)
     assert verdict.estimates[0].quantization == "4bit" and verdict.fits
+
+
+def test_a_cast_before_the_move_is_the_dtype_the_gpu_receives() -> None:
+    """``torch_dtype=torch.float32`` then ``.half().cuda()``: the GPU gets float16 (found in review)."""
+    before = read_cell(
+        "model = AutoModelForCausalLM.from_pretrained(p, torch_dtype=torch.float32).half().cuda()\n"
+    )
+    assert before.loads[0].dtype == "float16"
+    after = read_cell("model = AutoModelForCausalLM.from_pretrained(p).cuda().half()\n")
+    assert after.loads[0].dtype is None  # the GPU first holds the checkpoint's own dtype
+
+
+def test_preflight_never_stops_a_cell_it_cannot_read(rehearsal: Any) -> None:
+    """A sum hundreds of terms long is too deep for libcst: the cell runs as without the magic."""
+    long_sum = " + ".join(["'a'"] * 450)
+    imports = "import torch\nfrom transformers import AutoModelForCausalLM\n"
+    cell = f"%%oomsafe\n{imports}model = {_load()}\ns = {long_sum}\n"  # over the 12 MiB planned for
+    with capture_output():
+        result = rehearsal.run_cell(cell)
+    assert result.success, result.error_in_exec
+    assert rehearsal.user_ns["s"] == "a" * 450

@@ -1,4 +1,4 @@
-"""Every fix, through the rescue's checks, on 82 of other people's notebook cells (tests/real_cells.py).
+"""Every fix, through the rescue's checks, on 105 of other people's notebook cells (tests/real_cells.py).
 
 The cells are copied as their authors wrote them (tests/fixtures/real_cells/README.md says from where); a
 careful engineer's verdict on each fix for each cell is in the fixture. What a user would notice is pinned

@@ -1230,3 +1230,131 @@ def test_an_old_4bit_flag_keeps_its_scheme_when_offloading() -> None:
     fixed = rewrite(cell, "offload")  # huggingface/blog 4bit-transformers-bitsandbytes.md
     assert "BitsAndBytesConfig(load_in_4bit=True, llm_int8_enable_fp32_cpu_offload=True)" in fixed
     assert "nf4" not in fixed
+
+
+# --------------------------------------------------------------------------------------------------
+# Found in review (December 2026)
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        'model = AutoModelForCausalLM.from_pretrained("m/x")\nmodel = model.half()\nmodel.cuda()\n',
+        'model = AutoModelForCausalLM.from_pretrained("m/x")\nmodel = model.to("cuda")\n'
+        "model = model.to(torch.float16)\n",
+        'model = AutoModelForCausalLM.from_pretrained("m/x")\nmodel = get_peft_model(model, cfg)\n'
+        'model.half()\nmodel.to("cuda")\n',
+        'model, tok = AutoModelForCausalLM.from_pretrained("m/x"), AutoTokenizer.from_pretrained("m/x")\n'
+        "model.half()\nmodel.cuda()\n",
+        'a = b = AutoModelForCausalLM.from_pretrained("m/x")\nb.half().cuda()\n',
+        'model, info = AutoModelForCausalLM.from_pretrained("m/x", output_loading_info=True)\n'
+        'model = model.to("cuda", torch.float16)\n',
+    ],
+    ids=["rebound-cast", "second-move", "after-peft", "tuple", "two-names", "loading-info"],
+)
+def test_quantizing_drops_every_later_cast_and_move_of_the_model(cell: str) -> None:
+    """transformers refuses .half(), .to(dtype) and (8-bit) .cuda() on a bitsandbytes model."""
+    for bits in ("4bit", "8bit"):
+        fixed = rewrite(cell, bits)
+        assert ".half()" not in fixed and ".cuda()" not in fixed and "torch.float16)" not in fixed, fixed
+        assert '.to("cuda"' not in fixed, fixed
+
+
+def test_a_pipeline_says_each_setting_once_on_the_call_or_in_model_kwargs() -> None:
+    """transformers refuses a device_map or dtype given both ways ("You cannot use both")."""
+    cell = (
+        'pipe = pipeline("text-generation", model="meta-llama/Llama-3.1-8B", '
+        'model_kwargs={"device_map": "cuda", "torch_dtype": torch.float32})\n'
+    )
+    for fix in ("4bit", "offload", "cpu"):
+        fixed = rewrite(cell, fix)
+        assert fixed.count("device_map") == 1, (fix, fixed)
+    bf16 = rewrite(cell, "bf16")
+    assert "torch_dtype" not in bf16 and bf16.count("dtype=") == 1
+    assert 'device_map="cpu"' in rewrite(cell, "cpu")  # not left to load on the GPU first
+    legacy = 'pipe = pipeline("text-generation", model="m/x", model_kwargs=dict(load_in_8bit=True), '
+    legacy += 'device_map="auto")\n'
+    assert "load_in_8bit" not in rewrite(legacy, "4bit").split("BitsAndBytesConfig(")[0]
+    positional = 'model = AutoModelForCausalLM.from_pretrained("m/x")\n'
+    positional += 'pipe = pipeline("text-generation", model, device=0)\n'
+    assert "device=0" not in rewrite(positional, "4bit")  # a device_map'd model is not moved again
+
+
+def test_half_batch_multiplies_an_accumulation_expression_as_a_whole_and_not_one_that_follows_the_batch() -> (
+    None
+):
+    conditional = 'args = TrainingArguments("o", per_device_train_batch_size=8, '
+    conditional += "gradient_accumulation_steps=4 if big else 2)\ntrainer.train()\n"
+    assert "gradient_accumulation_steps=(4 if big else 2) * 2" in rewrite(conditional, "half-batch")
+    computed = (
+        "batch_size = 8\ngradient_accumulation_steps = 64 // batch_size\n"
+        'args = TrainingArguments("o", per_device_train_batch_size=batch_size, '
+        "gradient_accumulation_steps=gradient_accumulation_steps)\ntrainer.train()\n"
+    )
+    fixed = rewrite(computed, "half-batch")
+    assert "batch_size = 4" in fixed and "64 // batch_size\n" in fixed and "* 2" not in fixed
+
+
+def test_an_import_later_in_the_cell_does_not_cover_a_use_written_above_it() -> None:
+    cell = (
+        'model = AutoModelForCausalLM.from_pretrained("m/x", device_map="cuda")\n'
+        "import torch\nwith torch.no_grad():\n    out = model(**inputs)\n"
+    )
+    fixed = rewrite(cell, "4bit")
+    assert fixed.index("import torch") < fixed.index("torch.bfloat16")
+
+
+def test_generation_fixes_leave_what_they_cannot_change_alone() -> None:
+    own_cache = "out = model.generate(**inputs, past_key_values=prompt_cache, max_new_tokens=20)\n"
+    with pytest.raises(NotApplicable):
+        rewrite(own_cache, "offload-cache")  # transformers refuses a cache and cache_implementation together
+    deferred = "f = lambda: model(**inputs)\nout = f()\n"
+    with pytest.raises(NotApplicable):
+        rewrite(deferred, "inference-mode")  # the lambda runs later, outside the with block
+
+
+def test_merge_cpu_leaves_a_merge_in_a_comprehension_to_the_user() -> None:
+    with pytest.raises(NotApplicable, match="comprehension"):
+        rewrite("merged = [m.merge_and_unload() for m in peft_models]\n", "merge-cpu")
+
+
+def test_a_loss_function_is_not_a_model_and_a_cache_size_is_not_a_batch() -> None:
+    import torch
+
+    from vram_magic.cell import read_cell
+    from vram_magic.fixes import apply_fix
+
+    cell = "loss = criterion(logits, labels)\n"
+    namespace = {
+        "criterion": torch.nn.CrossEntropyLoss(),
+        "logits": torch.zeros(4, 3),
+        "labels": torch.zeros(4),
+    }
+    for fix in ("chunk", "inference-mode"):
+        with pytest.raises(NotApplicable):
+            apply_fix(read_cell(cell, namespace), fix)
+    static = "cache = StaticCache(config=model.config, max_batch_size=4, max_cache_len=1024)\n"
+    with pytest.raises(NotApplicable):
+        rewrite(static, "half-batch")
+    deepspeed = (  # HF checks that DeepSpeed's micro batch matches per_device_train_batch_size
+        'ds = {"train_batch_size": 32, "train_micro_batch_size_per_gpu": 8, "zero_optimization": {}}\n'
+        'args = TrainingArguments("o", per_device_train_batch_size=8, deepspeed=ds)\ntrainer.train()\n'
+    )
+    with pytest.raises(NotApplicable, match="DeepSpeed config sets its own batch sizes"):
+        rewrite(deepspeed, "half-batch")
+    automatic = deepspeed.replace(
+        '"train_batch_size": 32, "train_micro_batch_size_per_gpu": 8', '"train_batch_size": "auto"'
+    )
+    fixed = rewrite(automatic, "half-batch")
+    assert '"train_batch_size": "auto"' in fixed and "per_device_train_batch_size=4" in fixed
+
+
+def test_keys_deleted_or_added_by_index_are_read() -> None:
+    from vram_magic.cell import read_cell
+
+    load = 'model = AutoModelForCausalLM.from_pretrained("m/x", **kw)\n'
+    deleted = 'kw = {"device_map": "cuda"}\ndel kw["device_map"]\n' + load
+    assert read_cell(deleted).loads[0].where == "unknown"  # no longer read as going to the GPU
+    added = 'kw = {"device_map": "cuda"}\nkw["load_in_8bit"] = True\n' + load
+    fixed = rewrite(added, "4bit")
+    assert 'if k not in ("load_in_8bit",)' in fixed  # taken out where the call spreads it

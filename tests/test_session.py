@@ -140,3 +140,18 @@ def test_the_session_imports_no_ipython() -> None:
     code = "import sys, vram_magic._session; print(sorted(m for m in sys.modules if m.startswith('IPython')))"
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert printed.strip() == "[]"
+
+
+def test_auto_does_not_halve_an_evaluation_batch_again() -> None:
+    from vram_magic import Fix
+    from vram_magic._session import halve_again
+    from vram_magic._types import facts
+
+    cell = 'args = TrainingArguments("o", per_device_train_batch_size=1, per_device_eval_batch_size=4)\n'
+    eval_only = Fix("half-batch", "", rewritten_cell=cell, change=facts(role="eval", old=8, new=4))
+    assert halve_again(eval_only, cell) is None
+    train = Fix(
+        "half-batch", "", rewritten_cell=cell.replace("=1,", "=4,"), change=facts(role="train", old=8, new=4)
+    )
+    again = halve_again(train, cell)
+    assert again is not None and again.fact("new") == 2

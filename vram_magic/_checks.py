@@ -96,13 +96,18 @@ def make_runnable(fixes: tuple[Fix, ...], context: Context) -> tuple[Fix, ...]:
 
 
 def _group(fix: Fix) -> int:
-    """0: runnable and estimated to fit; 1: runnable, may fit; 2: advice and fixes that undo a setting;
-    3: estimated not to fit."""
+    """0: runnable and estimated to fit; 1: runnable, may fit; 2: advice, fixes that undo a setting, and a
+    smaller evaluation batch (a training step that ran out is rarely its evaluation); 3: estimated not to
+    fit."""
     if fix.fits is False:
         return 3
-    if not fix.runnable or fix.key in _ADVICE:
+    if not fix.runnable or fix.key in _ADVICE or only_the_evaluation_batch(fix):
         return 2
     return 0 if fix.fits else 1
+
+
+def only_the_evaluation_batch(fix: Fix) -> bool:
+    return fix.key == "half-batch" and fix.fact("role") == "eval"
 
 
 def _checked(fix: Fix, context: Context) -> Fix | None:
@@ -112,6 +117,8 @@ def _checked(fix: Fix, context: Context) -> Fix | None:
         if reason.elsewhere and fix.key in context.advise_elsewhere:  # code of an earlier cell: by hand
             return replace(fix, by_hand=reason.reason)
         return None
+    if made.code == context.cell.source:
+        return None  # changes nothing
     try:
         compile(made.code, "<fixed cell>", "exec")
         after = read_cell(made.code, context.namespace)
@@ -125,7 +132,7 @@ def _checked(fix: Fix, context: Context) -> Fix | None:
     if fix.key == "offload":
         return _sized_offload(fix, context)
     if fix.key in ("cpu", "merge-cpu"):
-        return _sized_on_cpu(fix, context)
+        return _sized_on_cpu(fix, context, after)
     return fix
 
 
@@ -209,15 +216,22 @@ def _sized_offload(fix: Fix, context: Context) -> Fix:
         )
     except Exception:  # no figures (see _preflight's _NO_FIGURES)
         return fix
-    return _cpu_ram_verdict(replace(fix, fits=True), spilled, context)
+    return _cpu_ram_verdict(replace(fix, fits=_fits_if_the_load_failed(context)), spilled, context)
 
 
-def _sized_on_cpu(fix: Fix, context: Context) -> Fix:
+def _sized_on_cpu(fix: Fix, context: Context, after: Cell) -> Fix:
     """A fix that puts a model in CPU RAM: offered to run only if RAM holds it."""
-    needed = _cpu_bytes(fix.key, context)
+    needed = _cpu_bytes(fix.key, context, after)
+    fits = True if fix.key == "merge-cpu" else _fits_if_the_load_failed(context)
     if needed is None:
         return replace(fix, fits=True) if fix.key == "merge-cpu" else fix
-    return _cpu_ram_verdict(replace(fix, fits=True), needed, context)
+    return _cpu_ram_verdict(replace(fix, fits=fits), needed, context)
+
+
+def _fits_if_the_load_failed(context: Context) -> bool | None:
+    """Placing the weights where they fit fixes a load that failed; a later step (generation, a forward)
+    may need more than its weights, which nothing here sizes."""
+    return True if context.failed_in_load else None
 
 
 def _cpu_ram_verdict(fix: Fix, needed: int, context: Context) -> Fix:
@@ -227,13 +241,13 @@ def _cpu_ram_verdict(fix: Fix, needed: int, context: Context) -> Fix:
     return replace(fix, rewritten_cell=None, fits=False, ram_bytes=(needed, available))
 
 
-def _cpu_bytes(key: str, context: Context) -> int | None:
+def _cpu_bytes(key: str, context: Context, after: Cell) -> int | None:
     """CPU RAM the fix needs: the weights it loads or moves there."""
     from vram_magic._preflight import estimate_load
 
     cell = context.cell
     if key == "cpu":
-        loads = _sized_loads(cell, context.failed_load)
+        loads = [_as_fixed(load, cell, after) for load in _sized_loads(cell, context.failed_load)]
         try:
             return (
                 sum(estimate_load(load, device_map="cpu").offloaded_bytes for load in loads)
@@ -264,6 +278,15 @@ def _cpu_bytes(key: str, context: Context) -> int | None:
                 except Exception:
                     return None
     return total or None
+
+
+def _as_fixed(load: Load, cell: Cell, after: Cell) -> Load:
+    """``load`` in the dtype the fixed cell gives it (the CPU fix turns ``.half()`` into ``.float()``). Fixes
+    keep a cell's loads in order, so the same index names the same load."""
+    index = next((i for i, each in enumerate(cell.loads) if each.lines == load.lines), None)
+    if index is None or index >= len(after.loads):
+        return load
+    return replace(load, dtype=after.loads[index].dtype)
 
 
 def _attribute_path(value: object, dotted: str) -> object:

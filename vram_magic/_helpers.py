@@ -3,6 +3,7 @@ imported when they are called."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -46,11 +47,16 @@ def _weights_bytes(model: object) -> int:
 
 
 def chunked(function: Callable[..., _Result], chunks: int = 2) -> Callable[..., _Result]:
-    """``function`` (``model.generate``, ``model``, a pipeline) run on ``chunks`` slices of its batch one
-    after another, the results joined as one call on the whole batch returns them: tensors concatenated
-    along the batch, ``generate()``'s sequences padded with its pad token to the longest, model outputs
-    field by field (a cache is dropped; a scalar loss is averaged by the chunks' sizes). Inputs already
-    padded together keep their padding, so each row's result is the same as in the whole batch."""
+    """``function`` (``model.generate``, ``model``) run on ``chunks`` slices of its batch one after another,
+    the results joined as one call on the whole batch returns them: tensors concatenated along the batch,
+    ``generate()``'s sequences padded with its pad token to the longest, model outputs field by field.
+
+    The batch is the tensors whose first dimension is the batch's (also inside a mapping such as a tokenizer's
+    output); everything else (``eos_token_id=[...]``, settings) goes whole to every chunk. Inputs padded
+    together keep their padding, so each row's result is the one the whole batch gives it. A cache is left
+    out; so is, with a warning, what else cannot be joined (``generate()``'s per-step ``scores`` when the
+    chunks stop at different steps). A scalar loss is the chunks' losses weighted by their rows: the
+    whole batch's wherever every row has as many labelled tokens."""
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
         raise ValueError(f"chunks must be a whole number of at least 1, not {chunks!r}")
 
@@ -59,12 +65,13 @@ def chunked(function: Callable[..., _Result], chunks: int = 2) -> Callable[..., 
         if rows is None or rows <= 1 or chunks == 1:
             return function(*args, **kwargs)
         size = -(-rows // min(chunks, rows))  # ceil: at most `chunks` parts
-        parts = []
+        parts, chunk_rows = [], []
         for start in range(0, rows, size):
             part_args = tuple(_sliced(value, rows, start, start + size) for value in args)
             part_kwargs = {key: _sliced(value, rows, start, start + size) for key, value in kwargs.items()}
             parts.append(function(*part_args, **part_kwargs))
-        return _joined(parts, _pad_id(function, kwargs))  # type: ignore[no-any-return]
+            chunk_rows.append(min(size, rows - start))
+        return _joined(parts, _pad_id(function, kwargs), chunk_rows)  # type: ignore[no-any-return]
 
     return run
 
@@ -97,25 +104,31 @@ def _sliced(value: Any, rows: int, start: int, stop: int) -> Any:
     if isinstance(value, Mapping) and any(_first_dimension(item) == rows for item in value.values()):
         mapping: Any = type(value)
         return mapping({key: _sliced(item, rows, start, stop) for key, item in value.items()})
-    if isinstance(value, list) and len(value) == rows:
-        return value[start:stop]
     return value
 
 
-def _joined(parts: list[Any], pad_id: int) -> Any:
+def _joined(parts: list[Any], pad_id: int, chunk_rows: list[int]) -> Any:
     """The chunks' results as one result (see ``chunked``)."""
     import torch
 
     first = parts[0]
     if isinstance(first, torch.Tensor):
         if first.dim() == 0:  # a loss: each chunk's mean, weighted by the chunk's rows
-            return torch.stack(parts).mean()
+            weights = torch.tensor([float(rows) for rows in chunk_rows], device=first.device)
+            return (torch.stack(parts) * weights).sum() / weights.sum()
         return _concatenated(parts, pad_id)
     if isinstance(first, Mapping):  # ModelOutput, BatchEncoding, dict
         joined = {}
         for key in first:
             values = [part.get(key) for part in parts]
-            joined[key] = _joined_or_none(values, pad_id)
+            joined[key] = _joined_or_none(values, pad_id, chunk_rows)
+            lost = joined[key] is None and all(value is not None for value in values)
+            if lost and "Cache" not in type(values[0]).__name__:  # a cache is left out as documented
+                warnings.warn(
+                    f"vram_magic.chunked: the chunks' `{key}` cannot be joined into one; it is left out "
+                    "(run without chunks to get it)",
+                    stacklevel=4,
+                )
         kind: Any = type(first)
         if _keyword_constructible(first):  # a ModelOutput: the fields that were joined
             return kind(**{key: value for key, value in joined.items() if value is not None})
@@ -123,18 +136,18 @@ def _joined(parts: list[Any], pad_id: int) -> Any:
     if isinstance(first, (list, tuple)) and all(len(part) == len(first) for part in parts):
         if all(isinstance(part, list) for part in parts) and first and not isinstance(first[0], torch.Tensor):
             return [item for part in parts for item in part]  # a pipeline's list of results per input
-        items = [_joined_or_none([part[i] for part in parts], pad_id) for i in range(len(first))]
+        items = [_joined_or_none([part[i] for part in parts], pad_id, chunk_rows) for i in range(len(first))]
         return type(first)(items)
     if isinstance(first, list):
         return [item for part in parts for item in part]
     return None
 
 
-def _joined_or_none(values: list[Any], pad_id: int) -> Any:
+def _joined_or_none(values: list[Any], pad_id: int, chunk_rows: list[int]) -> Any:
     if any(value is None for value in values):
         return None
     try:
-        return _joined(values, pad_id)
+        return _joined(values, pad_id, chunk_rows)
     except (TypeError, ValueError, RuntimeError):  # a cache object, ragged lists: not joined
         return None
 

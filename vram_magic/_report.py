@@ -29,16 +29,28 @@ from vram_magic._types import (
 )
 from vram_magic.cell import Cell, analyse, read_cell
 
+# Reading costs about half a millisecond per syntax node: a cell larger than this (a long literal, generated
+# code) is not read, and gets the advice that needs no reading of it.
+MAX_READ_NODES = 8000
+PREFLIGHT_READ_NODES = 1500  # before every run of a cell: at most about 0.7 s
 
-def read(source: str, body: str, namespace: Mapping[str, object]) -> Cell | None:
+
+def read(
+    source: str, body: str, namespace: Mapping[str, object], max_nodes: int = MAX_READ_NODES
+) -> Cell | None:
     """The reading of the text fixes rewrite: the user's own text when it is Python (diffs then look like
-    their code), else IPython's transform of it; None when neither parses."""
+    their code), else IPython's transform of it; None when neither parses, the cell has more than
+    ``max_nodes`` syntax nodes, or it nests deeper than the reader can follow."""
     for text in (source, body):
         try:
-            ast.parse(text)
+            tree = ast.parse(text)
+            if sum(1 for _ in ast.walk(tree)) > max_nodes:
+                return None
             return read_cell(text, namespace)
         except (SyntaxError, cst.ParserSyntaxError, ValueError):
             continue
+        except RecursionError:  # a chain or sum hundreds of terms deep: too deep for libcst
+            return None
     return None
 
 

@@ -186,10 +186,17 @@ class Session:
 
     def _preflight(self, cell: str) -> Report | None:
         """A report when the cell's model loads are estimated not to fit the room (the GPU's, or the cap
-        planned for without one); None when they fit or cannot be estimated."""
+        planned for without one); None when they fit or cannot be estimated. Preflight never stops a cell
+        with an error of its own."""
+        try:
+            return self._preflight_report(cell)
+        except Exception:
+            return None
+
+    def _preflight_report(self, cell: str) -> Report | None:
         from vram_magic._checks import room_after_cleanup
         from vram_magic._preflight import check
-        from vram_magic._report import preflight_report, read
+        from vram_magic._report import PREFLIGHT_READ_NODES, preflight_report, read
 
         snapshot = take_snapshot()
         room = room_after_cleanup(snapshot, None, 0)
@@ -198,7 +205,7 @@ class Session:
             return None
         namespace = self.runner.namespace
         body = self.runner.transform(cell)  # Python, also when the cell has %magic or !shell lines
-        reading = read(body, body, namespace)
+        reading = read(body, body, namespace, PREFLIGHT_READ_NODES)
         verdict = check(reading, room_bytes) if reading is not None else None
         if reading is None or verdict is None or verdict.fits:
             return None
@@ -316,10 +323,11 @@ def worth_trying_unattended(fix: Fix) -> bool:
 def halve_again(fix: Fix, cell: str) -> Fix | None:
     """A smaller batch or more chunks, made once more on the fix's own cell (its change is the new step,
     its diff is against ``cell``); None for other fixes (they are not repeated) or when it cannot shrink."""
+    from vram_magic._checks import only_the_evaluation_batch
     from vram_magic.cell import read_cell
     from vram_magic.fixes import NotApplicable, apply_fix, diff
 
-    if fix.key not in ("half-batch", "chunk") or fix.rewritten_cell is None:
+    if fix.key not in ("half-batch", "chunk") or fix.rewritten_cell is None or only_the_evaluation_batch(fix):
         return None
     try:
         smaller = apply_fix(read_cell(fix.rewritten_cell), fix.key)

@@ -93,8 +93,11 @@ class ReaderBase:
                 return self._source_load(expr.args[0].value, line, depth + 1)
             return None
         if isinstance(expr, cst.Name):
-            value = self._value_before(expr.value, line)
-            return None if value is None else self._source_load(value, line, depth + 1)
+            found = self._assignment_before(expr.value, line)
+            if found is None:
+                return None
+            value, start = found  # what the value names is looked up before its own assignment
+            return self._source_load(value, start, depth + 1)
         return None
 
     def _own_load(self, expr: cst.BaseExpression, line: int) -> Load | None:
@@ -106,10 +109,15 @@ class ReaderBase:
 
     def _value_before(self, name: str, line: int) -> cst.BaseExpression | None:
         """What ``name`` was last assigned (``name = value``) by a statement that ended before ``line``."""
+        found = self._assignment_before(name, line)
+        return None if found is None else found[0]
+
+    def _assignment_before(self, name: str, line: int) -> tuple[cst.BaseExpression, int] | None:
+        """The value of the last ``name = value`` that ended before ``line``, and the line it starts on."""
         found = None
         for end, target, value, start in self.assignments:
             if target == name and end < line:
-                found = value
+                found = (value, start)
             elif start >= line:
                 break
         return found
@@ -162,16 +170,46 @@ def _binds(node: cst.CSTNode) -> set[str]:
 
 
 def _assignments(walk: Walk) -> list[tuple[int, str, cst.BaseExpression, int]]:
-    """(last line, name, value, first line) of every single-name assignment, in order."""
+    """(last line, name, value, first line) of every assignment to a name, in order."""
     found = []
     for node, (start, end) in walk.statements:
         assert isinstance(node, cst.SimpleStatementLine)
         for small in node.body:
-            if isinstance(small, cst.Assign) and len(small.targets) == 1:
-                target = small.targets[0].target
-                if isinstance(target, cst.Name):
-                    found.append((end, target.value, small.value, start))
+            found += [(end, name, value, start) for name, value in bindings(small)]
     return found
+
+
+def bindings(small: cst.BaseSmallStatement) -> list[tuple[str, cst.BaseExpression]]:
+    """The names an assignment binds and the value each gets: ``a = b = value``, ``x: T = value``,
+    ``model, tok = load(...), load(...)`` (pair by pair), and ``model, info = load(...,
+    output_loading_info=True)`` (the model)."""
+    if isinstance(small, cst.AnnAssign) and small.value is not None:
+        return [(small.target.value, small.value)] if isinstance(small.target, cst.Name) else []
+    if not isinstance(small, cst.Assign):
+        return []
+    found: list[tuple[str, cst.BaseExpression]] = []
+    for assign_target in small.targets:
+        target, value = assign_target.target, small.value
+        if isinstance(target, cst.Name):
+            found.append((target.value, value))
+        elif isinstance(target, (cst.Tuple, cst.List)) and isinstance(value, (cst.Tuple, cst.List)):
+            if len(target.elements) == len(value.elements):
+                found += [
+                    (each.value.value, given.value)
+                    for each, given in zip(target.elements, value.elements, strict=True)
+                    if isinstance(each.value, cst.Name) and not isinstance(given, cst.StarredElement)
+                ]
+        elif isinstance(target, (cst.Tuple, cst.List)) and _returns_loading_info(value) and target.elements:
+            first = target.elements[0].value
+            if isinstance(first, cst.Name):
+                found.append((first.value, value))
+    return found
+
+
+def _returns_loading_info(value: cst.BaseExpression) -> bool:
+    return isinstance(value, cst.Call) and any(
+        arg.keyword is not None and arg.keyword.value == "output_loading_info" for arg in value.args
+    )
 
 
 def _class_names(value: object) -> list[str]:
@@ -179,7 +217,13 @@ def _class_names(value: object) -> list[str]:
 
 
 def _is_torch_module(value: object) -> bool:
-    return "Module" in _class_names(value) and hasattr(value, "named_parameters")
+    """A torch module with weights (a loss function such as ``nn.CrossEntropyLoss()`` has none)."""
+    if "Module" not in _class_names(value) or not hasattr(value, "parameters"):
+        return False
+    try:
+        return next(iter(value.parameters()), None) is not None
+    except Exception:
+        return False
 
 
 def _device_argument(call: cst.Call) -> cst.BaseExpression | None:

@@ -4,8 +4,10 @@ earlier cell."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import libcst as cst
+import libcst.matchers as m
 
 from vram_magic.cell._base import ReaderBase
 from vram_magic.cell._facts import (
@@ -44,6 +46,8 @@ class BatchReading(ReaderBase):
             method = func.attr.value if isinstance(func, cst.Attribute) else dotted(func) or ""
             if method in _NOT_GPU_BATCHES or "tokeniz" in (dotted(func) or "").lower():
                 continue
+            if method.endswith("Cache"):  # StaticCache(max_batch_size=...): sized for the batch, not a batch
+                continue
             for arg in site.call.args:
                 if arg.keyword is None or not is_batch_name(arg.keyword.value):
                     continue
@@ -54,12 +58,25 @@ class BatchReading(ReaderBase):
                     self._batch(arg, arg.keyword.value, arg.value, role, site.lines, site.step, site.surely)
                 )
         for node, step, surely, lines in self.walk.dicts:
+            if _is_deepspeed_config(node, self.names):
+                continue  # its batch sizes must agree with TrainingArguments': left to DeepSpeed's "auto"
             for element in node.elements:
                 key = self.names.text(element.key) if isinstance(element, cst.DictElement) else None
                 if key is not None and is_batch_name(key):
                     assert isinstance(element, cst.DictElement)
                     role = _role(key, False, trains)
                     found.append(self._batch(element, key, element.value, role, lines, step, surely))
+        generates = any(_is_inference_call(site.call) for site in self.walk.calls)
+        for number, top in enumerate(self.walk.steps):  # def hf_infer(..., batch_size: int = 4)
+            for param in m.findall(top.node, m.Param()):
+                assert isinstance(param, cst.Param)
+                if is_batch_name(param.name.value) and isinstance(param.default, cst.Integer):
+                    feeds = (
+                        "inference" if generates and not trains else _role(param.name.value, False, trains)
+                    )
+                    found.append(
+                        self._batch(param, param.name.value, param.default, feeds, top.lines, number, False)
+                    )
         for index, statement in enumerate(self.walk.steps):
             line = statement.node
             if not isinstance(line, cst.SimpleStatementLine):
@@ -128,6 +145,8 @@ class BatchReading(ReaderBase):
                         )
                     )
         for node, step, surely, lines in self.walk.dicts:
+            if _is_deepspeed_config(node, self.names):
+                continue  # its batch sizes must agree with TrainingArguments': left to DeepSpeed's "auto"
             for element in node.elements:
                 key = names.text(element.key) if isinstance(element, cst.DictElement) else None
                 if key is not None and key.lower() in ACCUMULATION_NAMES:
@@ -183,6 +202,11 @@ class BatchReading(ReaderBase):
                         )
                     )
         return found
+
+
+def _is_deepspeed_config(node: cst.Dict, names: Any) -> bool:
+    keys = {names.text(e.key) for e in node.elements if isinstance(e, cst.DictElement)}
+    return bool(keys & {"zero_optimization", "train_micro_batch_size_per_gpu"})
 
 
 def is_batch_name(name: str) -> bool:

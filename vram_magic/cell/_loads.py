@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import libcst as cst
 
-from vram_magic.cell._base import _CHAIN_METHODS, ReaderBase, _device_argument, cast_of_expr
+from vram_magic.cell._base import _CHAIN_METHODS, ReaderBase, _device_argument, bindings, cast_of_expr
 from vram_magic.cell._facts import (
     Load,
     LoadKind,
@@ -133,11 +133,12 @@ class LoadReading(ReaderBase):
         model = self.names.text(model_expr)
         model_is_object = kind == "adapter" or (model is None and _is_expression(model_expr))
         chain = self._chain(call)
-        dtype = self.names.dtype(keywords.get("dtype", keywords.get("torch_dtype")))
+        written_dtype = keywords.get("dtype", keywords.get("torch_dtype"))
+        dtype = None if written_dtype is None else self.names.dtype(written_dtype)
         dtype_by_cast = False
-        if "dtype" not in keywords and "torch_dtype" not in keywords:
-            casts = [cast for link in chain if (cast := cast_of(link)) is not None]
-            dtype, dtype_by_cast = (casts[-1], True) if casts else (None, False)
+        casts = _casts_before_the_gpu(chain, self.names)  # the dtype the GPU receives
+        if casts:
+            dtype, dtype_by_cast = casts[-1], True
         quantization, legacy, offload = self._quantization(keywords)
         placement = keywords.get("device_map")
         if isinstance(placement, cst.Name) and placement.value == "None":
@@ -177,14 +178,7 @@ class LoadReading(ReaderBase):
         statement = site.statement
         if not isinstance(statement, cst.SimpleStatementLine) or len(statement.body) != 1:
             return None
-        small = statement.body[0]
-        if isinstance(small, cst.Assign) and len(small.targets) == 1:
-            target, value = small.targets[0].target, small.value
-        elif isinstance(small, cst.AnnAssign) and small.value is not None:
-            target, value = small.target, small.value
-        else:
-            return None
-        return target.value if isinstance(target, cst.Name) and value is outermost else None
+        return next((name for name, value in bindings(statement.body[0]) if value is outermost), None)
 
     def _quantization(self, keywords: Mapping[str, Value]) -> tuple[str | None, bool, bool]:
         """(``"4bit"``/``"8bit"``/``"other"``/``"unknown"``/None, given by legacy flags, offload allowed)."""
@@ -240,10 +234,21 @@ class LoadReading(ReaderBase):
                 for move in moves:
                     if move.step == step and move.surely and move.target and self._moves(move, load):
                         moved = move.target if move.target in ("cuda", "cpu") else "unknown"
-            if name in self.step_binds[step]:
+            if name in self.step_binds[step] and not self._still_the_model(name, step, load):
                 released = step
                 break
         return replace(load, moved=moved, released_at=released)
+
+    def _still_the_model(self, name: str, step: int, load: Load) -> bool:
+        """Whether step ``step`` binds ``name`` again to the same model (``model = model.half()``,
+        ``model = get_peft_model(model, config)``)."""
+        start, end = self.walk.steps[step].lines
+        values = [
+            value
+            for last, target, value, first in self.assignments
+            if target == name and start <= first <= end
+        ]
+        return len(values) == 1 and self._source_load(values[0], start) is load
 
     def _moves(self, move: Move, load: Load) -> bool:
         """Whether ``move`` moves the model ``load`` made: by its name (through casts chained on it), or
@@ -259,7 +264,8 @@ class LoadReading(ReaderBase):
             if pipe.kind != "pipeline" or not pipe.model_is_object or pipe.where != "gpu":
                 continue
             keywords, _ = keyword_values(pipe.call, self.names)
-            given = keywords.get("model")
+            positional = [arg.value for arg in pipe.call.args if arg.keyword is None and not arg.star]
+            given = keywords.get("model", positional[1] if len(positional) > 1 else None)
             source = (
                 self._source_load(given, pipe.lines[0]) if isinstance(given, cst.BaseExpression) else None
             )
@@ -310,6 +316,20 @@ class LoadReading(ReaderBase):
             cast=cast,
             of_model=self.is_model(receiver, site.lines[0]),
         )
+
+
+def _casts_before_the_gpu(chain: list[cst.Call], names: Names) -> list[str]:
+    """The casts chained on a load before it goes to the GPU (``.half().cuda()``; all of them when the chain
+    does not move it): the dtype it arrives there in. A cast after the move (``.cuda().half()``) comes after
+    the GPU held the model in its loaded dtype."""
+    casts = []
+    for link in chain:
+        if _moved_by([link], names) == "cuda":
+            break
+        cast = cast_of(link)
+        if cast is not None:
+            casts.append(cast)
+    return casts
 
 
 def _moved_by(chain: list[cst.Call], names: Names) -> str | None:

@@ -94,7 +94,12 @@ class Names:
                 ):
                     self.mutated.add(owner.value)
             elif isinstance(small, cst.Del):
-                self.mutated.add(_dotted(small.target) or "")
+                targets = small.target.elements if isinstance(small.target, cst.Tuple) else [small.target]
+                for each in targets:
+                    deleted = each.value if isinstance(each, cst.Element) else each
+                    if isinstance(deleted, cst.Subscript):  # del kwargs["device_map"]
+                        deleted = deleted.value
+                    self.mutated.add(_dotted(deleted) or "")
 
     def resolve(self, name: str) -> Value:
         if name in self.bound_once:
@@ -177,6 +182,9 @@ class Names:
         ):  # "cuda" if torch.cuda.is_available() else "cpu": a GPU where there is one
             sides = {self.place(expr.body), self.place(expr.orelse)}
             return "cuda" if "cuda" in sides else sides.pop() if len(sides) == 1 else "unknown"
+        if isinstance(expr, cst.BooleanOperation) and isinstance(expr.operator, cst.Or):
+            # device or ("cuda" if torch.cuda.is_available() else "cpu"): the default is a GPU
+            return "cuda" if "cuda" in {self.place(expr.left), self.place(expr.right)} else "unknown"
         if isinstance(expr, cst.Dict):
             return self._dict_place(expr)
         if isinstance(expr, cst.Call):
@@ -191,7 +199,10 @@ class Names:
             if expr.attr.value in _GPU_INDEX_ATTRIBUTES:
                 return "cuda"
             if expr.attr.value == "device":
-                return "model"  # model.device, accelerator.device: follows what it belongs to
+                owner = expr.value
+                if isinstance(owner, cst.Call) or "accelerator" in (_dotted(owner) or "").lower():
+                    return "cuda"  # Accelerator().device, accelerator.device: the GPU where there is one
+                return "model"  # model.device: follows the model
         return "unknown"
 
     def _dict_place(self, expr: cst.Dict) -> str:

@@ -443,12 +443,22 @@ class _Apply(cst.CSTTransformer):
         )
 
     def _add_imports(self, body: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
+        """The imports the edits need and the cell does not make before their first use (an ``import
+        torch`` further down comes too late for a ``torch.bfloat16`` written above it)."""
         needs = self.edits.needs
-        missing = [name for name in IMPORT_LINES if name in needs and name not in _imported_names(body)]
+
+        def used_from(name: str) -> int:
+            uses = [i for i, s in enumerate(body) if not _is_import_line(s) and m.findall(s, m.Name(name))]
+            return uses[0] if uses else len(body)
+
+        missing = [
+            name
+            for name in IMPORT_LINES
+            if name in needs and name not in _imported_names(body[: used_from(name)])
+        ]
         if not missing:
             return body
-        uses = [i for i, s in enumerate(body) if any(m.findall(s, m.Name(name)) for name in missing)]
-        first_use = uses[0] if uses else len(body)
+        first_use = min(used_from(name) for name in missing)
         imports = [i for i in range(first_use) if _is_import_line(body[i])]
         position = imports[-1] + 1 if imports else 0
         lines = [cst.parse_statement(IMPORT_LINES[name]) for name in missing]

@@ -28,6 +28,7 @@ from vram_magic.fixes._edit import (
 )
 
 _PIPELINE_OWN = frozenset({"device", "device_map", "dtype", "torch_dtype"})
+_DTYPE_ALIASES = {"torch_dtype": "dtype"}
 _LEGACY_FLAGS = ("load_in_4bit", "load_in_8bit", "llm_int8_enable_fp32_cpu_offload")
 _CASTS = frozenset({"half", "float", "bfloat16"})
 
@@ -86,6 +87,11 @@ class LoadEdit:
             inner = {k: v for k, v in self.sets.items() if k not in _PIPELINE_OWN}
             own_removals = {k for k in self.removals if k in _PIPELINE_OWN}
             inner_removals = {k for k in self.removals if k not in _PIPELINE_OWN}
+            # What the call now says itself must not be said in model_kwargs too ("You cannot use both").
+            said = {_DTYPE_ALIASES.get(key, key) for key in (*own, *own_removals)}
+            inner_removals |= {
+                key for key in self.model_kwargs_keys() if _DTYPE_ALIASES.get(key, key) in said
+            }
             if next(iter(self.sets), "") in _PIPELINE_OWN:  # in the order the fix set them
                 self._on_call(own, own_removals)
                 self._in_model_kwargs(inner, inner_removals)
@@ -98,6 +104,12 @@ class LoadEdit:
         for arg in spreads:
             self._in_spread(arg, sets, removals)
         self._on_call(sets, removals)
+
+    def model_kwargs_keys(self) -> set[str]:
+        """The keys of a pipeline's ``model_kwargs``, as far as the cell and the notebook tell."""
+        written = find_arg(self.load.call, "model_kwargs")
+        entries = self.cell.names.spread(written.value) if written is not None else None
+        return set(entries or ())
 
     def _on_call(self, sets: dict[str, str], removals: set[str]) -> None:
         if not sets and not removals:
@@ -132,10 +144,13 @@ class LoadEdit:
         removals.difference_update(gone)
         target = arg.value
         bound = names.value(target)
+        # A dict the cell also changes by key (``kw["load_in_8bit"] = True``) is overridden at the call.
+        changed_by_key = isinstance(target, cst.Name) and bool(names.entries.get(target.value))
         if isinstance(target, cst.Dict) or (
             isinstance(target, cst.Name)
             and isinstance(bound, (cst.Dict, cst.Call))
             and not isinstance(bound, Held)
+            and not changed_by_key
         ):
             literal = target if isinstance(target, cst.Dict) else bound
             assert isinstance(literal, (cst.Dict, cst.Call))
@@ -216,7 +231,9 @@ def release_pipelines(cell: Cell, changed: list[Load], edits: Edits) -> None:
         if load.kind != "pipeline" or not load.model_is_object or find_arg(load.call, "device") is None:
             continue
         model = find_arg(load.call, "model")
-        source = cell_source_load(cell, model.value if model else None, load.lines[0])
+        positional = [arg.value for arg in load.call.args if arg.keyword is None and not arg.star]
+        given = model.value if model else positional[1] if len(positional) > 1 else None
+        source = cell_source_load(cell, given, load.lines[0])
         if source is not None and source in changed:
             edits.change(load.call, lambda call: remove_kwarg(call, "device"))
 
@@ -284,8 +301,9 @@ def legacy_flags(edit: LoadEdit) -> list[str]:
     """Remove ``load_in_4bit=`` / ``load_in_8bit=`` (transformers 5 rejects them) wherever they are written;
     return those written on the call itself, in order (a ``quantization_config`` takes the first's place)."""
     keywords, _ = keyword_values(edit.load.call, edit.cell.names)
+    inner = edit.model_kwargs_keys() if edit.load.kind == "pipeline" else set()
     for flag in _LEGACY_FLAGS:
-        if flag in keywords:
+        if flag in keywords or flag in inner:
             edit.remove(flag)
     return [flag for flag in _LEGACY_FLAGS if find_arg(edit.load.call, flag) is not None]
 

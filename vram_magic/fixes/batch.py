@@ -15,13 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import libcst as cst
+import libcst.matchers as m
 
 from vram_magic._errors import NotApplicable
 from vram_magic._types import Facts, facts
 from vram_magic.cell import BatchSize, Cell, Held, is_batch_name
 from vram_magic.cell._values import keyword_values
 from vram_magic.fixes._base import Options, Rewritten, finish
-from vram_magic.fixes._edit import Edits, code, find_arg, set_kwarg, string, with_integer
+from vram_magic.fixes._edit import Edits, code, find_arg, set_kwarg, string, string_value, with_integer
 
 
 @dataclass
@@ -49,6 +50,20 @@ _IN_BATCH_NEGATIVES = (
 )
 
 
+def _deepspeed_sets_its_batch(cell: Cell) -> bool:
+    """Whether a DeepSpeed config dict of the cell gives its micro batch as a number (not "auto")."""
+    for node in m.findall(cell.module, m.Dict()):
+        assert isinstance(node, cst.Dict)
+        for element in node.elements:
+            if (
+                isinstance(element, cst.DictElement)
+                and string_value(element.key) == "train_micro_batch_size_per_gpu"
+                and isinstance(element.value, cst.Integer)
+            ):
+                return True
+    return False
+
+
 def smaller(value: int, factor: int) -> tuple[int, int] | None:
     """(new size, how many times smaller) for a batch of ``value``; None at 1. An odd size takes its largest
     divisor up to ``value / factor``, so size x accumulation stays the same (3 -> 1 x 3, 9 -> 3 x 3)."""
@@ -61,6 +76,11 @@ def smaller(value: int, factor: int) -> tuple[int, int] | None:
 
 
 def rewrite(cell: Cell, options: Options) -> Rewritten:
+    if _deepspeed_sets_its_batch(cell):
+        raise NotApplicable(
+            "the DeepSpeed config sets its own batch sizes, which must agree with TrainingArguments': set "
+            'them to "auto" there, then halve per_device_train_batch_size'
+        )
     holders, unknown = _holders(cell)
     if not holders:
         if unknown:
@@ -152,6 +172,8 @@ def _holder_of(
 def _value_node(node: cst.CSTNode) -> cst.BaseExpression | None:
     if isinstance(node, (cst.Arg, cst.DictElement, cst.Assign)):
         return node.value
+    if isinstance(node, cst.Param):
+        return node.default
     return None
 
 
@@ -220,21 +242,35 @@ def _accumulate(
         if expression is None or id(expression) in touched:
             continue
         touched.add(id(expression))
+        if _follows_the_batch(expression):
+            continue  # ``64 // batch_size`` grows as the batch shrinks: multiplying it too would double it
         if isinstance(expression, cst.Integer) and value is not None:
             edits.change(expression, with_integer(value * factor))
             result = (value, value * factor)
         elif isinstance(node, cst.Arg) and not isinstance(expression, cst.Integer):
-            edits.change(
-                node,
-                lambda n: n.with_changes(value=cst.parse_expression(f"{code(n.value).strip()} * {factor}")),
-            )
+            edits.change(node, lambda n: n.with_changes(value=_times(n.value, factor)))
     return result
+
+
+def _follows_the_batch(expression: cst.BaseExpression) -> bool:
+    """Whether an accumulation is computed from a batch size (``64 // batch_size``)."""
+    return any(
+        is_batch_name(name.value) for name in m.findall(expression, m.Name()) if isinstance(name, cst.Name)
+    )
+
+
+def _times(expression: cst.BaseExpression, factor: int) -> cst.BaseExpression:
+    """``expression * factor``, in parentheses unless it is a name, a call, an attribute or an index."""
+    written = code(expression).strip()
+    if not isinstance(expression, (cst.Name, cst.Attribute, cst.Call, cst.Subscript, cst.Integer)):
+        written = f"({written})"
+    return cst.parse_expression(f"{written} * {factor}")
 
 
 def _role_of(roles: set[str], accumulates: bool) -> str:
     """What a batch feeds: training (or anything, where the code accumulates gradients), evaluation,
     inference, or unknown (a DataLoader in a cell that does not say)."""
-    if "train" in roles or (accumulates and roles - {"eval"}):
+    if "train" in roles or (accumulates and roles - {"eval", "inference"}):
         return "train"
     for role in ("eval", "inference"):
         if role in roles:

@@ -3,7 +3,8 @@
 What is a CUDA device is decided by its value, not its name: ``"cuda"``, ``"cuda:1"``, a GPU index,
 ``torch.device("cuda")``, ``"cuda" if torch.cuda.is_available() else "cpu"``, or a variable bound to one (in
 the cell, or by an earlier cell); a variable the notebook does not hold counts when its name says it is a
-device. A pipeline given a model object gets ``device="cpu"``; FlashAttention (CUDA only) becomes ``"sdpa"``.
+device. A pipeline given a model object gets ``device="cpu"``; FlashAttention (CUDA only) becomes ``"sdpa"``,
+and ``.half()`` becomes ``.float()``.
 Not offered for a cell that trains (far too slow on a CPU). Whether the model fits in CPU RAM is checked
 before it is offered (``vram_magic._checks``).
 """
@@ -16,7 +17,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from vram_magic._errors import NotApplicable
-from vram_magic.cell import Cell, dotted
+from vram_magic.cell import Cell, Load, dotted
 from vram_magic.fixes._base import Options, Rewritten, finish
 from vram_magic.fixes._edit import Edits, code, find_arg, string, string_value
 from vram_magic.fixes._loads import LoadEdit, translate_legacy_flags
@@ -78,18 +79,21 @@ def _loads(cell: Cell, options: Options, edits: Edits) -> int:
         found += 1
         edit = LoadEdit(cell, load, edits)
         if load.kind == "pipeline":
-            device, device_map = find_arg(load.call, "device"), find_arg(load.call, "device_map")
-            if device_map is not None and load.device_map != "cpu":
-                edit.assign("device_map", code(string("cpu", device_map.value)))
+            device, written_map = find_arg(load.call, "device"), find_arg(load.call, "device_map")
+            mapped = written_map is not None or "device_map" in edit.model_kwargs_keys()
+            if mapped and load.device_map != "cpu":  # on the call or in model_kwargs
+                edit.assign("device_map", code(string("cpu", written_map.value if written_map else None)))
             elif device is not None and _is_cuda(cell, device.value):
                 edit.assign("device", code(_to_cpu(device.value)))
-            elif device is None and device_map is None:
+            elif device is None and not mapped:
                 edit.assign("device", '"cpu"')
         elif load.where not in ("cpu", "ram") or load.device_map not in (None, "cpu"):
             written = find_arg(load.call, "device_map")
             edit.assign("device_map", code(string("cpu", written.value if written else None)))
         if edit.sets and load.legacy_flag:  # only on a load this fix moves
             translate_legacy_flags(edit, offload=False)
+        if edit.sets:
+            _float_on_the_cpu(load, edits)
         attention = find_arg(load.call, "attn_implementation")
         if edit.sets and attention is not None and (string_value(attention.value) or "").startswith("flash"):
             edit.assign(
@@ -97,6 +101,17 @@ def _loads(cell: Cell, options: Options, edits: Edits) -> int:
             )  # FlashAttention needs CUDA
         edit.finish()
     return found
+
+
+def _float_on_the_cpu(load: Load, edits: Edits) -> None:
+    """``.half()`` chained on a model now loaded on the CPU becomes ``.float()``: half-precision matmuls on a
+    CPU are slow, where they run at all (ChatGLM's own instructions say ``.float()`` for the CPU)."""
+    for link in load.chain:
+        func = link.func
+        if isinstance(func, cst.Attribute) and func.attr.value == "half" and not link.args:
+            edits.change(
+                link, lambda call: call.with_changes(func=call.func.with_changes(attr=cst.Name("float")))
+            )
 
 
 def _moves(cell: Cell, edits: Edits) -> int:

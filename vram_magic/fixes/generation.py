@@ -16,7 +16,7 @@ from vram_magic._errors import NotApplicable
 from vram_magic._types import facts
 from vram_magic.cell import Cell, Generate, dotted
 from vram_magic.fixes._base import Options, Rewritten, finish
-from vram_magic.fixes._edit import Edits, code, set_kwarg, string, with_keyword
+from vram_magic.fixes._edit import Edits, code, find_arg, set_kwarg, string, with_keyword
 
 _CHUNKED = "vram_magic.chunked"
 
@@ -71,7 +71,11 @@ def _chunked_calls(cell: Cell) -> list[cst.Call]:
 def inference_mode(cell: Cell, options: Options) -> Rewritten:
     if cell.trains:
         raise NotApplicable("this cell trains: its forward passes need their gradients")
-    forwards = [f for f in cell.forwards if f.grad == "on" and not f.in_training]
+    forwards = [
+        f
+        for f in cell.forwards
+        if f.grad == "on" and not f.in_training and not _deferred(f.call, f.statement)
+    ]
     if not forwards:
         if cell.forwards:
             raise NotApplicable("its forward passes already run without gradients", already=True)
@@ -91,7 +95,11 @@ def _on_gpu(cell: Cell) -> list[Generate]:
 
 def offload_cache(cell: Cell, options: Options) -> Rewritten:
     generates = _on_gpu(cell)
-    targets = [g for g in generates if g.cache_implementation is None]
+    targets = [
+        g
+        for g in generates
+        if g.cache_implementation is None and find_arg(g.call, "past_key_values") is None  # its own cache
+    ]
     if not targets:
         if generates:
             raise NotApplicable("its generate() already chooses its cache", already=True)
@@ -100,3 +108,12 @@ def offload_cache(cell: Cell, options: Options) -> Rewritten:
     for generate in targets:
         edits.change(generate.call, lambda call: set_kwarg(call, "cache_implementation", string("offloaded")))
     return finish(cell, "offload-cache", edits)
+
+
+def _deferred(call: cst.Call, statement: cst.CSTNode) -> bool:
+    """Whether ``call`` sits in a lambda or a function the statement only defines: it runs later, outside
+    whatever wraps the statement."""
+    for holder in m.findall(statement, m.Lambda() | m.FunctionDef()):
+        if any(inner is call for inner in m.findall(holder, m.Call())):
+            return True
+    return False

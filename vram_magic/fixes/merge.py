@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 import libcst as cst
+import libcst.matchers as m
 
 from vram_magic._errors import NotApplicable
 from vram_magic._types import facts
@@ -43,6 +44,10 @@ def rewrite(cell: Cell, options: Options) -> Rewritten:
 def _on_cpu(cell: Cell, merge: Merge, edits: Edits) -> str | None:
     """Make the model merge on the CPU; say why not when it cannot or already does."""
     name: str | None
+    if _runs_elsewhere(merge):
+        return (
+            "the merge runs inside a comprehension, a lambda or a function: move its model to the CPU by hand"
+        )
     load = merge.load
     if load is not None and load.kind in ("adapter", "peft"):
         base = _base_load(cell, load)
@@ -84,6 +89,15 @@ def _on_cpu(cell: Cell, merge: Merge, edits: Edits) -> str | None:
         return None
     edits.add_before(merge.statement, f'{name} = {name}.to("cpu")')
     return None
+
+
+def _runs_elsewhere(merge: Merge) -> bool:
+    """Whether the merge sits in a comprehension, lambda or function, whose names the statement lacks."""
+    scopes = m.ListComp() | m.SetComp() | m.DictComp() | m.GeneratorExp() | m.Lambda() | m.FunctionDef()
+    return any(
+        any(inner is merge.call for inner in m.findall(scope, m.Call()))
+        for scope in m.findall(merge.statement, scopes)
+    )
 
 
 def _all_on_cpu(cell: Cell) -> bool:
