@@ -491,7 +491,7 @@ class VramMagics(Magics):
 def estimate_table(model: str, args: Any, snapshot: Snapshot) -> str:
     """``%vram estimate``: the load plans for ``model`` against the room on the first GPU, the ``--gpu`` card,
     or the cap planned for without a GPU."""
-    from vram_magic._estimate import estimate, plans
+    from vram_magic.estimator import estimate, load_plans
     from vram_magic.render import render_estimate_table
 
     free = snapshot.gpus[0].free_bytes if snapshot.gpus else None
@@ -505,7 +505,7 @@ def estimate_table(model: str, args: Any, snapshot: Snapshot) -> str:
         )
         if free is None and cap is None:
             return render_estimate_table([one])
-    rows = plans(
+    rows = load_plans(
         model, free_bytes=free, cap_bytes=cap, dtype=args.dtype, context=args.context, training=args.train
     )
     return render_estimate_table([row for row in rows if args.quant in (None, row.key)])

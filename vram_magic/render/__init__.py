@@ -3,6 +3,6 @@
 Nothing outside this package words a report; the core hands in data (``vram_magic._types``).
 """
 
-from vram_magic.render._estimate import note_text, render_estimate_table
+from vram_magic.render._estimate import estimate_label, note_text, plan_label, render_estimate_table
 
-__all__ = ["note_text", "render_estimate_table"]
+__all__ = ["estimate_label", "note_text", "plan_label", "render_estimate_table"]
