@@ -238,7 +238,7 @@ def _training(
     if training == "full":
         trainable = census.params
         per_param = _FULL_BYTES[shape.width]
-        notes.append(Note("full-training", facts(weight_bytes=shape.width, bytes_per_param=per_param)))
+        notes.append(Note("full-training", facts(width=shape.width, bytes_per_param=per_param)))
     else:
         trainable = census.lora_params * opts.lora_r // LORA_R
         per_param = _LORA_BYTES

@@ -127,7 +127,7 @@ def _quantization(f: dict[str, Any]) -> str:
 
 
 def _full_training(f: dict[str, Any]) -> str:
-    if f["weight_bytes"] == 4:
+    if f["width"] == 4:
         return (
             "Full fine-tuning with AdamW in float32: a gradient and two Adam states per parameter "
             f"({f['bytes_per_param']} bytes)."
