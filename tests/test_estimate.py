@@ -1,6 +1,7 @@
 """Estimates from a config alone, checked against real models loaded on the CPU (bf16, fp32, and
-bitsandbytes 8-bit/4-bit, which work on CPU), published parameter counts, and the GPU facts in
-shared/DESIGN.md. Nothing here reaches the network: the Hub is blocked and HF_HUB_OFFLINE is set."""
+bitsandbytes 8-bit/4-bit, which work on CPU), published parameter counts, and the peaks measured on an H100
+for the 0.85 B Llama of tests/gpu/scenarios.py. Nothing here reaches the network: the Hub is blocked and
+HF_HUB_OFFLINE is set."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.gpu.scenarios import LLAMA_085B  # the 0.85 B Llama measured on an H100 (DESIGN.md)
+from tests.gpu.scenarios import LLAMA_085B  # the 0.85 B Llama measured on an H100
 from vram_magic._types import Note, facts
 from vram_magic._units import format_bytes
 from vram_magic._who import tensors_in
@@ -234,8 +235,8 @@ def test_bundled_files_are_config_json_content() -> None:
 def test_bundled_dtypes_follow_the_published_configs(empty_hub_cache: Path) -> None:
     assert estimate("google/gemma-2-2b").dtype == "float32"  # loads in float32 unless told otherwise
     assert estimate("meta-llama/Llama-2-7b-hf").dtype == "float16"
-    # Its config names no dtype: transformers 5 then loads the checkpoint's own dtype, float32 for BERT
-    # (shared/DESIGN.md). bfloat16 was assumed before, which halved its estimate.
+    # Its config names no dtype: transformers 5 then loads the checkpoint's own dtype, float32 for BERT.
+    # bfloat16 was assumed before, which halved its estimate.
     bert = estimate("google-bert/bert-base-uncased")
     assert bert.dtype == "float32"
     assert any("assumed" in str(note) for note in bert.notes)
