@@ -2,7 +2,8 @@
 
 A model is found as a local folder (or its ``config.json``), then in the Hugging Face cache, then among the
 configs bundled in ``vram_magic/configs``, then on the Hub (never when ``HF_HUB_OFFLINE`` is set). The dtype
-is the one asked, else the config's, else the checkpoint's (its safetensors header), else float32.
+is the one asked, else the config's, else the checkpoint's (its safetensors header), else float32 (always
+float32 before transformers 5). Where the config came from and why this dtype are "source" and "dtype" notes.
 """
 
 from __future__ import annotations
