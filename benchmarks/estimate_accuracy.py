@@ -1,4 +1,4 @@
-"""Benchmark ``vram_magic._estimate.estimate``: its load peak against the real one, and against accelerate's.
+"""Benchmark ``vram_magic.estimator.estimate``: its load peak against the real one, and against accelerate's.
 
 For each model (Llama, Qwen2 and BERT, built from a config and saved in bfloat16) and each way to load it
 (bf16, 8-bit, 4-bit NF4, CPU offload), the peak GPU memory of ``from_pretrained`` as measured by torch, our
@@ -183,7 +183,7 @@ def load_kwargs(plan: str, built: Built, device: str) -> dict[str, Any]:
 
 def ours(built: Built, plan: str) -> tuple[int, int]:
     """(params, peak_bytes) from vram_magic's estimate, from the saved folder's config.json alone."""
-    from vram_magic._estimate import estimate
+    from vram_magic.estimator import estimate
 
     if plan == "offload":
         found = estimate(built.path, dtype="bfloat16", device_map="auto", gpu_bytes=built.bf16_bytes // 2)

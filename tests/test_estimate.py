@@ -1,9 +1,11 @@
 """Estimates from a config alone, checked against real models loaded on the CPU (bf16, fp32, and
-bitsandbytes 8-bit/4-bit, which work on CPU), published parameter counts, and the GPU facts in
-shared/DESIGN.md. Nothing here reaches the network: the Hub is blocked and HF_HUB_OFFLINE is set."""
+bitsandbytes 8-bit/4-bit, which work on CPU), published parameter counts, and the peaks measured on an H100
+for the 0.85 B Llama of tests/gpu/scenarios.py. Nothing here reaches the network: the Hub is blocked and
+HF_HUB_OFFLINE is set."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -15,19 +17,23 @@ from typing import Any
 import pytest
 import torch
 
-from tests.gpu.scenarios import LLAMA_085B  # the 0.85 B Llama measured on an H100 (DESIGN.md)
-from vram_magic import _estimate
-from vram_magic._estimate import (
+from tests.gpu.scenarios import LLAMA_085B  # the 0.85 B Llama measured on an H100
+from vram_magic._types import Note, facts
+from vram_magic._units import format_bytes
+from vram_magic._who import tensors_in
+from vram_magic.estimator import (
     CONFIGS_DIR,
     Estimate,
     LoadPlan,
+    _configs,
+    _counting,
     bundled_models,
     estimate,
     load_config,
-    plans,
+    load_plans,
 )
-from vram_magic._who import tensors_in
-from vram_magic.render import render_estimate_table
+from vram_magic.estimator._options import Options, options
+from vram_magic.render import note_text, render_estimate_table
 
 MiB = 2**20
 GiB = 2**30
@@ -212,7 +218,7 @@ def test_bundled_configs_give_the_published_parameter_counts(repo_id: str, empty
     found = estimate(repo_id)
 
     assert found.params == pytest.approx(KNOWN_PARAMS[repo_id], rel=0.01)
-    assert "bundled copy" in found.notes[0]
+    assert "bundled copy" in str(found.notes[0])
 
 
 def test_bundled_files_are_config_json_content() -> None:
@@ -229,11 +235,11 @@ def test_bundled_files_are_config_json_content() -> None:
 def test_bundled_dtypes_follow_the_published_configs(empty_hub_cache: Path) -> None:
     assert estimate("google/gemma-2-2b").dtype == "float32"  # loads in float32 unless told otherwise
     assert estimate("meta-llama/Llama-2-7b-hf").dtype == "float16"
-    # Its config names no dtype: transformers 5 then loads the checkpoint's own dtype, float32 for BERT
-    # (shared/DESIGN.md). bfloat16 was assumed before, which halved its estimate.
+    # Its config names no dtype: transformers 5 then loads the checkpoint's own dtype, float32 for BERT.
+    # bfloat16 was assumed before, which halved its estimate.
     bert = estimate("google-bert/bert-base-uncased")
     assert bert.dtype == "float32"
-    assert any("assumed" in note for note in bert.notes)
+    assert any("assumed" in str(note) for note in bert.notes)
 
 
 def test_short_names_and_instruct_variants_find_the_bundled_config(empty_hub_cache: Path) -> None:
@@ -241,7 +247,7 @@ def test_short_names_and_instruct_variants_find_the_bundled_config(empty_hub_cac
     assert estimate("gpt2").params == estimate("openai-community/gpt2").params
     instruct = estimate("meta-llama/Llama-3.1-8B-Instruct")
     assert instruct.params == estimate("meta-llama/Llama-3.1-8B").params
-    assert "same architecture" in instruct.notes[0]
+    assert "same architecture" in str(instruct.notes[0])
 
 
 # --- config lookup, offline -------------------------------------------------------------------------
@@ -276,7 +282,7 @@ def test_the_hugging_face_cache_is_read_first(empty_hub_cache: Path, saved: dict
     found = estimate("meta-llama/Llama-3.1-8B")  # the cached (tiny) config wins over the bundled one
 
     assert found.params == estimate(str(saved["llama"])).params
-    assert "cache" in found.notes[0]
+    assert "cache" in str(found.notes[0])
 
 
 def test_online_but_unreachable_is_a_value_error(
@@ -355,7 +361,9 @@ def llama_085b() -> Any:
 
 def test_the_h100_facts_under_a_1_5_gib_cap() -> None:
     """bf16 (1.59 GiB) does not fit; 8-bit peaked at 0.955 GiB and 4-bit NF4 at 0.654 GiB; offload loads."""
-    rows = {plan.key: plan for plan in plans(llama_085b(), free_bytes=round(1.5 * GiB), dtype="bfloat16")}
+    rows = {
+        plan.key: plan for plan in load_plans(llama_085b(), free_bytes=round(1.5 * GiB), dtype="bfloat16")
+    }
 
     assert [key for key in rows] == ["bf16", "8bit", "4bit", "offload"]
     # scenarios.BF16_BYTES plus two float32 RoPE buffers (inv_freq), reserved in one warm-up allocation
@@ -404,7 +412,7 @@ def test_an_encoder_has_no_kv_cache(empty_hub_cache: Path) -> None:
     found = estimate("bert-base-uncased", context=512)
 
     assert found.kv_cache_bytes == 0
-    assert any("No KV cache" in note for note in found.notes)
+    assert any("No KV cache" in str(note) for note in found.notes)
 
 
 def test_training_adds_optimizer_states_and_activations(empty_hub_cache: Path) -> None:
@@ -441,23 +449,27 @@ def test_fp32_full_training_has_no_master_copy(empty_hub_cache: Path) -> None:
 
 
 def test_plans_without_room_do_not_guess() -> None:
-    rows = plans(llama_085b(), free_bytes=None)
+    rows = load_plans(llama_085b(), free_bytes=None)
 
     assert all(plan.fits is None and plan.room_bytes is None for plan in rows)
     assert "?" in render_estimate_table(rows)
 
 
 def test_the_cap_limits_the_room() -> None:
-    rows = plans(llama_085b(), free_bytes=70 * GiB, cap_bytes=GiB)
+    rows = load_plans(llama_085b(), free_bytes=70 * GiB, cap_bytes=GiB)
 
     assert {plan.room_bytes for plan in rows} == {GiB}
 
 
 def test_training_plans_leave_out_what_cannot_train(empty_hub_cache: Path) -> None:
     # gpt2 names no dtype: it loads in float32, its checkpoint's own (only the unquantized row trains fully)
-    assert [plan.key for plan in plans("gpt2", free_bytes=GiB, training="full")] == ["fp32"]
-    assert [plan.key for plan in plans("gpt2", free_bytes=GiB, training="lora")] == ["fp32", "8bit", "4bit"]
-    assert [plan.key for plan in plans("gpt2", free_bytes=GiB, training="qlora")] == [
+    assert [plan.key for plan in load_plans("gpt2", free_bytes=GiB, training="full")] == ["fp32"]
+    assert [plan.key for plan in load_plans("gpt2", free_bytes=GiB, training="lora")] == [
+        "fp32",
+        "8bit",
+        "4bit",
+    ]
+    assert [plan.key for plan in load_plans("gpt2", free_bytes=GiB, training="qlora")] == [
         "4bit"
     ]  # QLoRA is 4-bit
 
@@ -468,13 +480,13 @@ def test_a_folder_this_user_may_not_read_is_a_value_error(
     def refused(path: Path) -> None:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(_estimate, "_from_path", refused)  # root here reads everything: refuse by hand
+    monkeypatch.setattr(_configs, "_from_path", refused)  # root here reads everything: refuse by hand
     with pytest.raises(ValueError, match=r"Cannot read .*: Permission denied"):
         estimate(str(tmp_path))
 
 
 def test_the_table_shows_every_row_and_each_note_once() -> None:
-    rows = plans(llama_085b(), free_bytes=round(1.5 * GiB), dtype="bfloat16")
+    rows = load_plans(llama_085b(), free_bytes=round(1.5 * GiB), dtype="bfloat16")
     text = render_estimate_table(rows)
 
     for label in ("bfloat16", "8-bit", "4-bit NF4", "offload", "1.59 GiB", "1.50 GiB"):
@@ -487,8 +499,9 @@ def test_the_table_shows_every_row_and_each_note_once() -> None:
 
 def test_importing_the_module_imports_no_torch() -> None:
     code = (
-        "import sys, vram_magic._estimate; "
-        "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'IPython') if m in sys.modules))"
+        "import sys, vram_magic.estimator; "
+        "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'huggingface_hub', 'IPython') "
+        "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
 
@@ -497,10 +510,10 @@ def test_importing_the_module_imports_no_torch() -> None:
 
 def test_a_second_estimate_reuses_the_build(monkeypatch: pytest.MonkeyPatch, empty_hub_cache: Path) -> None:
     estimate("Qwen/Qwen2.5-1.5B")
-    monkeypatch.setattr(_estimate, "_build", lambda *args: pytest.fail("built again"))
+    monkeypatch.setattr(_counting, "_build", lambda *args: pytest.fail("built again"))
 
     estimate("Qwen/Qwen2.5-1.5B", quantization="8bit", context=2048)
-    plans("Qwen/Qwen2.5-1.5B", free_bytes=4 * GiB)
+    load_plans("Qwen/Qwen2.5-1.5B", free_bytes=4 * GiB)
 
 
 # --- what transformers 5 really loads: the checkpoint's dtype, a checkpoint saved quantized -----------------
@@ -517,7 +530,7 @@ def test_without_a_dtype_in_the_config_the_weights_say_which_dtype_loads(tmp_pat
     assert estimate(str(fp32)).dtype == "float32"
     found = estimate(str(bf16))
     assert found.dtype == "bfloat16"
-    assert any("from the checkpoint's weights" in note for note in found.notes)
+    assert any("from the checkpoint's weights" in str(note) for note in found.notes)
     # twice the bytes of the bfloat16 weights (the rotary buffer stays float32 in both)
     assert estimate(str(fp32)).weights_bytes == pytest.approx(2 * found.weights_bytes, rel=0.001)
 
@@ -542,4 +555,163 @@ def test_a_checkpoint_saved_quantized_is_estimated_as_saved(
     assert found.quantization == bits
     assert found.weights_bytes == estimate(llama_085b(), dtype="float16", quantization=bits).weights_bytes
     assert estimate(str(tmp_path), quantization="8bit" if bits == "4bit" else "4bit").quantization == bits
-    assert [plan.key for plan in plans(str(tmp_path), free_bytes=GiB)] == ["fp16", "offload"]
+    assert [plan.key for plan in load_plans(str(tmp_path), free_bytes=GiB)] == ["fp16", "offload"]
+
+
+# --- notes are data, worded by the renderer; options are checked once --------------------------------------
+
+SELECTORS = {"origin", "quantization", "double_quant", "sliding"}  # facts that choose the words, not shown
+
+
+def shown(name: str, value: Any) -> str:
+    """How a note's figure reads in its text."""
+    if name.endswith("_bytes"):
+        return format_bytes(value)
+    if name == "params":
+        return f"{value / 10**6:.2f} M parameters"
+    return str(value)
+
+
+def every_kind_of_note(
+    monkeypatch: pytest.MonkeyPatch, hub_cache: Path, saved: dict[str, Path], tmp_path: Path
+) -> list[Note]:
+    """The notes of estimates chosen so that together they give every key and every origin."""
+    from tests.tiny_models import save_tiny_llama
+
+    cached = hub_cache / "models--some-org--cached" / "snapshots" / "abc123"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text((saved["gpt2"] / "config.json").read_text())
+    (hub_cache / "models--some-org--cached" / "refs").mkdir()
+    (hub_cache / "models--some-org--cached" / "refs" / "main").write_text("abc123")
+    unnamed = save_tiny_llama(tmp_path / "unnamed")  # only its safetensors header names its dtype
+    config = json.loads((unnamed / "config.json").read_text())
+    config.pop("dtype", None)
+    (unnamed / "config.json").write_text(json.dumps(config))
+    gptq = tmp_path / "gptq"
+    gptq.mkdir()
+    values = {**llama_085b().to_dict(), "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    (gptq / "config.json").write_text(json.dumps(values))
+
+    found = [
+        estimate("Qwen/Qwen2.5-0.5B", quantization="4bit", context=1024),
+        estimate("Qwen/Qwen2.5-0.5B", quantization="4bit", double_quant=False),
+        estimate("Qwen/Qwen2.5-0.5B", dtype="float16", quantization="8bit", device_map="auto", gpu_bytes=MiB),
+        estimate(llama_085b(), dtype="bfloat16", device_map="auto", gpu_bytes=GiB, context=512),
+        estimate(llama_085b(), device_map="auto"),
+        estimate(llama_085b(), device_map="cpu"),
+        estimate("bert-base-uncased", context=128),
+        estimate("gpt2", dtype="float32", training="full"),
+        estimate("meta-llama/Llama-3.2-1B", training="full", context=256, gradient_checkpointing=True),
+        estimate(
+            "meta-llama/Llama-3.2-1B",
+            training="lora",
+            context=256,
+            lora_r=8,
+            device_map="auto",
+            gpu_bytes=MiB,
+        ),
+        estimate("google/gemma-2-2b", context=8192),
+        estimate("meta-llama/Llama-3.1-8B-Instruct"),
+        estimate(str(gptq), quantization="8bit"),
+        estimate(str(saved["llama"])),
+        estimate(str(unnamed)),
+        estimate("some-org/cached"),
+    ]
+    monkeypatch.setattr(_configs, "_offline", lambda: False)
+    monkeypatch.setattr(_configs, "_download", lambda repo_id: saved["gpt2"] / "config.json")
+    found.append(estimate("some-org/only-on-the-hub"))
+    monkeypatch.setattr(_configs, "transformers_major", lambda: 4)
+    found.append(estimate("Qwen/Qwen2.5-0.5B"))
+    return [note for each in found for note in each.notes]
+
+
+def test_every_note_the_estimator_writes_is_worded_with_its_figures(
+    monkeypatch: pytest.MonkeyPatch, empty_hub_cache: Path, saved: dict[str, Path], tmp_path: Path
+) -> None:
+    from vram_magic.render._estimate import _NOTES
+
+    notes = every_kind_of_note(monkeypatch, empty_hub_cache, saved, tmp_path)
+
+    assert {note.key for note in notes} == set(_NOTES)  # every key, and each key has its words
+    origins = {(note.key, note.fact("origin")) for note in notes if note.fact("origin")}
+    assert origins == {
+        *(("source", origin) for origin in ("object", "path", "cache", "bundled", "hub")),
+        *(("dtype", origin) for origin in ("asked", "transformers-4", "config", "weights", "assumed")),
+    }
+    for note in notes:
+        text = str(note)
+        assert text and text != note.key and text.endswith("."), note
+        assert text == note_text(note)
+        for name, value in note.facts:
+            if name in SELECTORS or value is None or isinstance(value, bool):
+                continue
+            if (note.key, name) == ("full-training", "width"):  # float32 or mixed precision
+                continue
+            assert shown(name, value) in text, (note, name)
+
+
+def test_notes_read_as_before(empty_hub_cache: Path) -> None:
+    found = estimate("meta-llama/Llama-3.1-8B", context=8192, batch_size=2)
+
+    assert [str(note) for note in found.notes] == [
+        "Config: vram_magic's bundled copy of meta-llama/Llama-3.1-8B's config.json (nothing downloaded).",
+        "dtype bfloat16, from the config (what from_pretrained loads when given no dtype).",
+        "Loading reserves the GPU's share in one allocation before copying (transformers' "
+        "caching_allocator_warmup): all of it must be free at once.",
+        "KV cache for 2 x 8192 tokens: 2 x layers x KV heads x head size x tokens x 2 bytes = 2.00 GiB.",
+        "Running the prompt needs about 9*hidden + 6*intermediate bytes per token for one layer at a time "
+        "(measured on CPU with SDPA attention; the CUDA context and cuBLAS workspaces are not counted).",
+    ]
+    assert found.notes[3] == Note(
+        "kv-cache", facts(batch_size=2, context=8192, width=2, kv_bytes=2 * GiB, sliding=False)
+    )
+    assert "1.00 GiB" in str(estimate("meta-llama/Llama-3.1-8B", context=8192, batch_size=1))
+
+
+def test_labels_are_worded_from_the_data() -> None:
+    rows = load_plans(llama_085b(), free_bytes=GiB, dtype="float16")
+
+    assert [plan.label for plan in rows] == ["float16", "8-bit", "4-bit NF4", "offload"]
+    assert [plan.estimate.label for plan in rows] == ["float16", "8-bit", "4-bit NF4", "float16 + offload"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dtype": "int3"}, "bfloat16, float16, float32"),
+        ({"quantization": "3bit"}, "'8bit' or '4bit'"),
+        ({"training": "rlhf"}, "'lora', 'qlora'"),
+        ({"training": "full", "quantization": "4bit"}, "QLoRA"),
+        ({"training": "qlora", "quantization": "8bit"}, "LoRA on a 4-bit model"),
+        ({"batch_size": 0}, "batch_size must be a whole number of at least 1"),
+        ({"lora_r": True}, "lora_r must be a whole number of at least 1"),
+        ({"context": -5}, "context must be"),
+        ({"device_map": "tpu"}, "device_map 'tpu'"),
+        ({"device_map": {"": 0}}, "for a dict device_map"),
+        ({"gpu_bytes": -1}, "gpu_bytes must be a number of bytes"),
+        ({"gpu_bytes": 1.5, "device_map": "auto"}, "gpu_bytes must be a number of bytes"),
+        ({"training": "lora", "device_map": "cpu"}, "nothing on the GPU"),
+        ({"gpu_bytes": 2**30}, "device_map='auto'"),
+    ],
+)
+def test_options_refuse_what_estimate_refuses_with_the_same_message(
+    empty_hub_cache: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message) as checked:
+        options(**kwargs)
+    with pytest.raises(ValueError) as estimated:
+        estimate("gpt2", **kwargs)
+
+    assert str(checked.value) == str(estimated.value)
+
+
+def test_options_are_frozen_and_canonical() -> None:
+    assert options(dtype="torch.bf16", quantization="NF4", device_map=0) == Options(
+        dtype="bfloat16", quantization="4bit", device_map="cuda"
+    )
+    assert options(training="qlora", device_map="cuda:1") == Options(
+        quantization="4bit", training="lora", device_map="cuda"
+    )
+    assert options(device_map="Auto", gpu_bytes=GiB).device_map == "auto"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options().dtype = "float16"  # type: ignore[misc]

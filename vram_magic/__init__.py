@@ -84,7 +84,7 @@ def estimate(model: Any, **options: Any) -> Estimate:
     """What loading ``model`` (a hub id, a local folder or a config) needs on the GPU, from its config alone:
     ``params``, ``weights_bytes``, ``peak_bytes`` and notes. Options: ``dtype``, ``quantization`` ("4bit",
     "8bit"), ``device_map``, ``context``, ``training`` ("lora", "qlora", "full"), ``batch_size``."""
-    from vram_magic._estimate import estimate as _estimate
+    from vram_magic.estimator import estimate as _estimate
 
     return _estimate(model, **options)
 

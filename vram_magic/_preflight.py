@@ -3,7 +3,7 @@
 A load is judged only if it surely runs and surely goes to the GPU (``judged``, from the cell's one reading):
 in the cell's top-level statements or ``with`` blocks, with a cuda ``device_map``, a GPU move, ``with
 torch.device("cuda")`` or bitsandbytes quantization, and with its model, dtype and quantization known from the
-text and the notebook's names. Estimates come from ``_estimate`` (the config alone). The same arithmetic sizes
+text and the notebook's names. Estimates come from ``estimator`` (the config alone). The same arithmetic sizes
 the fixes: a fixed cell is read again and judged the same way (``vram_magic._checks``).
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vram_magic._estimate import estimate
 from vram_magic._types import Estimate
 from vram_magic.cell import Cell, Load
+from vram_magic.estimator import estimate
 
 # _NO_FIGURES: estimating a model the user chose can fail for reasons of its own (no config to read, an
 # architecture transformers cannot build on the meta device, a placement accelerate cannot split). Preflight

@@ -348,7 +348,7 @@ def estimate_text(
 ) -> str:
     """``%vram estimate``: the load plans for ``model`` against the room on the first GPU, the ``gpu`` card,
     or the cap planned for without a GPU. Raises ValueError for a model or option it cannot read."""
-    from vram_magic._estimate import estimate, plans
+    from vram_magic.estimator import estimate, load_plans
     from vram_magic.render import render_estimate_table
 
     free = snapshot.gpus[0].free_bytes if snapshot.gpus else None
@@ -360,7 +360,7 @@ def estimate_text(
         one = estimate(model, dtype=dtype, quantization=quantization, context=context, training=training)
         if free is None and cap is None:
             return render_estimate_table([one])
-    rows = plans(model, free_bytes=free, cap_bytes=cap, dtype=dtype, context=context, training=training)
+    rows = load_plans(model, free_bytes=free, cap_bytes=cap, dtype=dtype, context=context, training=training)
     return render_estimate_table([row for row in rows if quantization in (None, row.key)])
 
 

@@ -335,13 +335,14 @@ class Estimate:
     context: int | None = None
     batch_size: int = 1
     training: str | None = None
-    notes: tuple[str, ...] = ()
+    notes: tuple[Note, ...] = ()
 
     @property
     def label(self) -> str:
         """``bfloat16``, ``8-bit``, ``4-bit NF4``; ``+ offload`` when some weights go to CPU RAM."""
-        text = {"8bit": "8-bit", "4bit": "4-bit NF4"}.get(self.quantization or "", self.dtype)
-        return f"{text} + offload" if self.offloaded_bytes else text
+        from vram_magic.render import estimate_label
+
+        return estimate_label(self)
 
     def __str__(self) -> str:
         from vram_magic.render import render_estimate_table
@@ -358,12 +359,18 @@ class LoadPlan:
     """
 
     key: str
-    label: str
     how: str
     estimate: Estimate
     need_bytes: int
     room_bytes: int | None
     fits: bool | None
+
+    @property
+    def label(self) -> str:
+        """The row's name: its dtype (``bfloat16``), ``8-bit``, ``4-bit NF4`` or ``offload``."""
+        from vram_magic.render import plan_label
+
+        return plan_label(self)
 
     def __str__(self) -> str:
         from vram_magic.render import render_estimate_table

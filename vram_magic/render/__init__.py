@@ -12,7 +12,7 @@ from collections.abc import Callable, Container
 from typing import Any
 
 from vram_magic._types import Report, Snapshot
-from vram_magic.render._estimate import note_text, render_estimate_table
+from vram_magic.render._estimate import estimate_label, note_text, plan_label, render_estimate_table
 from vram_magic.render._frontend import widget_frontend
 from vram_magic.render._html import report_html, snapshot_html
 from vram_magic.render._text import (
@@ -32,10 +32,12 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 __all__ = [
     "WIDGET_VIEW",
     "cause_text",
+    "estimate_label",
     "fix_title",
     "fix_why",
     "mimebundle",
     "note_text",
+    "plan_label",
     "render_auto_result",
     "render_cap",
     "render_cleanup",

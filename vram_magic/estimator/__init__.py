@@ -1,0 +1,152 @@
+"""How much GPU memory a model load needs, from its config alone: no weight is read or downloaded.
+
+The model is built on the meta device (shapes, no storage) from its ``config.json``; its tensors are counted
+once each (tied weights once) and priced at the dtype and quantization asked for, the way transformers and
+bitsandbytes place them. Loading, a KV cache for a context, and a training step (LoRA or full) add what they
+add. Every approximation is a ``Note`` in ``Estimate.notes``, worded by ``vram_magic.render``.
+
+Pure: no IPython. torch, transformers, accelerate and huggingface_hub are imported inside the functions that
+use them, so ``import vram_magic.estimator`` is cheap. A model built from one config is cached, so a second
+estimate of the same model (another dtype or quantization, the plan rows) takes milliseconds.
+
+``_configs`` finds the config and the dtype, ``_counting`` builds and counts (the only module that touches
+transformers' and accelerate's internals), ``_options`` checks what was asked, ``_arithmetic`` prices it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from vram_magic._types import Estimate, LoadPlan
+from vram_magic.estimator._arithmetic import price
+from vram_magic.estimator._configs import (
+    CONFIGS_DIR,
+    DTYPE_NAMES,
+    bundled_models,
+    load_config,
+    pick_dtype,
+    prequantized,
+    resolve,
+)
+from vram_magic.estimator._counting import LORA_R
+from vram_magic.estimator._options import Options, check_bytes, options
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+__all__ = [
+    "CONFIGS_DIR",
+    "DTYPE_NAMES",
+    "Estimate",
+    "LoadPlan",
+    "bundled_models",
+    "estimate",
+    "load_config",
+    "load_plans",
+    "prequantized",
+]
+
+GiB = 2**30
+# The offload plan leaves what vram_magic._checks leaves for activations and the CUDA context.
+_GPU_HEADROOM = 0.1
+_MIN_HEADROOM_BYTES = 512 * 2**20
+
+
+def estimate(
+    model: str | PretrainedConfig,
+    *,
+    dtype: str | None = None,
+    quantization: str | None = None,
+    double_quant: bool = True,
+    device_map: str | int | None = None,
+    gpu_bytes: int | None = None,
+    context: int | None = None,
+    training: str | None = None,
+    batch_size: int = 1,
+    gradient_checkpointing: bool = False,
+    lora_r: int = LORA_R,
+) -> Estimate:
+    """Estimate what ``from_pretrained(model, ...)`` needs on the GPU, from the model's config alone.
+
+    ``model``: a folder with a ``config.json``, a Hub id (looked up in the Hugging Face cache, then among the
+    bundled configs, then on the Hub unless ``HF_HUB_OFFLINE`` is set) or a transformers config.
+    ``dtype``: ``bfloat16``/``float16``/``float32`` (default: what ``from_pretrained`` loads: the config's,
+    else the checkpoint's, else float32). ``quantization``: ``8bit`` or ``4bit`` (bitsandbytes; 4-bit is NF4,
+    with ``double_quant`` as in QLoRA). ``device_map``: None or ``"cuda"`` (all on the GPU), ``"auto"`` (with
+    ``gpu_bytes``: what fits there, the rest in CPU RAM) or ``"cpu"``. ``context``: tokens per sequence, for
+    the KV cache and activations (the sequence length when training). ``training``: ``"lora"``
+    (r=``lora_r`` on the attention projections; ``"qlora"`` is LoRA on a 4-bit model) or ``"full"`` (AdamW,
+    mixed precision).
+    """
+    asked = options(
+        dtype=dtype,
+        quantization=quantization,
+        double_quant=double_quant,
+        device_map=device_map,
+        gpu_bytes=gpu_bytes,
+        context=context,
+        training=training,
+        batch_size=batch_size,
+        gradient_checkpointing=gradient_checkpointing,
+        lora_r=lora_r,
+    )
+    config, name, source, folder = resolve(model)
+    return price(config, name, source, folder, asked)
+
+
+def load_plans(
+    model: str | PretrainedConfig,
+    *,
+    free_bytes: int | None,
+    cap_bytes: int | None = None,
+    dtype: str | None = None,
+    context: int | None = None,
+    training: str | None = None,
+    batch_size: int = 1,
+    gradient_checkpointing: bool = False,
+) -> tuple[LoadPlan, ...]:
+    """One row per way to load ``model``: the dtype asked (or the config's), 8-bit, 4-bit NF4 and CPU offload.
+
+    The room is ``free_bytes`` (free on the GPU now), no more than ``cap_bytes`` (what this process may
+    still allocate under a cap) when given; ``fits`` is None when both are None. Quantized rows are left
+    out for full training, the offload row for any training (offloaded layers cannot train).
+    """
+    for label, value in (("free_bytes", free_bytes), ("cap_bytes", cap_bytes)):
+        check_bytes(label, value)
+    known = [value for value in (free_bytes, cap_bytes) if value is not None]
+    room = min(known) if known else None
+    base = options(
+        dtype=dtype,
+        context=context,
+        training=training,
+        batch_size=batch_size,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    base = replace(base, quantization=None)  # each row chooses its own ("qlora" has only the 4-bit one)
+    config, name, source, folder = resolve(model)
+    dtype_name, _ = pick_dtype(base.dtype, config, folder)
+    short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype_name]
+    rows: list[tuple[str, str, Options]] = [(short, f"dtype=torch.{dtype_name}", base)]
+    if base.training != "full" and prequantized(config) is None:
+        how = "quantization_config=BitsAndBytesConfig(load_in_8bit=True)"
+        rows.append(("8bit", how, replace(base, quantization="8bit")))
+        how = (
+            'quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
+            f"bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.{dtype_name})"
+        )
+        rows.append(("4bit", how, replace(base, quantization="4bit")))
+    if base.training is None:
+        limit = None if room is None else max(room - max(int(room * _GPU_HEADROOM), _MIN_HEADROOM_BYTES), 0)
+        how = 'device_map="auto"'
+        if limit is not None:
+            how += f', max_memory={{0: "{limit / GiB:.1f}GiB", "cpu": ...}}'
+        rows.append(("offload", how, replace(base, device_map="auto", gpu_bytes=limit)))
+    if training == "qlora":
+        rows = [row for row in rows if row[0] == "4bit"]
+    result = []
+    for key, how, asked in rows:
+        found = price(config, name, source, folder, asked)
+        fits = None if room is None else found.peak_bytes <= room
+        result.append(LoadPlan(key, how, found, found.peak_bytes, room, fits))
+    return tuple(result)

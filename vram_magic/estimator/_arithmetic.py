@@ -1,0 +1,330 @@
+"""Pricing a census: the weights at a dtype and quantization, where they are placed, the peak while loading,
+and a KV cache and prompt for a context or a training step on top. Each step returns its figures with the
+notes (``Note`` data, worded by ``vram_magic.render``) that say how they were reached."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vram_magic._types import Estimate, Note, facts
+from vram_magic.estimator._configs import DTYPE_BYTES, pick_dtype, prequantized
+from vram_magic.estimator._counting import LORA_R, Census, census, offload_split
+from vram_magic.estimator._options import AUTO_MAPS, Options
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+# bitsandbytes' layouts (0.45 to 0.50), checked byte for byte against real loads in tests/test_estimate.py.
+_BLOCK_4BIT = 64  # weights per absmax scale in 4-bit
+_NESTED_BLOCK = 256  # absmax values per second-level scale under double quantization
+_CODE_4BIT_BYTES = 16 * 4  # the 16-entry NF4/FP4 table (float32), one per weight
+_NESTED_STATE_BYTES = 256 * 4 + 4  # the 8-bit map (float32) and the offset of the absmax values, per weight
+# Loading quantizes one weight at a time on the GPU: its 16-bit copy plus conversion buffers. As a multiple
+# of the largest quantized weight in 16-bit, calibrated on an H100 (0.85 B Llama under a 1.5 GiB cap,
+# transformers 5.17, bitsandbytes 0.50.2: peaks of 0.955 GiB in 8-bit and 0.654 GiB in NF4 with double
+# quantization, where the weights alone are 0.917 GiB and 0.591 GiB: 1.8x and 2.9x its 22 MiB largest weight).
+_CONVERT_FACTOR = {"8bit": 2, "4bit": 3}
+_QUANT_WARMUP_BYTES = {"8bit": 1.0, "4bit": 0.5}  # what transformers' warm-up counts per quantized weight
+
+# Activations autograd keeps for the backward pass, bytes per token per layer with 16-bit weights, as
+# (per hidden unit, per MLP unit): measured on CPU from the saved tensors of transformers 5's own Llama
+# (gated MLP), GPT-2 and BERT (plain MLP) with SDPA attention; LoRA on the attention projections keeps more
+# per hidden unit (peft casts the adapters' inputs to float32) and less per MLP unit (frozen weights keep no
+# inputs). Korthikanti et al. (2022) count 34 per hidden unit for a whole GPT layer (4x MLP) plus attention
+# scores, which SDPA/flash kernels do not keep; transformers' layers keep more (float32 norms, RoPE copies).
+_ACTIVATIONS = {
+    ("gated", "full"): (22, 8),
+    ("gated", "lora"): (30, 6),
+    ("plain", "full"): (20, 10),
+    ("plain", "lora"): (28, 12),
+}
+_CHECKPOINTED_PER_HIDDEN = 2  # gradient checkpointing keeps each layer's 16-bit input
+_LOGITS_PER_VOCAB = 12  # bytes per token and vocabulary entry at the loss: 16-bit logits, float32 copy, grads
+_PREFILL = (9, 6)  # inference: one layer's working memory per token on the whole prompt, as above
+_LORA_BYTES = 16  # per trainable LoRA parameter: float32 weight and gradient, AdamW's two float32 states
+_FULL_BYTES = {2: 14, 4: 12}  # per parameter beyond the weights: gradients, 2 Adam states, float32 master
+_TRAIN_SEQ = 512
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """The weights at the load's dtype and quantization: all of them, what transformers' warm-up reserves,
+    and the largest quantized weight (elements)."""
+
+    total_bytes: int
+    warmup_bytes: int
+    largest_quantized: int
+    notes: tuple[Note, ...]
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The sizes the activations scale with (``vocab`` 0 for a model without an output layer)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    width: int  # bytes per element at the load's dtype
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What running (a prompt, or a training step) adds to the weights on the GPU."""
+
+    run_bytes: int | None = None
+    kv_cache_bytes: int | None = None
+    activations_bytes: int | None = None
+    training_bytes: int | None = None
+    trainable_params: int | None = None
+    notes: tuple[Note, ...] = ()
+
+
+def price(config: PretrainedConfig, name: str, source: Note, folder: Path | None, opts: Options) -> Estimate:
+    """The estimate of loading ``config`` (named ``name``, found as ``source`` says) with ``opts``."""
+    dtype_name, dtype_note = pick_dtype(opts.dtype, config, folder)
+    counted, meta_model = census(config, dtype_name)
+    width = DTYPE_BYTES[dtype_name]
+    quantization, saved_notes = _saved_quantization(config, opts.quantization)
+    weights = _weights(counted, quantization, opts.double_quant, dtype_name)
+    on_gpu, offloaded, placed = _place(
+        counted, meta_model, weights.total_bytes, quantization, opts.device_map, opts.gpu_bytes
+    )
+    load_peak, loading = _load_peak(
+        on_gpu, weights.warmup_bytes, weights.largest_quantized * width, quantization
+    )
+    text = config.get_text_config()
+    shape = _shape(text, counted, width)
+    run = _Run()
+    if opts.training is not None:
+        run = _training(counted, shape, opts, opts.training, on_gpu, offloaded)
+    elif opts.context is not None and on_gpu:
+        run = _inference(text, counted, shape, opts.context, opts.batch_size, on_gpu, offloaded)
+    return Estimate(
+        model=name,
+        model_class=counted.model_class,
+        params=counted.params,
+        dtype=dtype_name,
+        quantization=quantization,
+        device_map=opts.device_map,
+        weights_bytes=on_gpu,
+        offloaded_bytes=offloaded,
+        load_peak_bytes=load_peak,
+        peak_bytes=load_peak if run.run_bytes is None else max(load_peak, run.run_bytes),
+        kv_cache_bytes=run.kv_cache_bytes,
+        activations_bytes=run.activations_bytes,
+        training_bytes=run.training_bytes,
+        trainable_params=run.trainable_params,
+        context=opts.context,
+        batch_size=opts.batch_size,
+        training=opts.training,
+        notes=(source, dtype_note, *saved_notes, *weights.notes, *placed, *loading, *run.notes),
+    )
+
+
+def _saved_quantization(config: PretrainedConfig, asked: str | None) -> tuple[str | None, tuple[Note, ...]]:
+    """The quantization that loads: a checkpoint saved quantized loads its own, whatever was asked."""
+    saved_as = prequantized(config)
+    if saved_as is None:
+        return asked, ()
+    method, bits = saved_as
+    notes = []
+    if asked not in (None, bits):
+        notes.append(Note("prequantized", facts(method=method, asked=asked)))
+    if method != "bitsandbytes":
+        notes.append(Note("prequantized-layout", facts(method=method, bits=bits)))
+    return bits, tuple(notes)
+
+
+def _weights(census: Census, quantization: str | None, double_quant: bool, dtype_name: str) -> _Weights:
+    total = census.param_bytes + census.buffer_bytes
+    largest = max((numel for numel, _ in census.quantized), default=0)
+    if quantization is None:
+        return _Weights(total, total, largest, ())
+    numel = sum(n for n, _ in census.quantized)
+    converted = _quantized_bytes(census.quantized, quantization, double_quant) - census.quantized_bytes
+    warmup = total + int(numel * _QUANT_WARMUP_BYTES[quantization]) - census.quantized_bytes
+    note = Note(
+        "quantization",
+        facts(
+            quantization=quantization,
+            double_quant=double_quant,
+            weights=len(census.quantized),
+            dtype=dtype_name,
+        ),
+    )
+    return _Weights(total + converted, warmup, largest, (note,))
+
+
+def _place(
+    census: Census,
+    meta_model: Any,
+    total: int,
+    quantization: str | None,
+    device_map: str | None,
+    gpu_bytes: int | None,
+) -> tuple[int, int, tuple[Note, ...]]:
+    """(bytes of weights on the GPU, bytes in CPU RAM, notes) for ``device_map``."""
+    if device_map == "cpu":
+        return 0, total, (Note("on-cpu"),)
+    if device_map not in AUTO_MAPS:
+        return total, 0, ()
+    if gpu_bytes is None:
+        return total, 0, (Note("auto-unsized"),)
+    if quantization is not None:
+        if total > gpu_bytes * 0.9:  # transformers gives bitsandbytes 90% of max_memory
+            return total, 0, (Note("auto-quantized", facts(gpu_bytes=gpu_bytes)),)
+        return total, 0, ()
+    if total <= gpu_bytes:
+        return total, 0, ()
+    on_gpu = offload_split(meta_model, gpu_bytes)
+    note = Note("offload", facts(gpu_bytes=gpu_bytes, on_gpu_bytes=on_gpu, cpu_bytes=total - on_gpu))
+    return on_gpu, total - on_gpu, (note,)
+
+
+def _load_peak(
+    on_gpu: int, warmup: int, largest_bytes: int, quantization: str | None
+) -> tuple[int, tuple[Note, ...]]:
+    """The most the GPU holds while loading, and how; ``largest_bytes`` is the largest quantized weight in
+    16-bit."""
+    if on_gpu == 0:
+        return 0, ()
+    if quantization is None:
+        return on_gpu, (Note("load-warmup"),)
+    factor = _CONVERT_FACTOR[quantization]
+    converting = factor * largest_bytes
+    note = Note("load-quantizing", facts(converting_bytes=converting, factor=factor))
+    return max(warmup, on_gpu + converting), (note,)
+
+
+def _quantized_bytes(weights: tuple[tuple[int, int], ...], quantization: str, double_quant: bool) -> int:
+    """What bitsandbytes keeps for these Linear weights (elements, rows)."""
+    if quantization == "8bit":  # int8 weights and one float32 scale per output row (SCB)
+        return sum(numel + 4 * rows for numel, rows in weights)
+    total = 0
+    for numel, _ in weights:
+        blocks = math.ceil(numel / _BLOCK_4BIT)
+        total += (numel + 1) // 2 + _CODE_4BIT_BYTES  # two weights per byte, and the NF4 table
+        if double_quant:  # 8-bit absmax, plus a float32 scale per 256 of them, their map and offset
+            total += blocks + 4 * math.ceil(blocks / _NESTED_BLOCK) + _NESTED_STATE_BYTES
+        else:
+            total += 4 * blocks  # a float32 absmax per 64 weights
+    return total
+
+
+def _shape(text: Any, census: Census, width: int) -> _Shape:
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    return _Shape(
+        hidden=hidden,
+        intermediate=int(getattr(text, "intermediate_size", 0) or getattr(text, "n_inner", 0) or 4 * hidden),
+        layers=int(getattr(text, "num_hidden_layers", 0) or 0),
+        vocab=int(getattr(text, "vocab_size", 0) or 0) if census.has_lm_head else 0,
+        width=width,
+    )
+
+
+def _training(
+    census: Census, shape: _Shape, opts: Options, training: str, on_gpu: int, offloaded: int
+) -> _Run:
+    """A training step (``training``: lora or full): gradients and optimizer states (all weights, or LoRA's),
+    and the activations."""
+    seq = opts.context if opts.context is not None else _TRAIN_SEQ
+    notes = []
+    if opts.context is None:
+        notes.append(Note("train-sequence", facts(tokens=_TRAIN_SEQ)))
+    if training == "full":
+        trainable = census.params
+        per_param = _FULL_BYTES[shape.width]
+        notes.append(Note("full-training", facts(width=shape.width, bytes_per_param=per_param)))
+    else:
+        trainable = census.lora_params * opts.lora_r // LORA_R
+        per_param = _LORA_BYTES
+        notes.append(
+            Note(
+                "lora",
+                facts(
+                    r=opts.lora_r, targets=census.lora_targets, params=trainable, bytes_per_param=per_param
+                ),
+            )
+        )
+    training_bytes = trainable * per_param
+    activations, activations_note = _training_activations(census, shape, opts, training, seq)
+    notes.append(activations_note)
+    if offloaded:
+        notes.append(Note("train-offloaded"))
+    return _Run(
+        run_bytes=on_gpu + training_bytes + activations,
+        activations_bytes=activations,
+        training_bytes=training_bytes,
+        trainable_params=trainable,
+        notes=tuple(notes),
+    )
+
+
+def _training_activations(
+    census: Census, shape: _Shape, opts: Options, training: str, seq: int
+) -> tuple[int, Note]:
+    """Bytes of activations at the peak of a training step on sequences of ``seq`` tokens, and how."""
+    hidden, width = shape.hidden, shape.width
+    per_hidden, per_mlp = _ACTIVATIONS[("gated" if census.gated_mlp else "plain", training)]
+    tokens = seq * opts.batch_size
+    layer = (per_hidden * hidden + per_mlp * shape.intermediate) * width // 2 * tokens
+    logits = _LOGITS_PER_VOCAB * shape.vocab * tokens
+    counted = facts(batch_size=opts.batch_size, tokens=seq, logits_per_vocab=_LOGITS_PER_VOCAB)
+    if opts.gradient_checkpointing:  # each layer's input, then one layer recomputed at a time (after the
+        # logits' peak)
+        kept = shape.layers * _CHECKPOINTED_PER_HIDDEN * hidden * width // 2 * tokens
+        note = Note("activations", counted + facts(checkpointed_per_hidden=_CHECKPOINTED_PER_HIDDEN))
+        return kept + max(logits, layer), note
+    note = Note("activations", counted + facts(per_hidden=per_hidden, per_mlp=per_mlp))
+    return shape.layers * layer + logits, note
+
+
+def _inference(
+    text: Any, census: Census, shape: _Shape, context: int, batch_size: int, on_gpu: int, offloaded: int
+) -> _Run:
+    """Running a prompt of ``context`` tokens: the KV cache, one layer's working memory and the logits."""
+    width = shape.width
+    kv = _kv_cache_bytes(text, census, context, batch_size, width)
+    per_token = (_PREFILL[0] * shape.hidden + _PREFILL[1] * shape.intermediate) * width // 2
+    activations = per_token * context * batch_size
+    if census.can_generate:
+        activations += shape.vocab * batch_size * (width + 4)  # the last token's logits, and a float32 copy
+    elif shape.vocab:
+        activations += shape.vocab * context * batch_size * width  # an encoder's head scores every token
+    if census.can_generate:
+        sliding = "sliding_attention" in (getattr(text, "layer_types", None) or ())
+        kv_note = Note(
+            "kv-cache",
+            facts(batch_size=batch_size, context=context, width=width, kv_bytes=kv, sliding=sliding),
+        )
+    else:
+        kv_note = Note("no-kv-cache")
+    prompt = Note("prompt", facts(per_hidden=(_PREFILL[0] * width) // 2, per_mlp=(_PREFILL[1] * width) // 2))
+    notes = [kv_note, prompt]
+    run = on_gpu + kv + activations
+    if offloaded:
+        run += census.largest_layer_bytes
+        notes.append(Note("offload-layer", facts(layer_bytes=census.largest_layer_bytes)))
+    return _Run(run_bytes=run, kv_cache_bytes=kv, activations_bytes=activations, notes=tuple(notes))
+
+
+def _kv_cache_bytes(text: Any, census: Census, context: int, batch_size: int, width: int) -> int:
+    """2 (keys, values) x layers x KV heads x head size x tokens x batch x bytes; sliding-window layers keep
+    at most their window."""
+    if not census.can_generate:
+        return 0
+    heads = int(getattr(text, "num_attention_heads", 0) or 0)
+    kv_heads = int(getattr(text, "num_key_value_heads", 0) or heads)
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    head_dim = int(getattr(text, "head_dim", 0) or (hidden // heads if heads else 0))
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    window = getattr(text, "sliding_window", None)
+    kinds = list(getattr(text, "layer_types", None) or ["full_attention"] * layers)
+    tokens = sum(
+        min(context, int(window)) if kind == "sliding_attention" and window else context for kind in kinds
+    )
+    return 2 * kv_heads * head_dim * tokens * batch_size * width

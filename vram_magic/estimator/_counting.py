@@ -1,0 +1,296 @@
+"""Build a model on the meta device and count it: parameters, buffers, the Linear weights bitsandbytes
+converts, the LoRA targets, the largest block accelerate never splits, and accelerate's offload split.
+
+The only module of the estimator that reaches into transformers' and accelerate's internals (private
+attributes, version checks); everything else reads the ``Census`` it returns. Builds are cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+# The internals below (``_from_config``, ``_model_mapping``, ``_no_split_modules``, ``all_tied_weights_keys``,
+# ``_keep_in_fp32_modules(_strict)``, ``get_keys_to_not_convert``, ``infer_auto_device_map``) were checked
+# against these versions. transformers 4.x (from 4.45, the floor in pyproject.toml) is handled where it
+# differs: ``torch_dtype=``, ``get_keys_to_not_convert`` in the bitsandbytes integration, accelerate's own
+# ``infer_auto_device_map``, and float32 loads when no dtype is given.
+CHECKED_WITH = {"transformers": "5.24.0", "accelerate": "1.16.0"}
+
+LORA_R = 16  # the rank the census counts LoRA parameters at
+_GATED_MLP = frozenset({"gate_proj", "gate_up_proj", "wi_0", "w3"})
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+_CACHE_SIZE = 8
+
+
+@dataclass(frozen=True)
+class Census:
+    """Counts from one meta-device build at one dtype; everything else is arithmetic on them."""
+
+    model_class: str
+    params: int
+    param_bytes: int  # tied weights once; modules transformers keeps in float32 at 4 bytes
+    buffer_bytes: int
+    quantized: tuple[tuple[int, int], ...]  # (elements, rows) of each Linear weight bitsandbytes converts
+    quantized_bytes: int  # those weights at the build dtype
+    lora_params: int  # r=16 on the attention projections
+    lora_targets: int
+    largest_layer_bytes: int  # the biggest block accelerate never splits (a decoder layer)
+    can_generate: bool
+    has_lm_head: bool
+    gated_mlp: bool
+
+
+_cache: OrderedDict[tuple[str, str], tuple[Census, Any]] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def transformers_major() -> int:
+    """The major version of the installed transformers (5 when it cannot be read)."""
+    import importlib.metadata
+
+    try:
+        return int(importlib.metadata.version("transformers").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return 5
+
+
+def census(config: PretrainedConfig, dtype_name: str) -> tuple[Census, Any]:
+    """Counts (and the meta model, for offload placement) of ``config`` built at ``dtype_name``, cached."""
+    try:
+        key: tuple[str, str] | None = (
+            type(config).__name__ + config.to_json_string(use_diff=False),
+            dtype_name,
+        )
+    except Exception:  # a config that cannot serialise is counted every time
+        key = None
+    if key is not None:
+        with _cache_lock:
+            if key in _cache:
+                _cache.move_to_end(key)
+                return _cache[key]
+    model = _build(config, dtype_name)
+    entry = (_count_model(model, config), model)
+    if key is not None:
+        with _cache_lock:
+            _cache[key] = entry
+            while len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
+    return entry
+
+
+def _build(config: PretrainedConfig, dtype_name: str) -> Any:
+    """The model of ``config`` on the meta device, its floating weights in ``dtype_name``."""
+    import torch
+
+    model_class = _model_class(config)
+    config = copy.deepcopy(config)  # building may set attributes (dtype, attention) on the config
+    dtype = getattr(torch, dtype_name)
+
+    def build() -> Any:
+        try:
+            return model_class._from_config(config, dtype=dtype)
+        except TypeError:  # transformers 4.x names it torch_dtype
+            return model_class._from_config(config, torch_dtype=dtype)
+
+    with _quiet():
+        try:
+            with torch.device("meta"):  # what transformers 5 itself builds under; ~4x faster than below
+                return build()
+        except Exception:  # a model that computes on tensors while it builds: buffers on CPU, weights on meta
+            from accelerate import init_empty_weights  # type: ignore[import-untyped]
+
+            try:
+                with init_empty_weights():
+                    return build()
+            except Exception as error:
+                raise ValueError(
+                    f"transformers cannot build {model_class.__name__} from this config: {error}"
+                ) from error
+
+
+def _model_class(config: PretrainedConfig) -> Any:
+    """The class named by ``config.architectures`` when transformers has it, else the causal-LM auto class
+    for the config (else the bare model)."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        found = getattr(transformers, str(name), None)
+        if isinstance(found, type) and hasattr(found, "_from_config"):
+            return found
+    for auto_name in ("AutoModelForCausalLM", "AutoModel"):
+        auto = getattr(transformers, auto_name)
+        with contextlib.suppress(Exception):
+            return auto._model_mapping[type(config)]
+    extra = (
+        " (it uses custom code: vram_magic never runs trust_remote_code)"
+        if getattr(config, "auto_map", None)
+        else ""
+    )
+    raise ValueError(
+        f"transformers has no model class for this config (model_type {config.model_type!r}){extra}. "
+        "Pass the config of a model transformers ships."
+    )
+
+
+def _count_model(model: Any, config: PretrainedConfig) -> Census:
+    import torch
+
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # the copies, counted under their source
+    fp32_patterns = _keep_in_fp32_patterns(model)
+    params = param_bytes = 0
+    for name, param in model.named_parameters():
+        if name in tied:
+            continue
+        params += param.numel()
+        size = 4 if fp32_patterns and any(p.search(name) for p in fp32_patterns) else param.element_size()
+        param_bytes += param.numel() * size
+    buffer_bytes = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if name not in tied)
+
+    skip = _not_converted(model)
+    quantized: list[tuple[int, int]] = []
+    quantized_bytes = lora_params = lora_targets = 0
+    gated = False
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        gated = gated or leaf in _GATED_MLP
+        conv1d = type(module).__name__ == "Conv1D"
+        if not (type(module) is torch.nn.Linear or conv1d):
+            continue
+        weight = module.weight
+        rows, columns = (weight.shape[1], weight.shape[0]) if conv1d else (weight.shape[0], weight.shape[1])
+        if _ATTENTION.search(name):
+            lora_params += LORA_R * (rows + columns)
+            lora_targets += 1
+        if f"{name}.weight" not in tied and _should_convert(name, skip):
+            quantized.append((weight.numel(), rows))
+            quantized_bytes += weight.numel() * weight.element_size()
+
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    largest_layer = 0
+    for _, module in model.named_modules():
+        if type(module).__name__ in no_split:
+            size = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+            largest_layer = max(largest_layer, size)
+    can_generate = False
+    with contextlib.suppress(Exception):
+        can_generate = bool(model.can_generate())
+    has_lm_head = False
+    with contextlib.suppress(Exception):
+        has_lm_head = model.get_output_embeddings() is not None
+    return Census(
+        model_class=type(model).__name__,
+        params=params,
+        param_bytes=param_bytes,
+        buffer_bytes=buffer_bytes,
+        quantized=tuple(quantized),
+        quantized_bytes=quantized_bytes,
+        lora_params=lora_params,
+        lora_targets=lora_targets,
+        largest_layer_bytes=largest_layer,
+        can_generate=can_generate,
+        has_lm_head=has_lm_head,
+        gated_mlp=gated,
+    )
+
+
+def _keep_in_fp32_patterns(model: Any) -> list[re.Pattern[str]]:
+    """Modules transformers keeps in float32 whatever the dtype (``_keep_in_fp32_modules_strict``); the
+    non-strict list applies to float16 loads only and is left out (rare, small)."""
+    import torch
+
+    dtype = getattr(model, "dtype", None)
+    strict = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    if dtype not in (torch.float16, torch.bfloat16):
+        return []
+    return [re.compile(str(pattern).replace("*", ".*")) for pattern in strict]
+
+
+def _not_converted(model: Any) -> list[str]:
+    """The modules transformers' bitsandbytes quantizer leaves alone: tied weights, the last weight and the
+    output embedding (``get_keys_to_not_convert``), and the modules kept in float32."""
+    keys: list[str] = []
+    # transformers 5 keeps it with the quantizers; 4.x with the bitsandbytes integration
+    for where in ("transformers.quantizers.base", "transformers.integrations.bitsandbytes"):
+        with contextlib.suppress(Exception):
+            keys = list(importlib.import_module(where).get_keys_to_not_convert(model))
+            break
+    if not keys:  # the gist of it: the output embedding (lm_head) stays in 16-bit
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        keys = [name for name, module in model.named_modules() if output is not None and module is output]
+    keys.extend(str(key) for key in getattr(model, "_keep_in_fp32_modules", None) or ())
+    return keys
+
+
+def _should_convert(name: str, skip: list[str]) -> bool:
+    """transformers 5's ``should_convert_module``: a pattern matches from the start up to a module boundary,
+    as a regex with that boundary, or as a suffix."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    for key in skip:
+        try:
+            if re.match(rf"(?:{key}){boundary}", name):
+                return False
+        except re.error:
+            pass
+        if name.endswith(key):
+            return False
+    return True
+
+
+def offload_split(model: Any, gpu_bytes: int) -> int:
+    """The bytes of weights on GPU 0, placed by the function transformers calls for ``device_map="auto"``,
+    given ``gpu_bytes`` there (the rest goes to CPU RAM)."""
+    try:
+        place = importlib.import_module("transformers.integrations.accelerate").infer_auto_device_map
+    except (ImportError, AttributeError):  # transformers 4.x calls accelerate's
+        place = importlib.import_module("accelerate").infer_auto_device_map
+    with _quiet():
+        device_map = place(
+            model,
+            max_memory={0: gpu_bytes, "cpu": 2**50},
+            no_split_module_classes=set(getattr(model, "_no_split_modules", None) or ()),
+        )
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    on_gpu = 0
+    seen: set[int] = set()
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if name in tied or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if _device_of(name, device_map) in (0, "cuda", "cuda:0"):
+            on_gpu += tensor.numel() * tensor.element_size()
+    return on_gpu
+
+
+def _device_of(name: str, device_map: dict[str, Any]) -> Any:
+    parts = name.split(".")
+    for end in range(len(parts), -1, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in device_map:
+            return device_map[prefix]
+    return None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers' and accelerate's warnings about a model built only to be measured are noise here."""
+    loggers = [logging.getLogger(name) for name in ("transformers", "accelerate")]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for each, level in zip(loggers, levels, strict=True):
+            each.setLevel(level)

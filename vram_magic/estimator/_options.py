@@ -1,0 +1,136 @@
+"""What an estimate is asked for, checked once: ``options(...)`` turns the keywords of ``estimate()`` into an
+``Options`` (canonical names: ``bfloat16``, ``4bit``, ``cuda``/``auto``/``cpu``) or raises a ValueError that
+says what to type instead."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from vram_magic.estimator._configs import DTYPES
+from vram_magic.estimator._counting import LORA_R
+
+QUANTIZATIONS = {
+    "8bit": "8bit",
+    "int8": "8bit",
+    "llm_int8": "8bit",
+    "4bit": "4bit",
+    "nf4": "4bit",
+    "fp4": "4bit",
+}
+TRAININGS = ("lora", "qlora", "full")
+GPU_MAPS = ("cuda", "gpu")
+AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+@dataclass(frozen=True)
+class Options:
+    """One estimate's options, checked. ``dtype`` None: the load's own; ``training`` is ``lora`` or
+    ``full`` (``qlora`` is ``lora`` with ``quantization="4bit"``); ``gpu_bytes`` only with an auto map."""
+
+    dtype: str | None = None  # bfloat16, float16, float32
+    quantization: str | None = None  # 8bit, 4bit
+    double_quant: bool = True
+    device_map: str | None = None  # cuda, cpu, or one of AUTO_MAPS
+    gpu_bytes: int | None = None
+    context: int | None = None
+    training: str | None = None
+    batch_size: int = 1
+    gradient_checkpointing: bool = False
+    lora_r: int = LORA_R
+
+
+def options(
+    *,
+    dtype: str | None = None,
+    quantization: str | None = None,
+    double_quant: bool = True,
+    device_map: str | int | None = None,
+    gpu_bytes: int | None = None,
+    context: int | None = None,
+    training: str | None = None,
+    batch_size: int = 1,
+    gradient_checkpointing: bool = False,
+    lora_r: int = LORA_R,
+) -> Options:
+    """The checked ``Options`` for these keywords (a ValueError for any that cannot be estimated)."""
+    dtype_name = None
+    if dtype is not None:
+        text = str(dtype).removeprefix("torch.").lower()  # a torch.dtype is fine too
+        if text not in DTYPES:
+            raise ValueError(
+                f"dtype {dtype!r} is not one of bfloat16, float16, float32 (or bf16, fp16, fp32)."
+            )
+        dtype_name = DTYPES[text]
+    quant = None
+    if quantization is not None:
+        quant = QUANTIZATIONS.get(str(quantization).lower().replace("-", ""))
+        if quant is None:
+            raise ValueError(
+                f"quantization {quantization!r} is not one of '8bit' or '4bit' (bitsandbytes; also 'int8', "
+                "'nf4', 'fp4'). For no quantization pass None."
+            )
+    if training is not None and training not in TRAININGS:
+        raise ValueError(f"training {training!r} is not one of 'lora', 'qlora' (LoRA on 4-bit) or 'full'.")
+    if training == "qlora":
+        if quant not in (None, "4bit"):
+            raise ValueError(
+                "training='qlora' is LoRA on a 4-bit model: for LoRA on an 8-bit model pass training='lora' "
+                "with quantization='8bit'."
+            )
+        training, quant = "lora", "4bit"
+    if training == "full" and quant is not None:
+        raise ValueError(
+            "Full fine-tuning needs unquantized weights (bitsandbytes weights cannot train): "
+            "use training='lora' with quantization='4bit' (QLoRA), or drop quantization."
+        )
+    if training is not None and str(device_map).lower() == "cpu":
+        raise ValueError("training= estimates GPU memory, and device_map='cpu' puts nothing on the GPU.")
+    check_int("batch_size", batch_size, 1)
+    check_int("lora_r", lora_r, 1)
+    if context is not None:
+        check_int("context", context, 1)
+    check_bytes("gpu_bytes", gpu_bytes)
+    if gpu_bytes is not None and str(device_map).lower() not in AUTO_MAPS:
+        raise ValueError(
+            "gpu_bytes= is the GPU's share of the weights under device_map='auto': pass both, or neither."
+        )
+    return Options(
+        dtype=dtype_name,
+        quantization=quant,
+        double_quant=double_quant,
+        device_map=_check_device_map(device_map),
+        gpu_bytes=gpu_bytes,
+        context=context,
+        training=training,
+        batch_size=batch_size,
+        gradient_checkpointing=gradient_checkpointing,
+        lora_r=lora_r,
+    )
+
+
+def _check_device_map(device_map: str | int | None) -> str | None:
+    """None, ``cuda`` (or ``cuda:N`` / a GPU index), an auto map, or ``cpu``."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, int) and not isinstance(device_map, bool) and device_map >= 0:
+        return "cuda"
+    text = str(device_map).lower()
+    if text in GPU_MAPS or re.fullmatch(r"cuda:\d+", text):
+        return "cuda"
+    if text in AUTO_MAPS or text == "cpu":
+        return text
+    raise ValueError(
+        f"device_map {device_map!r} is not one of 'cuda' (or 'cuda:N', a GPU index), 'auto', 'balanced', "
+        "'sequential' or 'cpu'; for a dict device_map, estimate with device_map='auto' and gpu_bytes=."
+    )
+
+
+def check_int(label: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{label} must be a whole number of at least {minimum}, not {value!r}.")
+
+
+def check_bytes(label: str, value: object) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"{label} must be a number of bytes (an int, 0 or more) or None, not {value!r}.")
