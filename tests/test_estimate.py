@@ -715,3 +715,36 @@ def test_options_are_frozen_and_canonical() -> None:
     assert options(device_map="Auto", gpu_bytes=GiB).device_map == "auto"
     with pytest.raises(dataclasses.FrozenInstanceError):
         options().dtype = "float16"  # type: ignore[misc]
+
+
+def test_a_checkpoint_saved_quantized_is_sized_as_saved_and_trained_only_through_adapters(
+    tmp_path: Path,
+) -> None:
+    """Found in review: no conversion buffer for weights that load quantized, no full fine-tune of them, a
+    QLoRA plan for one saved in bitsandbytes 4-bit, and no offload row that puts nothing on the GPU."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=8000
+    ).to_dict()
+    for method, settings in (
+        ("gptq", {"quant_method": "gptq", "bits": 4, "group_size": 128}),
+        ("bnb4", {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}),
+    ):
+        folder = tmp_path / method
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**config, "quantization_config": settings}))
+        found = estimate(str(folder))
+        assert found.load_peak_bytes == found.weights_bytes  # loaded as saved: nothing converted
+        with pytest.raises(ValueError, match=r"saved quantized .* cannot be fully fine-tuned"):
+            estimate(str(folder), training="full")
+    assert [plan.key for plan in load_plans(str(tmp_path / "bnb4"), free_bytes=GiB, training="qlora")] == [
+        "fp32"
+    ]  # the one row: the checkpoint as saved (its config names no dtype)
+    with pytest.raises(ValueError, match="not in bitsandbytes 4-bit"):
+        load_plans(str(tmp_path / "gptq"), free_bytes=GiB, training="qlora")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps(config))
+    keys = [plan.key for plan in load_plans(str(plain), free_bytes=100 * 2**20)]
+    assert "offload" not in keys  # 100 MiB leaves no room for a layer after the headroom

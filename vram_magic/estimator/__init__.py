@@ -92,7 +92,26 @@ def estimate(
         lora_r=lora_r,
     )
     config, name, source, folder = resolve(model)
+    _check_training_of(config, name, training)
     return price(config, name, source, folder, asked)
+
+
+def _check_training_of(config: PretrainedConfig, name: str, training: str | None) -> None:
+    """A checkpoint saved quantized trains only through adapters, and QLoRA means bitsandbytes 4-bit."""
+    saved_as = prequantized(config)
+    if saved_as is None or training not in ("full", "qlora"):
+        return
+    method, bits = saved_as
+    if training == "full":
+        raise ValueError(
+            f"{name} is saved quantized ({method}, {bits}): its weights cannot be fully fine-tuned; "
+            "estimate training='lora' (adapters on the quantized model) instead."
+        )
+    if (method, bits) != ("bitsandbytes", "4bit"):
+        raise ValueError(
+            f"{name} is saved quantized ({method}, {bits}), not in bitsandbytes 4-bit: estimate "
+            "training='lora' (adapters on it as saved) instead of qlora."
+        )
 
 
 def load_plans(
@@ -125,6 +144,7 @@ def load_plans(
     )
     base = replace(base, quantization=None)  # each row chooses its own ("qlora" has only the 4-bit one)
     config, name, source, folder = resolve(model)
+    _check_training_of(config, name, training)
     dtype_name, _ = pick_dtype(base.dtype, config, folder)
     short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype_name]
     rows: list[tuple[str, str, Options]] = [(short, f"dtype=torch.{dtype_name}", base)]
@@ -142,11 +162,13 @@ def load_plans(
         if limit is not None:
             how += f', max_memory={{0: "{limit / GiB:.1f}GiB", "cpu": ...}}'
         rows.append(("offload", how, replace(base, device_map="auto", gpu_bytes=limit)))
-    if training == "qlora":
-        rows = [row for row in rows if row[0] == "4bit"]
+    if training == "qlora":  # a checkpoint saved in 4-bit loads as saved: its own row is the QLoRA one
+        rows = [row for row in rows if row[0] == "4bit"] or rows[:1]
     result = []
     for key, how, asked in rows:
         found = price(config, name, source, folder, asked)
+        if key == "offload" and found.weights_bytes == 0 and found.offloaded_bytes:
+            continue  # too little room for even one layer: that is running on the CPU, not offloading
         fits = None if room is None else found.peak_bytes <= room
         result.append(LoadPlan(key, how, found, found.peak_bytes, room, fits))
     return tuple(result)

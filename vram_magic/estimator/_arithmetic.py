@@ -5,7 +5,7 @@ notes (``Note`` data, worded by ``vram_magic.render``) that say how they were re
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,12 +89,17 @@ def price(config: PretrainedConfig, name: str, source: Note, folder: Path | None
     counted, meta_model = census(config, dtype_name)
     width = DTYPE_BYTES[dtype_name]
     quantization, saved_notes = _saved_quantization(config, opts.quantization)
+    saved_as = prequantized(config)
     weights = _weights(counted, quantization, opts.double_quant, dtype_name)
+    if saved_as is not None and saved_as[0] != "bitsandbytes":  # its own layout note says how it is sized
+        weights = replace(weights, notes=())
     on_gpu, offloaded, placed = _place(
         counted, meta_model, weights.total_bytes, quantization, opts.device_map, opts.gpu_bytes
     )
+    # A checkpoint saved quantized loads its quantized weights as they are: nothing is converted on the GPU.
+    converted = None if saved_as is not None else quantization
     load_peak, loading = _load_peak(
-        on_gpu, weights.warmup_bytes, weights.largest_quantized * width, quantization
+        on_gpu, weights.warmup_bytes, weights.largest_quantized * width, converted
     )
     text = config.get_text_config()
     shape = _shape(text, counted, width)
