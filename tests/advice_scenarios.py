@@ -27,7 +27,10 @@ IMPORTS = "import torch\nfrom transformers import AutoModelForCausalLM, AutoToke
 ON_GPU = (
     IMPORTS + 'model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")\n'
 )
-GENERATES = "assert model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2).shape == (1, 5)\n"
+GENERATES = (  # min_new_tokens: a random tiny model may draw its end-of-sequence token early
+    "assert model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, min_new_tokens=2).shape"
+    " == (1, 5)\n"
+)
 PEFT = (
     ON_GPU
     + "from peft import LoraConfig, PeftModel, get_peft_model\n"

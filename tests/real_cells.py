@@ -1,6 +1,6 @@
 """Other people's notebook cells (tests/fixtures/real_cells/cells.json) and every fix made on each.
 
-``judge()`` puts each fix through the checks the rescue makes before it offers one (``_plan.make_runnable``
+``judge()`` puts each fix through the checks the rescue makes before it offers one (``_checks.make_runnable``
 on the cell read as the rescue reads it, with the notebook's names its ``context`` gives, on a T4-sized GPU
 with 25 GiB of CPU RAM, no config downloaded) and sorts the outcome: a crash (any error of ours), code that
 does not compile, a result that breaks the fix's meaning (checked with Python's own ``ast``, independently of
