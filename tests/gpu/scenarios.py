@@ -192,8 +192,8 @@ def prepare(shell: Any, scenario: Scenario, path: Path, output_dir: Path) -> int
 
 
 def magics(shell: Any) -> Any:
-    """The VramMagics instance the loaded extension registered (its ``last_report``, ``apply_fix``)."""
-    return shell.magics_manager.registry["VramMagics"]
+    """The session of the magics the loaded extension registered (its ``last_report``, ``apply_fix``)."""
+    return shell.magics_manager.registry["VramMagics"].session
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """The three seed scenarios for real on a capped GPU, with a 0.85 B Llama (tests/gpu/scenarios.py).
 
-Each is rescued once by ``VramMagics.apply_fix(report, n)`` (what the report widget's Re-run button calls)
+Each is rescued once by ``Session.apply_fix(report, n)`` (what the report widget's Re-run button calls)
 and once by ``%%oomsafe --auto``. Each test checks that the out-of-memory error was real (the message parsed,
 its "allowed" the cap set), that what the failed run pinned was given back, and that the rescued cell did what
 the fix says: the merge merged, the batch was halved with the effective batch kept, the model was quantized
