@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 from typing import Any, Protocol
 
+from vram_magic._oom import exception_chain
 from vram_magic._probe import cuda_initialized
 from vram_magic._types import Cleanup
 from vram_magic._who import tensors_in
@@ -112,21 +113,8 @@ def free_memory(
     return Cleanup(released=tuple(released), reclaimed_bytes=reclaimed, freed_tensor_bytes=watch.dead_bytes())
 
 
-def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
-    """The exception, its causes and contexts, each once."""
-    seen: set[int] = set()
-    pending: list[BaseException] = [exc]
-    while pending:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
-
-
 def _frames_of(exc: BaseException) -> Iterator[FrameType]:
-    for link in _exception_chain(exc):
+    for link in exception_chain(exc):
         tb = link.__traceback__
         while tb is not None:
             yield tb.tb_frame
@@ -141,7 +129,7 @@ def _is_user_function_frame(frame: FrameType) -> bool:
 
 
 def _clear_frames(exc: BaseException) -> None:
-    for link in _exception_chain(exc):
+    for link in exception_chain(exc):
         if link.__traceback__ is not None:
             traceback.clear_frames(link.__traceback__)  # skips frames still running (ours)
 

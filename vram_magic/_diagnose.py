@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from vram_magic._hf import bitsandbytes_config
 from vram_magic._types import (
     Cause,
     CellAnalysis,
@@ -245,19 +246,8 @@ _BNB_IMPORT = "from transformers import BitsAndBytesConfig\n"
 _IN_LOAD = "# in from_pretrained(...):\n"
 LOAD_FIXES = (
     Fix("bf16", _IN_LOAD + "dtype=torch.bfloat16"),
-    Fix(
-        "8bit",
-        _BNB_IMPORT
-        + _IN_LOAD
-        + 'quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto"',
-    ),
-    Fix(
-        "4bit",
-        _BNB_IMPORT
-        + _IN_LOAD
-        + 'quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"), '
-        'device_map="auto"',
-    ),
+    Fix("8bit", _BNB_IMPORT + _IN_LOAD + f'quantization_config={bitsandbytes_config(8)}, device_map="auto"'),
+    Fix("4bit", _BNB_IMPORT + _IN_LOAD + f'quantization_config={bitsandbytes_config(4)}, device_map="auto"'),
     Fix("offload", _IN_LOAD + 'device_map="auto"'),
     Fix("cpu", _IN_LOAD + 'device_map="cpu"\n# and drop .to("cuda") / .cuda() of the model'),
 )

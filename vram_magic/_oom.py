@@ -172,7 +172,9 @@ def _is_torch_oom(exc: BaseException) -> bool:
     return isinstance(oom_type, type) and isinstance(exc, oom_type)
 
 
-def _chain(exc: BaseException, caught_by_user: Callable[[BaseException], bool]) -> Iterator[BaseException]:
+def exception_chain(
+    exc: BaseException, caught_by_user: Callable[[BaseException], bool] = lambda _: False
+) -> Iterator[BaseException]:
     """``exc``, then its causes and contexts, breadth first, each exception once (so cycles end). A cause or
     context the user's own code caught is not followed: what they raised from it is their own error."""
     seen: set[int] = set()
@@ -212,7 +214,7 @@ def oom_from_exception(
     """
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         return None
-    for link in _chain(exc, caught_by_user or (lambda _: False)):
+    for link in exception_chain(exc, caught_by_user or (lambda _: False)):
         info = _own_oom(link)
         if info is not None:
             return info

@@ -22,11 +22,10 @@ from vram_magic.cell._facts import (
     TrainingConfig,
 )
 from vram_magic.cell._reader import Cell, read_cell
-from vram_magic.cell._values import AUTO_MAPS, Held, Names, dotted
+from vram_magic.cell._values import Held, Names, dotted
 
 __all__ = [
     "ACCUMULATION_NAMES",
-    "AUTO_MAPS",
     "Accumulation",
     "BatchSize",
     "Cell",

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import libcst as cst
 
+from vram_magic._hf import AUTO_MAPS
+
 DTYPES = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
@@ -25,7 +27,6 @@ DTYPES = {
     "float": "float32",
     "auto": "auto",
 }
-AUTO_MAPS = frozenset({"auto", "balanced", "balanced_low_0", "sequential"})
 # Attributes that hold this process's GPU index: {"": PartialState().process_index}, current_device().
 _GPU_INDEX_ATTRIBUTES = frozenset({"process_index", "local_process_index", "current_device", "local_rank"})
 _CASTS = {"half": "float16", "bfloat16": "bfloat16", "float": "float32"}

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from vram_magic._hf import bitsandbytes_config
 from vram_magic._types import Estimate, LoadPlan
 from vram_magic.estimator._arithmetic import price
 from vram_magic.estimator._configs import (
@@ -149,12 +150,9 @@ def load_plans(
     short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype_name]
     rows: list[tuple[str, str, Options]] = [(short, f"dtype=torch.{dtype_name}", base)]
     if base.training != "full" and prequantized(config) is None:
-        how = "quantization_config=BitsAndBytesConfig(load_in_8bit=True)"
+        how = f"quantization_config={bitsandbytes_config(8)}"
         rows.append(("8bit", how, replace(base, quantization="8bit")))
-        how = (
-            'quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
-            f"bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.{dtype_name})"
-        )
+        how = f"quantization_config={bitsandbytes_config(4, f'torch.{dtype_name}')}"
         rows.append(("4bit", how, replace(base, quantization="4bit")))
     if base.training is None:
         limit = None if room is None else max(room - max(int(room * _GPU_HEADROOM), _MIN_HEADROOM_BYTES), 0)

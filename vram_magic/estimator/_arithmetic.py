@@ -9,10 +9,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vram_magic._hf import AUTO_MAPS
 from vram_magic._types import Estimate, Note, facts
 from vram_magic.estimator._configs import DTYPE_BYTES, pick_dtype, prequantized
 from vram_magic.estimator._counting import LORA_R, Census, census, offload_split
-from vram_magic.estimator._options import AUTO_MAPS, Options
+from vram_magic.estimator._options import Options
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

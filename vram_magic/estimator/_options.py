@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from vram_magic._hf import AUTO_MAPS
 from vram_magic.estimator._configs import DTYPES
 from vram_magic.estimator._counting import LORA_R
 
@@ -20,7 +21,6 @@ QUANTIZATIONS = {
 }
 TRAININGS = ("lora", "qlora", "full")
 GPU_MAPS = ("cuda", "gpu")
-AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass(frozen=True)

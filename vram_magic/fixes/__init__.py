@@ -18,7 +18,6 @@ from vram_magic._errors import NotApplicable
 from vram_magic.cell import Cell, read_cell
 from vram_magic.fixes import batch, cpu, dtype16, generation, merge, offload, quantize
 from vram_magic.fixes._base import Options, Rewritten
-from vram_magic.fixes._loads import quantization_config_code
 
 Fixer = Callable[[Cell, Options], Rewritten]
 
@@ -52,7 +51,6 @@ __all__ = [
     "Rewritten",
     "apply_fix",
     "diff",
-    "quantization_config_code",
     "rewrite",
 ]
 

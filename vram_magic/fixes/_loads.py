@@ -33,19 +33,6 @@ _LEGACY_FLAGS = ("load_in_4bit", "load_in_8bit", "llm_int8_enable_fp32_cpu_offlo
 _CASTS = frozenset({"half", "float", "bfloat16"})
 
 
-def quantization_config_code(bits: int, compute: str = "torch.bfloat16", *, offload: bool = False) -> str:
-    """The ``BitsAndBytesConfig(...)`` the 4-bit and 8-bit fixes write (NF4 with double quantization, as
-    QLoRA does), 4-bit layers computing in ``compute`` (code: ``torch.float16``, or the cell's own dtype
-    variable); ``offload`` lets accelerate keep layers that do not fit on the CPU, in float32."""
-    extra = ", llm_int8_enable_fp32_cpu_offload=True" if offload else ""
-    if bits == 8:
-        return f"BitsAndBytesConfig(load_in_8bit=True{extra})"
-    return (
-        'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, '
-        f"bnb_4bit_compute_dtype={compute}{extra})"
-    )
-
-
 def compute_code(cell: Cell, load: Load, default: str) -> str:
     """The dtype 4-bit layers compute in, as code: the load's own 16-bit dtype (a ``torch_dtype`` variable
     of the notebook's included: it is often bfloat16 or float16 by the GPU), else ``default``."""

@@ -10,6 +10,7 @@ that trains the whole model without adapters (quantized weights cannot be traine
 from __future__ import annotations
 
 from vram_magic._errors import NotApplicable
+from vram_magic._hf import bitsandbytes_config
 from vram_magic.cell import Cell, Load
 from vram_magic.fixes._base import PREQUANTIZED, Options, Rewritten, finish, models_changed
 from vram_magic.fixes._edit import Edits
@@ -20,7 +21,6 @@ from vram_magic.fixes._loads import (
     drop_gpu_moves,
     legacy_flags,
     no_load_reason,
-    quantization_config_code,
     release_pipelines,
 )
 
@@ -88,7 +88,7 @@ def _quantize(cell: Cell, load: Load, bits: int, options: Options, edits: Edits)
     written = legacy_flags(edit)
     edit.assign(
         "quantization_config",
-        quantization_config_code(bits, compute),
+        bitsandbytes_config(bits, compute),
         instead_of=written[0] if written else None,
     )
     if load.dtype_by_cast and folded in ("float16", "bfloat16"):
