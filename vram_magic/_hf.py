@@ -1,8 +1,20 @@
-"""What vram_magic writes and reads of the Hugging Face loading API, said once: the ``device_map`` strategies
-that spread a model (accelerate's), and the ``BitsAndBytesConfig`` the fixes, the seed advice and the
-estimator's plans write."""
+"""What vram_magic writes and reads of the Hugging Face loading API, said once: the dtype spellings, the
+``device_map`` strategies that spread a model (accelerate's), and the ``BitsAndBytesConfig`` the fixes, the
+seed advice and the estimator's plans write."""
 
 from __future__ import annotations
+
+# The spellings of the dtypes a load is estimated in (torch.<name> too), by the dtype's name.
+DTYPES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
 
 # device_map values that let accelerate spread the model over the GPUs (and CPU RAM, and disk).
 AUTO_MAPS = frozenset({"auto", "balanced", "balanced_low_0", "sequential"})

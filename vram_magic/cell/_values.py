@@ -15,18 +15,9 @@ from dataclasses import dataclass
 import libcst as cst
 
 from vram_magic._hf import AUTO_MAPS
+from vram_magic._hf import DTYPES as HF_DTYPES
 
-DTYPES = {
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-    "auto": "auto",
-}
+DTYPES = {**HF_DTYPES, "auto": "auto"}  # dtype="auto": the checkpoint's own
 # Attributes that hold this process's GPU index: {"": PartialState().process_index}, current_device().
 _GPU_INDEX_ATTRIBUTES = frozenset({"process_index", "local_process_index", "current_device", "local_rank"})
 _CASTS = {"half": "float16", "bfloat16": "bfloat16", "float": "float32"}

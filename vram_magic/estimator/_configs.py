@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vram_magic._hf import DTYPES
 from vram_magic._types import Note, facts
 from vram_magic.estimator._counting import transformers_major
 
@@ -23,16 +24,6 @@ if TYPE_CHECKING:
 CONFIGS_DIR = Path(__file__).parent.parent / "configs"
 MiB = 2**20
 
-DTYPES = {
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-}
 DTYPE_NAMES = frozenset(DTYPES)  # the dtype spellings estimate() takes (torch.<name> too)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}

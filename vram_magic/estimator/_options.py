@@ -7,8 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from vram_magic._hf import AUTO_MAPS
-from vram_magic.estimator._configs import DTYPES
+from vram_magic._hf import AUTO_MAPS, DTYPES
 from vram_magic.estimator._counting import LORA_R
 
 QUANTIZATIONS = {
