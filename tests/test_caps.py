@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from typing import Any
 
@@ -117,3 +120,26 @@ def test_vram_estimate_mistakes_are_one_line_usage_errors(ip: Any, monkeypatch: 
     with pytest.raises(UsageError, match="Pass a local path, or run once online") as raised:
         ip.run_line_magic("vram", "estimate no-such-org/no-such-model")
     assert "\n" not in str(raised.value)
+
+
+def test_a_cap_on_a_machine_without_a_gpu_imports_no_torch() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        from IPython.testing.globalipapp import start_ipython
+        from vram_magic._probe import surely_no_gpu
+        if not surely_no_gpu():
+            print("a GPU is here")
+            raise SystemExit(0)
+        ip = start_ipython()
+        ip.run_line_magic("load_ext", "vram_magic")
+        ip.run_line_magic("vram", "cap t4")
+        assert "torch" not in sys.modules, "cap imported torch"
+        from vram_magic._caps import target_bytes
+        print(target_bytes())
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    if done.stdout.strip() == "a GPU is here":
+        pytest.skip("a GPU is visible: a cap there is PyTorch's and needs torch")
+    assert done.stdout.strip().splitlines()[-1] == str(PRESETS["t4"])

@@ -449,7 +449,7 @@ def test_import_and_load_stay_light() -> None:
         from IPython.testing.globalipapp import start_ipython
         ip = start_ipython()
         ip.run_line_magic("load_ext", "vram_magic")
-        heavy = {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "ipywidgets"}
+        heavy = {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "ipywidgets", "libcst"}
         heavy &= set(sys.modules)
         assert not heavy, heavy
         """

@@ -337,3 +337,43 @@ def test_without_torch_imported_nothing_holds_memory() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "() [] 0 False"
+
+
+# --- a bounded walk: big Python data does not make `%vram who` or a rescue slow ---------------------------
+
+
+def test_a_tokenized_dataset_in_python_lists_is_sampled_not_walked_item_by_item(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vram_magic import _who
+
+    monkeypatch.setattr(_who, "MAX_VISITS", 500)  # far fewer objects than the dataset has
+    ids = list(range(1000, 1064))
+    dataset = [{"input_ids": list(ids), "labels": list(ids), "text": "a b c"} for _ in range(5000)]
+    weights = torch.ones(256)
+    walked = _who.walk_namespace({"dataset": dataset, "weights": weights}, "cpu")
+    assert walked.unfinished == frozenset()  # sampled: no stop, no "not counted"
+    assert walked.holders() == (Holder("weights", "Tensor", 1024),)
+
+
+def test_a_list_of_tensors_is_walked_in_full_when_it_is_within_the_budget() -> None:
+    rows = [{"pixel_values": torch.ones(8)} for _ in range(200)]  # a tensor in every row, past the sample
+    assert find_holders({"rows": rows}, "cpu") == (Holder("rows", "list", 200 * 32),)
+
+
+def test_a_walk_past_its_budget_stops_and_the_report_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vram_magic import _who
+    from vram_magic._units import format_bytes
+    from vram_magic.render import render_holders
+
+    monkeypatch.setattr(_who, "MAX_VISITS", 100)
+    features = [torch.zeros(4) for _ in range(1000)]
+    model = nn.Linear(64, 64)  # a model's parameters never count against the budget
+    (first, second) = find_holders({"features": features, "model": model}, "cpu")
+    assert (first.name, first.complete) == ("model", True)
+    assert first.total_bytes == module_bytes(model)
+    assert (second.name, second.complete) == ("features", False)
+    assert 0 < second.total_bytes < 1000 * 16  # what it saw before it stopped: a lower bound
+    text = render_holders((first, second), "cpu")
+    assert f"≥ {format_bytes(second.total_bytes)}" in text.splitlines()[2]
+    assert "`features` holds too many objects to look through quickly" in " ".join(text.split())

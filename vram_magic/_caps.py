@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vram_magic._probe import surely_no_gpu
 from vram_magic._types import Caps
 from vram_magic._units import GiB, format_bytes, parse_size
 
@@ -64,33 +65,50 @@ def set_target_bytes(value: int | None) -> None:
 
 
 def apply_cap(text: str | None) -> Caps:
-    """``%vram cap [SIZE|PRESET|off]``: cap every visible GPU (imports torch), or keep the target when there
-    is none; no text: what is set. Raises ValueError on a bad size or one larger than a GPU."""
-    import torch
+    """``%vram cap [SIZE|PRESET|off]``: cap every visible GPU, or keep the target when there is none; no
+    text: what is set. Raises ValueError on a bad size or one larger than a GPU.
 
-    gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else range(0)
+    A cap on a GPU is PyTorch's, so it imports torch (about a second the first time); on a machine with no
+    GPU for PyTorch (no driver, none visible) torch is not imported."""
+    gpus = _gpus()
     if text is None:
-        return Caps("show", tuple((i, _cap_bytes(torch, i)) for i in gpus), _target_bytes)
+        return Caps("show", tuple((i, _cap_bytes(i)) for i in gpus), _target_bytes)
     if text.lower() == "off":
         for i in gpus:
-            torch.cuda.set_per_process_memory_fraction(1.0, i)
+            _torch().cuda.set_per_process_memory_fraction(1.0, i)
         set_target_bytes(None)
         return Caps("off", tuple((i, None) for i in gpus), None)
     size, label = parse_cap(text)
     if not gpus:
         set_target_bytes(size)
         return Caps("set", (), size, label)
+    cuda = _torch().cuda
     for i in gpus:
-        total = torch.cuda.get_device_properties(i).total_memory
+        total = cuda.get_device_properties(i).total_memory
         if size > total:
             raise ValueError(f"GPU {i} has {format_bytes(total)}: a cap must be smaller than that.")
     for i in gpus:
-        torch.cuda.set_per_process_memory_fraction(size / torch.cuda.get_device_properties(i).total_memory, i)
+        cuda.set_per_process_memory_fraction(size / cuda.get_device_properties(i).total_memory, i)
     return Caps("set", tuple((i, size) for i in gpus), None, label)
 
 
-def _cap_bytes(torch: Any, index: int) -> int | None:
-    fraction = float(torch.cuda.get_per_process_memory_fraction(index))
+def _gpus() -> range:
+    """The indices of the GPUs PyTorch can use; torch is not imported when there surely are none."""
+    if surely_no_gpu():
+        return range(0)
+    cuda = _torch().cuda
+    return range(cuda.device_count()) if cuda.is_available() else range(0)
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def _cap_bytes(index: int) -> int | None:
+    cuda = _torch().cuda
+    fraction = float(cuda.get_per_process_memory_fraction(index))
     if fraction >= 1.0:
         return None
-    return int(fraction * torch.cuda.get_device_properties(index).total_memory)
+    return int(fraction * cuda.get_device_properties(index).total_memory)

@@ -29,7 +29,6 @@ from vram_magic._probe import take_snapshot
 from vram_magic._runner import CellRunner, check_shell
 from vram_magic._session import Session, counted_device, estimate_text
 from vram_magic._types import Report, Snapshot
-from vram_magic.render import render_cap, render_cleanup, render_holders
 
 _DEFAULT_MAX_ATTEMPTS = 4
 _DEVICE = re.compile(r"^(cuda(:\d+)?|cpu(:0)?)$")
@@ -144,12 +143,16 @@ class VramMagics(Magics):
         return take_snapshot()
 
     def _who(self, args: Any) -> None:
+        from vram_magic.render import render_holders
+
         if args.names:
             raise UsageError("%vram who takes no names; type `%vram who` alone.")
         device = _device(args.device) if args.device else counted_device()
         print(render_holders(self.session.holders(device), device))
 
     def _free(self, args: Any) -> None:
+        from vram_magic.render import render_cleanup
+
         names = [_unquoted(name) for name in args.names]
         device = _device(args.device) if args.device else counted_device()
         print(render_cleanup(self.session.free(names, device)))
@@ -171,6 +174,8 @@ class VramMagics(Magics):
             raise UsageError(str(error).splitlines()[0]) from None
 
     def _cap(self, args: Any) -> None:
+        from vram_magic.render import render_cap
+
         if len(args.names) > 1:
             raise UsageError("Type one size or preset: `%vram cap t4`, `%vram cap 12GiB` or `%vram cap off`.")
         try:

@@ -47,6 +47,9 @@ class _TorchFigures:
 
 # (pynvml module or None, why NVML is unavailable or None); set by the first _nvml() call.
 _nvml_state: tuple[Any, str | None] | None = None
+# NVML's errors when no NVIDIA driver is installed or loaded: then CUDA has no GPU either.
+_NO_DRIVER_ERRORS = ("NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded")
+_no_driver = False
 
 
 def cuda_initialized() -> bool:
@@ -82,7 +85,7 @@ def take_snapshot() -> Snapshot:
 
 def _nvml() -> Any:
     """The initialised pynvml module, or None. Initialises once and remembers a failure."""
-    global _nvml_state
+    global _nvml_state, _no_driver
     if _nvml_state is None:
         try:
             import pynvml
@@ -93,7 +96,25 @@ def _nvml() -> Any:
             _nvml_state = (None, "nvidia-ml-py is not installed; pip install nvidia-ml-py")
         except Exception as exc:
             _nvml_state = (None, _why(exc))
+            _no_driver = type(exc).__name__ in _NO_DRIVER_ERRORS
     return _nvml_state[0]
+
+
+def surely_no_gpu() -> bool:
+    """True when this process surely has no GPU for PyTorch, found without importing torch: no NVIDIA
+    driver (or no device CUDA_VISIBLE_DEVICES lets through) and no ROCm device. False when unsure."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            return not torch.cuda.is_available()
+        except Exception:
+            return False
+    if os.path.exists("/dev/kfd"):  # AMD's ROCm: PyTorch's cuda is HIP there, NVML sees nothing
+        return False
+    devices = _nvml_devices()
+    if devices is None:
+        return _no_driver
+    return not _visible_from_env(devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def _nvml_problem(torch_ready: bool) -> str:

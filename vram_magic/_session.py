@@ -17,14 +17,11 @@ from dataclasses import dataclass, replace
 from typing import Any, NoReturn, Protocol
 
 from vram_magic._caps import parse_cap, target_bytes
-from vram_magic._cleanup import free_memory
 from vram_magic._errors import OutOfMemoryHandled, Refused
 from vram_magic._oom import exception_text
 from vram_magic._probe import take_snapshot
 from vram_magic._quiet import show_int8_cast_warning_once
 from vram_magic._types import Attempt, Cleanup, Fix, Holder, OOMInfo, Report, Snapshot
-from vram_magic._who import bytes_only_in, find_holders
-from vram_magic.render import render_auto_result, render_cleanup, render_fix_worked, summary_line
 
 
 @dataclass
@@ -112,6 +109,8 @@ class Session:
         """Run fix ``number`` of ``report``: delete what it frees, run its cell, report how it went. A report
         whose cell has been dealt with since (a fix of it worked, or the cell ran again) runs nothing."""
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
+        from vram_magic.render import render_fix_worked
+
         if id(report) in self._over:
             raise Refused(
                 f"That report is done with ({self._over[id(report)]}): nothing runs. If the cell still runs "
@@ -168,6 +167,8 @@ class Session:
     def free(self, names: Sequence[str], device: str) -> Cleanup:
         """``%vram free``: delete ``names``, release what the last error keeps, empty the cache. A name that
         is not the notebook's data (a module, a class, IPython's own) is refused."""
+        from vram_magic._cleanup import free_memory
+
         namespace = self.runner.namespace
         for name in names:
             if name not in namespace:
@@ -180,7 +181,9 @@ class Session:
         return free_memory(self.runner, names=names, device=device)
 
     def holders(self, device: str) -> tuple[Holder, ...]:
-        return find_holders(self.runner.namespace, device, skip=self.runner.is_hidden)
+        from vram_magic._who import walk_namespace
+
+        return walk_namespace(self.runner.namespace, device, skip=self.runner.is_hidden).holders()
 
     # --- the path of an OOM ---------------------------------------------------------------------------------
 
@@ -215,6 +218,8 @@ class Session:
     def _run_first_plan(self, report: Report) -> Any:
         """``--auto`` after preflight: run the first fix estimated to fit, so the load never runs out."""
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
+        from vram_magic.render import summary_line
+
         number, fix = next(
             ((n, f) for n, f in enumerate(report.fixes, 1) if f.runnable and f.fits), (0, None)
         )
@@ -235,11 +240,14 @@ class Session:
 
     def _rescue(self, failure: Failure) -> Report:
         """Free what the failed cell pinned, then explain the failure from a fresh snapshot."""
+        from vram_magic._cleanup import free_memory
         from vram_magic._report import explain
+        from vram_magic._who import walk_namespace
 
         device = counted_device()
         cleanup = free_memory(self.runner, failure=failure.error, device=device)
         failure.error = None  # its frames are cleared; nothing of the failed run is kept
+        walked = walk_namespace(self.runner.namespace, device, skip=self.runner.is_hidden)
         report = explain(
             oom=failure.oom,
             error_text=failure.error_text,
@@ -248,16 +256,18 @@ class Session:
             body=failure.body,
             failed_line=failure.failed_line,
             snapshot=take_snapshot(),
-            holders=self.holders(device),
+            holders=walked.holders(),
             cleanup=cleanup,
             namespace=self.runner.namespace,
-            bytes_freed_by=lambda names: self._bytes_freed_by(names, device),
+            bytes_freed_by=walked.bytes_only_in,
         )
         return replace(report, rebound_names=failure.rebound)
 
     def _walk_ladder(self, first: _Outcome, max_attempts: int) -> Any:
         """``--auto``: try the runnable fixes expected to fit, in order, until one works."""
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
+        from vram_magic.render import render_auto_result
+
         assert first.report is not None
         report = first.report
         attempts = [Attempt("the cell as written", first.seconds, succeeded=False)]
@@ -293,6 +303,8 @@ class Session:
     def _attempt(self, fix: Fix, number: int) -> _Outcome:
         """Free what ``fix`` names, then run its cell."""
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
+        from vram_magic.render import render_cleanup
+
         assert fix.rewritten_cell is not None
         if fix.key == "8bit":
             show_int8_cast_warning_once()
@@ -303,13 +315,12 @@ class Session:
 
     def _fail(self, report: Report) -> NoReturn:
         """Show the report and end the cell as failed, with one line that holds no frame of the user's."""
+        from vram_magic.render import summary_line
+
         self.last_report = report
         self._report_run = self._cell_run  # the %%oomsafe cell it is about (a fix's report: the same one)
         self.runner.show(report, lambda number: self.apply_fix(report, number))
         raise OutOfMemoryHandled(f"{summary_line(report)} See the report above.")
-
-    def _bytes_freed_by(self, names: Sequence[str], device: str) -> int:
-        return bytes_only_in(self.runner.namespace, names, device, skip=self.runner.is_hidden)
 
 
 def worth_trying_unattended(fix: Fix) -> bool:

@@ -137,7 +137,8 @@ class Holder:
     """A name in the user namespace that holds memory on the device being counted.
 
     ``total_bytes`` counts every distinct storage reachable from the name; ``shared_bytes`` is the
-    part of it also reachable from the names in ``shared_with``.
+    part of it also reachable from the names in ``shared_with``. ``complete`` is False when the walk
+    stopped before the end of what the name holds (too many objects): it holds at least ``total_bytes``.
     """
 
     name: str
@@ -145,6 +146,7 @@ class Holder:
     total_bytes: int
     shared_bytes: int = 0
     shared_with: tuple[str, ...] = ()
+    complete: bool = True
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from vram_magic.render._sections import (
     report_sections,
     snapshot_sections,
 )
+from vram_magic.render._words import holder_size, holders_footnote
 
 # (label, colour) for each bar segment, left to right.
 SEGMENTS = (
@@ -166,11 +167,14 @@ def holders_html(section: Holders) -> str:
         rows.append(
             f'<tr><td style="{CELL}">{code(escape(h.name))}</td>'
             f'<td style="{CELL}">{escape(h.type_name)}</td>'
-            f'<td style="{CELL}text-align:right;white-space:nowrap;">{format_bytes(h.total_bytes)}</td>'
+            f'<td style="{CELL}text-align:right;white-space:nowrap;">{escape(holder_size(h))}</td>'
             f'<td style="{CELL}">{shares}</td></tr>'
         )
     hidden = len(section.holders) - section.limit
     more = f"<div>... and {hidden} more</div>" if hidden > 0 else ""
+    footnote = holders_footnote(section.holders)
+    if footnote:
+        more += f"<div>{prose(footnote)}</div>"
     table = (
         f'<table style="border-collapse:collapse;"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table>"

@@ -25,7 +25,7 @@ from vram_magic.render._sections import (
     report_sections,
     snapshot_sections,
 )
-from vram_magic.render._words import numerics_note, summary_line
+from vram_magic.render._words import holder_size, holders_footnote, numerics_note, summary_line
 
 WIDTH = 88
 LABEL_WIDTH = 30
@@ -150,12 +150,15 @@ def _holder_lines(section: Holders) -> list[str]:
     type_w = max(len(h.type_name) for h in shown) + 2
     lines = [section.heading]
     for h in shown:
-        line = f"  {h.name:<{name_w}}{h.type_name:<{type_w}}{format_bytes(h.total_bytes):>11}"
+        line = f"  {h.name:<{name_w}}{h.type_name:<{type_w}}{holder_size(h):>11}"
         if h.shared_with:
             line += f"  shares {format_bytes(h.shared_bytes)} with {', '.join(h.shared_with)}"
         lines.append(line)
     if len(section.holders) > section.limit:
         lines.append(f"  ... and {len(section.holders) - section.limit} more")
+    footnote = holders_footnote(section.holders)
+    if footnote:
+        lines += _wrap(footnote, "  ", "  ")
     return lines
 
 

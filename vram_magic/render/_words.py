@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vram_magic._types import Cause, CellKind, Fix, OOMKind, Report
+from vram_magic._types import Cause, CellKind, Fix, Holder, OOMKind, Report
 from vram_magic._units import format_bytes
 
 OOM_HEADS: dict[OOMKind, str] = {
@@ -101,6 +101,24 @@ def _need(f: dict[str, Any]) -> str:
     elif f.get("free") is not None:
         text += f"; the GPU had {format_bytes(f['free'])} free"
     return text + "."
+
+
+def holder_size(holder: Holder) -> str:
+    """A holder's size as a table shows it: "at least" where the walk stopped before the end."""
+    if holder.complete:
+        return format_bytes(holder.total_bytes)
+    return f"≥ {format_bytes(holder.total_bytes)}" if holder.total_bytes else "not counted"
+
+
+def holders_footnote(holders: Sequence[Holder]) -> str | None:
+    """Why a name's size is a lower bound, when the walk stopped early for some name."""
+    unfinished = [h.name for h in holders if not h.complete]
+    if not unfinished:
+        return None
+    return (
+        f"{join_names(unfinished)} {'holds' if len(unfinished) == 1 else 'hold'} too many objects to look "
+        "through quickly: the walk stopped early, so any memory further in is not counted."
+    )
 
 
 def _holder(f: dict[str, Any]) -> str:
