@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from IPython.testing.globalipapp import get_ipython
+
+# vram_magic's disk cache of counted models (and any other tool's cache) starts empty for every test run, in
+# this process and the kernels and scripts it starts, and never touches the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="vram_magic_tests_cache_")
 
 # A real torch 2.x OOM message (captured on an H100 with torch 2.11): what CUDA raises under a 1.5 GiB cap.
 CAPPED_LOAD_OOM = (

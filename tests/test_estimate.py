@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -748,3 +749,95 @@ def test_a_checkpoint_saved_quantized_is_sized_as_saved_and_trained_only_through
     (plain / "config.json").write_text(json.dumps(config))
     keys = [plan.key for plan in load_plans(str(plain), free_bytes=100 * 2**20)]
     assert "offload" not in keys  # 100 MiB leaves no room for a layer after the headroom
+
+
+# --- the disk cache: a model counted once is estimated in a new kernel without transformers' model code ----
+
+
+def _forget_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a new kernel: nothing counted in memory, only what is on disk."""
+    monkeypatch.setattr(_counting, "_entries", {})
+    monkeypatch.setattr(_counting, "_cache", type(_counting._cache)())
+
+
+def _every_kind_of_estimate(saved: dict[str, Path], prequantized_folder: Path) -> list[Any]:
+    return [
+        load_plans("meta-llama/Llama-3.1-8B", free_bytes=6 * GiB),  # an offload row that splits
+        load_plans("google/gemma-2-2b", free_bytes=40 * GiB, context=8192),  # sliding-window layers
+        estimate("openai-community/gpt2", training="full", batch_size=4),
+        estimate("google-bert/bert-base-uncased", context=512),
+        estimate("Qwen/Qwen2.5-7B", quantization="4bit", training="qlora", gradient_checkpointing=True),
+        *(load_plans(str(folder), free_bytes=GiB, context=128) for folder in saved.values()),
+        load_plans(str(prequantized_folder), free_bytes=GiB),
+        estimate(llama_085b(), dtype="float16", device_map="auto", gpu_bytes=GiB),
+    ]
+
+
+def test_a_cached_estimate_equals_a_fresh_count(
+    monkeypatch: pytest.MonkeyPatch,
+    empty_hub_cache: Path,
+    saved: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    prequantized_folder = tmp_path / "bnb4"
+    prequantized_folder.mkdir()
+    values = {
+        **llama_085b().to_dict(),
+        "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True},
+    }
+    (prequantized_folder / "config.json").write_text(json.dumps(values))
+    _forget_this_process(monkeypatch)
+    fresh = _every_kind_of_estimate(saved, prequantized_folder)
+    assert len(list((tmp_path / "cache" / "vram_magic" / "estimates").glob("*.json"))) >= 8
+
+    _forget_this_process(monkeypatch)
+    built_again: list[int] = []
+    build = _counting._build
+
+    def recorded(config: Any, dtype_name: str) -> Any:
+        built_again.append(config.num_hidden_layers)
+        return build(config, dtype_name)
+
+    monkeypatch.setattr(_counting, "_build", recorded)
+    cached = _every_kind_of_estimate(saved, prequantized_folder)
+    assert cached == fresh
+    # Every figure came from the disk; only placing an offload that does not fit builds the model (the 8B
+    # under 6 GiB, 32 layers; the 0.85 B in float16 under 1 GiB, 16 layers).
+    assert sorted(built_again) == [16, 32]
+
+
+def test_a_cache_file_that_cannot_be_read_is_counted_again(
+    monkeypatch: pytest.MonkeyPatch, empty_hub_cache: Path, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _forget_this_process(monkeypatch)
+    fresh = estimate("Qwen/Qwen2.5-0.5B", quantization="8bit")
+    (entry,) = (tmp_path / "cache" / "vram_magic" / "estimates").glob("*.json")
+    entry.write_text('{"census": {"bfloat16": {"params": ')  # cut off mid-write by a crash
+    _forget_this_process(monkeypatch)
+    assert estimate("Qwen/Qwen2.5-0.5B", quantization="8bit") == fresh
+    assert json.loads(entry.read_text())["census"]["bfloat16"]["params"] == fresh.params  # and saved whole
+
+
+def test_a_new_kernel_estimates_a_counted_model_without_transformers_and_says_when_it_counts(
+    tmp_path: Path,
+) -> None:
+    script = (
+        "import sys\n"
+        "from vram_magic.estimator import load_plans\n"
+        "told = lambda line: print('told:', line)\n"
+        "load_plans('meta-llama/Llama-3.2-1B', free_bytes=2**34, progress=told)\n"
+        "print('loaded:', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    runs = [
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+        for _ in range(2)
+    ]
+    first, second = (run.stdout.splitlines() for run in runs)
+    assert first == [
+        "told: Counting meta-llama/Llama-3.2-1B (the first time takes a few seconds)…",
+        "loaded: ['torch', 'transformers']",
+    ]
+    assert second == ["loaded: []"]

@@ -169,7 +169,8 @@ class VramMagics(Magics):
             )
         options = dict(gpu=args.gpu, dtype=args.dtype, quantization=args.quant, context=args.context)
         try:
-            print(estimate_text(_unquoted(args.names[0]), take_snapshot(), training=args.train, **options))
+            model, snapshot = _unquoted(args.names[0]), take_snapshot()
+            print(estimate_text(model, snapshot, training=args.train, progress=_progress, **options))
         except ValueError as error:
             raise UsageError(str(error).splitlines()[0]) from None
 
@@ -193,6 +194,11 @@ def _check_options_belong(args: Any) -> None:
         flag = f"--{option}"
         used = f"`%vram {args.command} {flag}`" if args.command else f"`%vram {flag}`"
         raise UsageError(f"{used}: {flag} goes with {' or '.join(f'`%vram {c}`' for c in commands)}.")
+
+
+def _progress(line: str) -> None:
+    """A line before a step that takes seconds, shown at once (a notebook's output is otherwise batched)."""
+    print(line, flush=True)
 
 
 def _unquoted(word: str) -> str:

@@ -276,6 +276,7 @@ class Session:
                 continue
             label = fix.title
             while len(attempts) < max_attempts:
+                self.say(f"--auto: trying fix {number}: {label}…")  # an attempt can take minutes
                 started = time.perf_counter()
                 try:
                     outcome = self._attempt(fix, number)
@@ -356,6 +357,7 @@ def estimate_text(
     quantization: str | None = None,
     context: int | None = None,
     training: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> str:
     """``%vram estimate``: the load plans for ``model`` against the room on the first GPU, the ``gpu`` card,
     or the cap planned for without a GPU. Raises ValueError for a model or option it cannot read."""
@@ -368,10 +370,25 @@ def estimate_text(
         free = None  # a rehearsal plans for the named card, whatever this GPU has free
     if quantization is not None:
         # Checks the options together (qlora is 4-bit only), then the one row against the room, if any.
-        one = estimate(model, dtype=dtype, quantization=quantization, context=context, training=training)
+        one = estimate(
+            model,
+            dtype=dtype,
+            quantization=quantization,
+            context=context,
+            training=training,
+            progress=progress,
+        )
         if free is None and cap is None:
             return render_estimate_table([one])
-    rows = load_plans(model, free_bytes=free, cap_bytes=cap, dtype=dtype, context=context, training=training)
+    rows = load_plans(
+        model,
+        free_bytes=free,
+        cap_bytes=cap,
+        dtype=dtype,
+        context=context,
+        training=training,
+        progress=progress,
+    )
     return render_estimate_table([row for row in rows if quantization in (None, row.key)])
 
 

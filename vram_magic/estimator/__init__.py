@@ -6,8 +6,9 @@ bitsandbytes place them. Loading, a KV cache for a context, and a training step 
 add. Every approximation is a ``Note`` in ``Estimate.notes``, worded by ``vram_magic.render``.
 
 Pure: no IPython. torch, transformers, accelerate and huggingface_hub are imported inside the functions that
-use them, so ``import vram_magic.estimator`` is cheap. A model built from one config is cached, so a second
-estimate of the same model (another dtype or quantization, the plan rows) takes milliseconds.
+use them, so ``import vram_magic.estimator`` is cheap. What is counted of a model is cached in memory and on
+disk (``_disk``): a second estimate of the same model (another dtype or quantization, the plan rows, a new
+kernel) takes milliseconds and imports none of transformers' model code.
 
 ``_configs`` finds the config and the dtype, ``_counting`` builds and counts (the only module that touches
 transformers' and accelerate's internals), ``_options`` checks what was asked, ``_arithmetic`` prices it.
@@ -24,13 +25,14 @@ from vram_magic.estimator._arithmetic import price
 from vram_magic.estimator._configs import (
     CONFIGS_DIR,
     DTYPE_NAMES,
+    Progress,
     bundled_models,
     load_config,
     pick_dtype,
     prequantized,
     resolve,
 )
-from vram_magic.estimator._counting import LORA_R
+from vram_magic.estimator._counting import LORA_R, Described, described
 from vram_magic.estimator._options import Options, check_bytes, options
 
 if TYPE_CHECKING:
@@ -67,6 +69,7 @@ def estimate(
     batch_size: int = 1,
     gradient_checkpointing: bool = False,
     lora_r: int = LORA_R,
+    progress: Progress | None = None,
 ) -> Estimate:
     """Estimate what ``from_pretrained(model, ...)`` needs on the GPU, from the model's config alone.
 
@@ -78,7 +81,8 @@ def estimate(
     ``gpu_bytes``: what fits there, the rest in CPU RAM) or ``"cpu"``. ``context``: tokens per sequence, for
     the KV cache and activations (the sequence length when training). ``training``: ``"lora"``
     (r=``lora_r`` on the attention projections; ``"qlora"`` is LoRA on a 4-bit model) or ``"full"`` (AdamW,
-    mixed precision).
+    mixed precision). ``progress`` is told, in a line, before a step that can take seconds (a download from
+    the Hub, counting a model for the first time).
     """
     asked = options(
         dtype=dtype,
@@ -92,12 +96,12 @@ def estimate(
         gradient_checkpointing=gradient_checkpointing,
         lora_r=lora_r,
     )
-    config, name, source, folder = resolve(model)
-    _check_training_of(config, name, training)
-    return price(config, name, source, folder, asked)
+    located = resolve(model, progress)
+    _check_training_of(described(located), located.name, training)
+    return price(located, asked)
 
 
-def _check_training_of(config: PretrainedConfig, name: str, training: str | None) -> None:
+def _check_training_of(config: PretrainedConfig | Described, name: str, training: str | None) -> None:
     """A checkpoint saved quantized trains only through adapters, and QLoRA means bitsandbytes 4-bit."""
     saved_as = prequantized(config)
     if saved_as is None or training not in ("full", "qlora"):
@@ -125,6 +129,7 @@ def load_plans(
     training: str | None = None,
     batch_size: int = 1,
     gradient_checkpointing: bool = False,
+    progress: Progress | None = None,
 ) -> tuple[LoadPlan, ...]:
     """One row per way to load ``model``: the dtype asked (or the config's), 8-bit, 4-bit NF4 and CPU offload.
 
@@ -144,9 +149,10 @@ def load_plans(
         gradient_checkpointing=gradient_checkpointing,
     )
     base = replace(base, quantization=None)  # each row chooses its own ("qlora" has only the 4-bit one)
-    config, name, source, folder = resolve(model)
-    _check_training_of(config, name, training)
-    dtype_name, _ = pick_dtype(base.dtype, config, folder)
+    located = resolve(model, progress)
+    config = described(located)
+    _check_training_of(config, located.name, training)
+    dtype_name, _ = pick_dtype(base.dtype, config, located.folder)
     short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype_name]
     rows: list[tuple[str, str, Options]] = [(short, f"dtype=torch.{dtype_name}", base)]
     if base.training != "full" and prequantized(config) is None:
@@ -164,7 +170,7 @@ def load_plans(
         rows = [row for row in rows if row[0] == "4bit"] or rows[:1]
     result = []
     for key, how, asked in rows:
-        found = price(config, name, source, folder, asked)
+        found = price(located, asked)
         if key == "offload" and found.weights_bytes == 0 and found.offloaded_bytes:
             continue  # too little room for even one layer: that is running on the CPU, not offloading
         fits = None if room is None else found.peak_bytes <= room

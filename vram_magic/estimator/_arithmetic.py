@@ -5,18 +5,20 @@ notes (``Note`` data, worded by ``vram_magic.render``) that say how they were re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vram_magic._hf import AUTO_MAPS
 from vram_magic._types import Estimate, Note, facts
 from vram_magic.estimator._configs import DTYPE_BYTES, pick_dtype, prequantized
-from vram_magic.estimator._counting import LORA_R, Census, census, offload_split
+from vram_magic.estimator._counting import LORA_R, Census, Described, built, counted, described, offload_split
 from vram_magic.estimator._options import Options
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
+    from vram_magic.estimator._configs import Located
 
 # bitsandbytes' layouts (0.45 to 0.50), checked byte for byte against real loads in tests/test_estimate.py.
 _BLOCK_4BIT = 64  # weights per absmax scale in 4-bit
@@ -84,18 +86,23 @@ class _Run:
     notes: tuple[Note, ...] = ()
 
 
-def price(config: PretrainedConfig, name: str, source: Note, folder: Path | None, opts: Options) -> Estimate:
-    """The estimate of loading ``config`` (named ``name``, found as ``source`` says) with ``opts``."""
-    dtype_name, dtype_note = pick_dtype(opts.dtype, config, folder)
-    counted, meta_model = census(config, dtype_name)
+def price(located: Located, opts: Options) -> Estimate:
+    """The estimate of loading the model ``located`` found with ``opts``."""
+    config = described(located)
+    dtype_name, dtype_note = pick_dtype(opts.dtype, config, located.folder)
+    census = counted(located, dtype_name)
     width = DTYPE_BYTES[dtype_name]
     quantization, saved_notes = _saved_quantization(config, opts.quantization)
     saved_as = prequantized(config)
-    weights = _weights(counted, quantization, opts.double_quant, dtype_name)
+    weights = _weights(census, quantization, opts.double_quant, dtype_name)
     if saved_as is not None and saved_as[0] != "bitsandbytes":  # its own layout note says how it is sized
         weights = replace(weights, notes=())
+
+    def meta_model() -> Any:  # built only to place an offload that does not fit: it is never on disk
+        return built(located.config(), dtype_name)[1]
+
     on_gpu, offloaded, placed = _place(
-        counted, meta_model, weights.total_bytes, quantization, opts.device_map, opts.gpu_bytes
+        census, meta_model, weights.total_bytes, quantization, opts.device_map, opts.gpu_bytes
     )
     # A checkpoint saved quantized loads its quantized weights as they are: nothing is converted on the GPU.
     converted = None if saved_as is not None else quantization
@@ -103,16 +110,16 @@ def price(config: PretrainedConfig, name: str, source: Note, folder: Path | None
         on_gpu, weights.warmup_bytes, weights.largest_quantized * width, converted
     )
     text = config.get_text_config()
-    shape = _shape(text, counted, width)
+    shape = _shape(text, census, width)
     run = _Run()
     if opts.training is not None:
-        run = _training(counted, shape, opts, opts.training, on_gpu, offloaded)
+        run = _training(census, shape, opts, opts.training, on_gpu, offloaded)
     elif opts.context is not None and on_gpu:
-        run = _inference(text, counted, shape, opts.context, opts.batch_size, on_gpu, offloaded)
+        run = _inference(text, census, shape, opts.context, opts.batch_size, on_gpu, offloaded)
     return Estimate(
-        model=name,
-        model_class=counted.model_class,
-        params=counted.params,
+        model=located.name,
+        model_class=census.model_class,
+        params=census.params,
         dtype=dtype_name,
         quantization=quantization,
         device_map=opts.device_map,
@@ -127,11 +134,13 @@ def price(config: PretrainedConfig, name: str, source: Note, folder: Path | None
         context=opts.context,
         batch_size=opts.batch_size,
         training=opts.training,
-        notes=(source, dtype_note, *saved_notes, *weights.notes, *placed, *loading, *run.notes),
+        notes=(located.source, dtype_note, *saved_notes, *weights.notes, *placed, *loading, *run.notes),
     )
 
 
-def _saved_quantization(config: PretrainedConfig, asked: str | None) -> tuple[str | None, tuple[Note, ...]]:
+def _saved_quantization(
+    config: PretrainedConfig | Described, asked: str | None
+) -> tuple[str | None, tuple[Note, ...]]:
     """The quantization that loads: a checkpoint saved quantized loads its own, whatever was asked."""
     saved_as = prequantized(config)
     if saved_as is None:
@@ -167,7 +176,7 @@ def _weights(census: Census, quantization: str | None, double_quant: bool, dtype
 
 def _place(
     census: Census,
-    meta_model: Any,
+    meta_model: Callable[[], Any],
     total: int,
     quantization: str | None,
     device_map: str | None,
@@ -186,7 +195,7 @@ def _place(
         return total, 0, ()
     if total <= gpu_bytes:
         return total, 0, ()
-    on_gpu = offload_split(meta_model, gpu_bytes)
+    on_gpu = offload_split(meta_model(), gpu_bytes)
     note = Note("offload", facts(gpu_bytes=gpu_bytes, on_gpu_bytes=on_gpu, cpu_bytes=total - on_gpu))
     return on_gpu, total - on_gpu, (note,)
 

@@ -8,21 +8,30 @@ float32 before transformers 5). Where the config came from and why this dtype ar
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vram_magic._hf import DTYPES
 from vram_magic._types import Note, facts
 from vram_magic.estimator._counting import transformers_major
+from vram_magic.estimator._disk import key_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
+    from vram_magic.estimator._counting import Described
+
+    ConfigLike = PretrainedConfig | Described  # what pick_dtype and prequantized read: dtype, quantization
+
 CONFIGS_DIR = Path(__file__).parent.parent / "configs"
 MiB = 2**20
+Progress = Callable[[str], None]  # told, in a line, before a step that can take seconds
 
 DTYPE_NAMES = frozenset(DTYPES)  # the dtype spellings estimate() takes (torch.<name> too)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -31,10 +40,49 @@ _HUB_TIMEOUT_S = 5
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+@dataclass
+class Located:
+    """A model's config as found: its values as saved, where they came from, and the transformers config
+    built from them on first use (a cached estimate never builds it: see ``_counting.described``)."""
+
+    name: str
+    source: Note  # "source": where the config came from
+    folder: Path | None  # where the weights may be (for their dtype)
+    values: dict[str, Any]  # config.json as saved (or the given config's to_dict())
+    build: Callable[[], PretrainedConfig]
+    _config: PretrainedConfig | None = None
+    progress: Progress | None = None
+    _told: bool = False
+    _key: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The name of what is counted of this config in the caches (see ``_disk.key_of``)."""
+        if self._key is None:
+            self._key = key_of(self.values)
+        return self._key
+
+    @property
+    def built(self) -> bool:
+        return self._config is not None
+
+    def config(self) -> PretrainedConfig:
+        if self._config is None:
+            self._config = self.build()
+        return self._config
+
+    def counting(self) -> None:
+        """Say, once, that this model is being counted: the first time takes seconds (transformers imports
+        the model's code), later estimates of it come from the cache."""
+        if self.progress is not None and not self._told:
+            self._told = True
+            self.progress(f"Counting {self.name} (the first time takes a few seconds)…")
+
+
 def load_config(model: str | PretrainedConfig) -> PretrainedConfig:
     """The transformers config of ``model``: a local folder (or its ``config.json``), the Hugging Face cache,
     the bundled configs of popular models, then the Hub (never when ``HF_HUB_OFFLINE`` is set)."""
-    return resolve(model)[0]
+    return resolve(model).config()
 
 
 def bundled_models() -> tuple[str, ...]:
@@ -42,16 +90,17 @@ def bundled_models() -> tuple[str, ...]:
     return tuple(sorted(path.stem.replace("--", "/") for path in CONFIGS_DIR.glob("*--*.json")))
 
 
-def resolve(model: str | PretrainedConfig) -> tuple[PretrainedConfig, str, Note, Path | None]:
-    """(config, the model's name, a "source" note saying where the config came from, the folder its weights
-    may be in)."""
+def resolve(model: str | PretrainedConfig, progress: Progress | None = None) -> Located:
+    """Find the config of ``model``; ``progress`` is told before a download from the Hub."""
     if not isinstance(model, (str, os.PathLike)):
         from transformers import PretrainedConfig
 
         if isinstance(model, PretrainedConfig):
             name = str(getattr(model, "name_or_path", "") or model.model_type or type(model).__name__)
             folder = _existing_path(name) if name else None
-            return model, name, Note("source", facts(origin="object")), folder
+            values = {"__class__": type(model).__name__, **model.to_dict()}
+            source = Note("source", facts(origin="object"))
+            return Located(name, source, folder, values, lambda: model, model, progress)
         raise ValueError(
             f"model must be a Hub id, a folder with a config.json or a transformers config, not "
             f"{type(model).__name__}."
@@ -63,24 +112,31 @@ def resolve(model: str | PretrainedConfig) -> tuple[PretrainedConfig, str, Note,
     if path is not None:
         source = Note("source", facts(origin="path", path=str(path)))
         try:
-            return _from_path(path), text, source, path if path.is_dir() else path.parent
+            values, build = _from_path(path)
         except OSError as error:  # a folder this user may not read
             raise ValueError(f"Cannot read {path}: {error.strerror or error}.") from None
+        return Located(text, source, path if path.is_dir() else path.parent, values, build, progress=progress)
     if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1:
         raise ValueError(f"No such folder: {text}. Pass a folder with a config.json, or a Hub id.")
     if not _REPO_ID.match(text):
         raise ValueError(f"{text!r} is neither a folder nor a Hub model id (like 'meta-llama/Llama-3.1-8B').")
     cached = _from_hub_cache(text)
     if cached is not None:
-        return _from_path(cached), text, Note("source", facts(origin="cache")), cached.parent
+        values, build = _from_path(cached)
+        source = Note("source", facts(origin="cache"))
+        return Located(text, source, cached.parent, values, build, progress=progress)
     bundled = _bundled(text)
     if bundled is not None:
         repo_id, same_as = bundled
         source = Note(
             "source", facts(origin="bundled", repo_id=repo_id, stands_for=text if same_as else None)
         )
-        return _from_json(CONFIGS_DIR / (repo_id.replace("/", "--") + ".json")), text, source, None
-    return _from_path(_download(text)), text, Note("source", facts(origin="hub")), None
+        values, build = _from_json(CONFIGS_DIR / (repo_id.replace("/", "--") + ".json"))
+        return Located(text, source, None, values, build, progress=progress)
+    if progress is not None:
+        progress(f"Fetching the config of {text} from the Hugging Face Hub…")
+    values, build = _from_path(_download(text))
+    return Located(text, Note("source", facts(origin="hub")), None, values, build, progress=progress)
 
 
 def _existing_path(text: str) -> Path | None:
@@ -93,7 +149,9 @@ def _existing_path(text: str) -> Path | None:
         return None
 
 
-def _from_path(path: Path) -> PretrainedConfig:
+def _from_path(path: Path) -> tuple[dict[str, Any], Callable[[], PretrainedConfig]]:
+    """The values of the config.json at ``path`` (a file, or a folder holding one), and how to build its
+    transformers config. Raises OSError when it cannot be read."""
     if path.is_file():
         if path.suffix != ".json":
             raise ValueError(f"{path} is not a config.json: pass the folder a model was saved to.")
@@ -102,24 +160,43 @@ def _from_path(path: Path) -> PretrainedConfig:
         raise ValueError(
             f"{path} has no config.json: pass the folder a model was saved to (save_pretrained), or a Hub id."
         )
-    from transformers import AutoConfig
+    values = _json_values(path / "config.json")
 
-    try:
-        config: PretrainedConfig = AutoConfig.from_pretrained(path)
-    except Exception as error:  # custom code (trust_remote_code), unknown model_type, bad JSON
-        raise ValueError(f"transformers cannot read {path / 'config.json'}: {error}") from error
-    return config
+    def build() -> PretrainedConfig:
+        from transformers import AutoConfig
+
+        try:
+            config: PretrainedConfig = AutoConfig.from_pretrained(path)
+        except Exception as error:  # custom code (trust_remote_code), unknown model_type, bad JSON
+            raise ValueError(f"transformers cannot read {path / 'config.json'}: {error}") from error
+        return config
+
+    return values, build
 
 
-def _from_json(path: Path) -> PretrainedConfig:
-    from transformers import AutoConfig
+def _from_json(path: Path) -> tuple[dict[str, Any], Callable[[], PretrainedConfig]]:
+    values = _json_values(path)
 
+    def build() -> PretrainedConfig:
+        from transformers import AutoConfig
+
+        try:
+            config: PretrainedConfig = AutoConfig.for_model(**copy.deepcopy(values))  # it edits rope_scaling
+        except Exception as error:
+            raise ValueError(f"transformers cannot read {path}: {error}") from error
+        return config
+
+    return values, build
+
+
+def _json_values(path: Path) -> dict[str, Any]:
     try:
         values = json.loads(path.read_text())
-        config: PretrainedConfig = AutoConfig.for_model(**values)
-    except Exception as error:
+    except ValueError as error:
         raise ValueError(f"transformers cannot read {path}: {error}") from error
-    return config
+    if not isinstance(values, dict):
+        raise ValueError(f"transformers cannot read {path}: it holds no JSON object.")
+    return values
 
 
 def _from_hub_cache(repo_id: str) -> Path | None:
@@ -196,7 +273,7 @@ def _download(repo_id: str) -> Path:
         ) from error
 
 
-def pick_dtype(asked: str | None, config: PretrainedConfig, folder: Path | None = None) -> tuple[str, Note]:
+def pick_dtype(asked: str | None, config: ConfigLike, folder: Path | None = None) -> tuple[str, Note]:
     """(dtype name, a "dtype" note saying where it came from): what ``from_pretrained`` loads when not told.
     From transformers 5 on that is the config's dtype, else the checkpoint's own (read from its safetensors
     header when the weights are here), else float32 (the checkpoints of models that name no dtype were saved
@@ -237,7 +314,7 @@ def _weights_dtype(folder: Path) -> str | None:
     return None
 
 
-def prequantized(config: PretrainedConfig) -> tuple[str, str] | None:
+def prequantized(config: ConfigLike) -> tuple[str, str] | None:
     """(method, "4bit"/"8bit") for a checkpoint saved already quantized (a ``quantization_config`` in its
     config.json: bitsandbytes, GPTQ, AWQ...), else None."""
     found = getattr(config, "quantization_config", None)

@@ -2,7 +2,9 @@
 converts, the LoRA targets, the largest block accelerate never splits, and accelerate's offload split.
 
 The only module of the estimator that reaches into transformers' and accelerate's internals (private
-attributes, version checks); everything else reads the ``Census`` it returns. Builds are cached.
+attributes, version checks); everything else reads the ``Census`` and ``Described`` it returns. Builds are
+cached in memory; censuses and descriptions also on disk (``_disk``), so a model counted once is estimated in
+a new kernel without importing its transformers code.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+
+from vram_magic.estimator import _disk
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
+    from vram_magic.estimator._configs import Located
 
 # The internals below (``_from_config``, ``_model_mapping``, ``_no_split_modules``, ``all_tied_weights_keys``,
 # ``_keep_in_fp32_modules(_strict)``, ``get_keys_to_not_convert``, ``infer_auto_device_map``) were checked
@@ -52,6 +59,91 @@ class Census:
     gated_mlp: bool
 
 
+# The text model's sizes pricing reads (the KV cache, activations).
+_TEXT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "n_inner",
+    "num_hidden_layers",
+    "vocab_size",
+    "layer_types",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "sliding_window",
+)
+_QUANTIZATION_FIELDS = ("quant_method", "load_in_4bit", "load_in_8bit", "bits", "w_bit")
+
+
+@dataclass(frozen=True)
+class Described:
+    """What pricing reads of a config besides the census: the dtype it names, how its checkpoint was saved
+    quantized, and its text model's sizes. Plain data (kept on disk); reads like a config where pricing
+    reads one (``dtype``, ``quantization_config``, ``get_text_config()``)."""
+
+    dtype: str | None
+    quantization_config: dict[str, Any] | None
+    text: dict[str, Any]
+
+    def get_text_config(self) -> SimpleNamespace:
+        return SimpleNamespace(**self.text)
+
+
+def describe(config: PretrainedConfig) -> Described:
+    text = config.get_text_config()
+    found = getattr(config, "dtype", None) or getattr(text, "dtype", None)
+    dtype = str(found).removeprefix("torch.") if found is not None else None
+    saved = getattr(config, "quantization_config", None)
+    quantization = None
+    if saved is not None:
+        values = saved if isinstance(saved, dict) else getattr(saved, "__dict__", {})
+        quantization = {
+            key: getattr(values[key], "value", values[key]) for key in _QUANTIZATION_FIELDS if key in values
+        }
+    sizes = {key: getattr(text, key, None) for key in _TEXT_FIELDS}
+    if sizes["layer_types"] is not None:
+        sizes["layer_types"] = [str(kind) for kind in sizes["layer_types"]]
+    return Described(dtype, quantization, sizes)
+
+
+def described(located: Located) -> PretrainedConfig | Described:
+    """What pricing reads of ``located``'s config: the config itself once it is built in this process (a
+    fresh count), else its description from the cache (memory, then disk), which is built and saved when
+    missing. A cached estimate equals a fresh one (tested)."""
+    key, entry = _entry(located)
+    if "described" not in entry:
+        located.counting()
+        entry["described"] = asdict(describe(located.config()))
+        _disk.write(key, entry)
+    if located.built:
+        return located.config()
+    return Described(**entry["described"])
+
+
+def counted(located: Located, dtype_name: str) -> Census:
+    """The census of ``located`` at ``dtype_name``: from the cache (memory, then disk), else counted from a
+    meta-device build."""
+    key, entry = _entry(located)
+    saved = entry.setdefault("census", {}).get(dtype_name)
+    if saved is not None:
+        return Census(**{**saved, "quantized": tuple(tuple(pair) for pair in saved["quantized"])})
+    located.counting()
+    found, _ = built(located.config(), dtype_name)
+    entry["census"][dtype_name] = asdict(found)
+    _disk.write(key, entry)
+    return found
+
+
+_entries: dict[str, dict[str, Any]] = {}  # disk entries read in this process, by key
+
+
+def _entry(located: Located) -> tuple[str, dict[str, Any]]:
+    key = located.key
+    if key not in _entries:
+        _entries[key] = _disk.read(key)
+    return key, _entries[key]
+
+
 _cache: OrderedDict[tuple[str, str], tuple[Census, Any]] = OrderedDict()
 _cache_lock = threading.Lock()
 
@@ -66,7 +158,7 @@ def transformers_major() -> int:
         return 5
 
 
-def census(config: PretrainedConfig, dtype_name: str) -> tuple[Census, Any]:
+def built(config: PretrainedConfig, dtype_name: str) -> tuple[Census, Any]:
     """Counts (and the meta model, for offload placement) of ``config`` built at ``dtype_name``, cached."""
     try:
         key: tuple[str, str] | None = (
