@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
 import logging
 import re
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 # against these versions. transformers 4.x (from 4.45, the floor in pyproject.toml) is handled where it
 # differs: ``torch_dtype=``, ``get_keys_to_not_convert`` in the bitsandbytes integration, accelerate's own
 # ``infer_auto_device_map``, and float32 loads when no dtype is given.
-CHECKED_WITH = {"transformers": "5.24.0", "accelerate": "1.16.0"}
+CHECKED_WITH = {"transformers": "5.25.0", "accelerate": "1.16.0"}
 
 LORA_R = 16  # the rank the census counts LoRA parameters at
 _GATED_MLP = frozenset({"gate_proj", "gate_up_proj", "wi_0", "w3"})
@@ -148,6 +149,7 @@ _cache: OrderedDict[tuple[str, str], tuple[Census, Any]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
+@functools.cache
 def transformers_major() -> int:
     """The major version of the installed transformers (5 when it cannot be read)."""
     import importlib.metadata
