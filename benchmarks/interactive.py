@@ -154,7 +154,7 @@ result["measured"] = line("vram", "estimate MODEL")
     ),
     Row(
         "cap",
-        "first `%vram cap t4`, torch not imported",
+        "first `%vram cap t4` on a machine without a GPU",
         "`%vram cap t4` with torch imported",
         0.3,
         """
