@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from vram_magic._errors import CellSyntaxError, NotApplicable, OutOfMemoryHandled, Refused
 from vram_magic._oom import is_oom, parse_oom_message
 from vram_magic._types import (
+    AllocationGroup,
     Cause,
+    CellRecord,
     Cleanup,
     CpuMemory,
     Estimate,
@@ -22,7 +24,9 @@ from vram_magic._types import (
     LoadPlan,
     Note,
     OOMInfo,
+    PostMortem,
     ProcessMemory,
+    Recording,
     Report,
     Snapshot,
 )
@@ -30,12 +34,16 @@ from vram_magic._types import (
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
+    from vram_magic._timeline import Timeline
+
 __version__ = "0.1.0"
 _Model = TypeVar("_Model")
 _Result = TypeVar("_Result")
 
 __all__ = [
+    "AllocationGroup",
     "Cause",
+    "CellRecord",
     "CellSyntaxError",
     "Cleanup",
     "CpuMemory",
@@ -48,7 +56,9 @@ __all__ = [
     "Note",
     "OOMInfo",
     "OutOfMemoryHandled",
+    "PostMortem",
     "ProcessMemory",
+    "Recording",
     "Refused",
     "Report",
     "Snapshot",
@@ -61,6 +71,7 @@ __all__ = [
     "parse_oom_message",
     "rewrite",
     "snapshot",
+    "timeline",
     "to_gpu_if_it_fits",
     "unload_ipython_extension",
 ]
@@ -71,6 +82,16 @@ def snapshot() -> Snapshot:
     from vram_magic._probe import take_snapshot
 
     return take_snapshot()
+
+
+def timeline() -> Timeline:
+    """The cells recorded since ``%vram track on``: one ``CellRecord`` per cell and device (``cell``,
+    ``source``, ``device``, ``peak_bytes``, ``end_bytes``, ``delta_bytes``, ``seconds``), oldest first; the
+    list has ``.to_pandas()`` where pandas is installed."""
+    from vram_magic._timeline import TRACKER
+    from vram_magic._timeline import Timeline as _Timeline
+
+    return _Timeline(TRACKER.records)
 
 
 def find_holders(namespace: dict[str, Any], device: str = "cuda") -> tuple[Holder, ...]:

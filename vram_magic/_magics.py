@@ -28,6 +28,7 @@ from vram_magic._errors import Refused
 from vram_magic._probe import take_snapshot
 from vram_magic._runner import CellRunner, check_shell
 from vram_magic._session import Session, counted_device, estimate_text
+from vram_magic._timeline import Timeline
 from vram_magic._types import Report, Snapshot
 
 _DEFAULT_MAX_ATTEMPTS = 4
@@ -43,7 +44,10 @@ _OPTIONS_OF: dict[str, tuple[str, ...]] = {
     "diff": ("fix",),
     "insert": ("fix",),
 }
-_COMMANDS = "`%vram`, `%vram who`, `%vram free NAME`, `%vram fix N`, `%vram estimate MODEL` or `%vram cap t4`"
+_COMMANDS = (
+    "`%vram`, `%vram who`, `%vram free NAME`, `%vram fix N`, `%vram estimate MODEL`, `%vram cap t4`, "
+    "`%vram track on`, `%vram log` or `%vram debug`"
+)
 
 
 @magics_class
@@ -64,7 +68,8 @@ class VramMagics(Magics):
         "command",
         nargs="?",
         help="nothing: a snapshot; who: names holding VRAM; free: release memory; fix: run fix N of the last "
-        "report; estimate: what loading a model needs; cap: behave like a smaller GPU",
+        "report; estimate: what loading a model needs; cap: behave like a smaller GPU; track: record every "
+        "cell's memory; log: the timeline; debug: what the last OOM's frames held",
     )
     @argument("names", nargs="*", help="the variables to free, the fix number, the model, or the cap")
     @argument("--device", help="with 'who'/'free': cuda, cuda:N or cpu (default: cuda if a GPU is here)")
@@ -91,6 +96,10 @@ class VramMagics(Magics):
                               e.g. %vram estimate Qwen/Qwen2.5-7B --gpu t4 --train qlora
         %vram cap T4|12GiB    behave like a smaller GPU (real OOMs past the cap); %vram cap off lifts it
                               e.g. %vram cap t4
+        %vram track on|off    record each cell's peak, end and change per device (off by default)
+                              e.g. %vram track on
+        %vram log             the timeline: a plot (matplotlib) or a table, and the biggest growers
+        %vram debug           what the last OOM's frames held: each frame's tensors, by name
         """
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         args = _parse(self.vram, line, "%vram?")
@@ -101,6 +110,9 @@ class VramMagics(Magics):
             "fix": self._fix,
             "estimate": self._estimate,
             "cap": self._cap,
+            "track": self._track,
+            "log": self._log,
+            "debug": self._debug,
         }
         if args.command not in verbs:
             raise UsageError(f"Unknown %vram command {args.command!r}; type {_COMMANDS}.")
@@ -112,6 +124,11 @@ class VramMagics(Magics):
 
     @magic_arguments()
     @argument("--auto", action="store_true", help="on an OOM, try the fixes in order until one works")
+    @argument(
+        "--record",
+        action="store_true",
+        help="keep PyTorch's allocation history of the cell: on an OOM, which lines made what (needs CUDA)",
+    )
     @argument("--force", action="store_true", help="run a model load even when it is estimated not to fit")
     @argument(
         "--max-attempts",
@@ -127,6 +144,7 @@ class VramMagics(Magics):
         %%oomsafe              the report, with fixes to run (%vram fix N, or the buttons)
         %%oomsafe --auto       run the fixes estimated to fit, in order, until one works
         %%oomsafe --force      run a load even when it is estimated not to fit
+        %%oomsafe --record     on an OOM, the live allocations by line, and the snapshot saved (CUDA only)
         """
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         args = _parse(self.oomsafe, line, "%%oomsafe?")
@@ -134,7 +152,12 @@ class VramMagics(Magics):
             raise UsageError("--max-attempts needs 1 or more runs, e.g. `%%oomsafe --auto --max-attempts 3`.")
         try:
             return self.session.oomsafe(
-                cell, line, auto=args.auto, force=args.force, max_attempts=args.max_attempts
+                cell,
+                line,
+                auto=args.auto,
+                force=args.force,
+                max_attempts=args.max_attempts,
+                record=args.record,
             )
         except Refused as refused:
             raise UsageError(str(refused)) from None
@@ -184,6 +207,45 @@ class VramMagics(Magics):
         except ValueError as error:
             raise UsageError(str(error)) from None
 
+    def _track(self, args: Any) -> None:
+        tracker = self.session.tracker
+        if len(args.names) > 1 or (args.names and args.names[0].lower() not in ("on", "off")):
+            raise UsageError("Type `%vram track on`, `%vram track off`, or `%vram track` for its state.")
+        if args.names:
+            if args.names[0].lower() == "on":
+                tracker.on = True
+            else:
+                tracker.stop()
+        recorded = len({record.cell for record in tracker.records})
+        state = "on: every cell's memory is recorded" if tracker.on else "off"
+        print(f"Tracking is {state} ({recorded} cells recorded; `%vram log` shows them).")
+
+    def _log(self, args: Any) -> None:
+        from IPython.display import display
+
+        from vram_magic.render import timeline_bundle
+
+        if args.names:
+            raise UsageError("%vram log takes nothing; type `%vram log` alone.")
+        tracker = self.session.tracker
+        display(timeline_bundle(Timeline(tracker.records), take_snapshot(), tracker.on), raw=True)
+
+    def _debug(self, args: Any) -> None:
+        from vram_magic.render import render_post_mortem
+
+        if args.names:
+            raise UsageError("%vram debug takes nothing; type `%vram debug` alone.")
+        print(render_post_mortem(self.session.last_post_mortem))
+
+    def _cell_starts(self, info: Any) -> None:
+        """IPython's ``pre_run_cell``: the tracker notes where memory starts."""
+        self.session.tracker.begin(getattr(info, "raw_cell", "") or "")
+
+    def _cell_ended(self, result: Any) -> None:
+        """IPython's ``post_run_cell``: the tracker records the cell; the session's reports learn it ran."""
+        self.session.tracker.end(getattr(result, "execution_count", None))
+        self.session.cell_ran(result)
+
 
 def _check_options_belong(args: Any) -> None:
     """An option given to a command it does not go with is a mistake, not something to ignore."""
@@ -232,7 +294,9 @@ def load(shell: Any) -> None:
     check_shell(shell)
     if "VramMagics" not in shell.magics_manager.registry:
         shell.register_magics(VramMagics)
-        shell.events.register("post_run_cell", shell.magics_manager.registry["VramMagics"].session.cell_ran)
+        magics = shell.magics_manager.registry["VramMagics"]
+        shell.events.register("pre_run_cell", magics._cell_starts)
+        shell.events.register("post_run_cell", magics._cell_ended)
 
 
 def unload(shell: Any) -> None:
@@ -240,7 +304,9 @@ def unload(shell: Any) -> None:
     manager = shell.magics_manager
     magics = manager.registry.pop("VramMagics", None)
     if magics is not None:
-        with contextlib.suppress(ValueError):  # not registered
-            shell.events.unregister("post_run_cell", magics.session.cell_ran)
+        magics.session.tracker.stop()
+        for event, callback in (("pre_run_cell", magics._cell_starts), ("post_run_cell", magics._cell_ended)):
+            with contextlib.suppress(ValueError):  # not registered
+                shell.events.unregister(event, callback)
     manager.magics["line"].pop("vram", None)
     manager.magics["cell"].pop("oomsafe", None)

@@ -117,6 +117,26 @@ def surely_no_gpu() -> bool:
     return not _visible_from_env(devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
+def visible_nvml_indices() -> list[int]:
+    """The NVML index of each GPU CUDA sees, in CUDA order (CUDA_VISIBLE_DEVICES applied); [] without NVML."""
+    devices = _nvml_devices()
+    return [d.index for d in _visible_from_env(devices or [], os.environ.get("CUDA_VISIBLE_DEVICES"))]
+
+
+def nvml_used_bytes(nvml_indices: list[int]) -> list[int | None]:
+    """NVML's used memory of each of these GPUs (every process's), None where it cannot be read. Cheap: no
+    process list is asked for."""
+    nvml = _nvml()
+    used: list[int | None] = []
+    for index in nvml_indices:
+        try:
+            info = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
+            used.append(int(info.total) - int(info.free))
+        except Exception:
+            used.append(None)
+    return used
+
+
 def _nvml_problem(torch_ready: bool) -> str:
     why = _nvml_state[1] if _nvml_state is not None else None
     text = f"NVML is unavailable ({why or 'unknown reason'})"
@@ -202,18 +222,19 @@ def _torch_figures(index: int, problems: list[str]) -> _TorchFigures:
         reserved = int(torch.cuda.memory_reserved(index))
     except Exception as exc:
         problems.append(f"PyTorch could not read its memory on GPU {index} ({_why(exc)})")
-    has_context = _has_context(index)
-    if has_context:  # mem_get_info would otherwise create a context on this device
+    context = has_context(index)
+    if context:  # mem_get_info would otherwise create a context on this device
         try:
             free, total = (int(x) for x in torch.cuda.mem_get_info(index))
         except Exception as exc:
             problems.append(f"PyTorch could not read free memory on GPU {index} ({_why(exc)})")
     with contextlib.suppress(Exception):  # older torch has no getter; no cap is the common case
         fraction = float(torch.cuda.get_per_process_memory_fraction(index))
-    return _TorchFigures(name, uuid, total, free, allocated, reserved, fraction, has_context)
+    return _TorchFigures(name, uuid, total, free, allocated, reserved, fraction, context)
 
 
-def _has_context(index: int) -> bool:
+def has_context(index: int) -> bool:
+    """Whether this process has a CUDA context on GPU ``index`` (asking creates none)."""
     import torch
 
     try:

@@ -26,8 +26,9 @@ from IPython.core.error import UsageError
 
 from vram_magic._errors import CellSyntaxError
 from vram_magic._oom import exception_text, oom_from_exception
+from vram_magic._postmortem import describe
 from vram_magic._session import Failure, Ran
-from vram_magic._types import Report
+from vram_magic._types import PostMortem, Report
 
 _SHORT_TRACEBACK_FRAMES = 4
 _TESTED_WITH = "IPython 8.12 to 9.18"
@@ -133,7 +134,8 @@ class CellRunner:
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         shell = self.shell
         body = shell.transform_cell(source)
-        filename = shell.compile.cache(f"{first_line}\n{body}", self._running_cell_number())
+        number = self._running_cell_number()
+        filename = shell.compile.cache(f"{first_line}\n{body}", number)
         steps = self._steps(body, filename)
         namespace = shell.user_ns
         ids_before = {name: id(namespace[name]) for name in steps.assigned if name in namespace}
@@ -159,6 +161,9 @@ class CellRunner:
                 traceback_text=self._short_traceback(error, user_frames),
                 failed_line=_last_line_in(user_frames, filename),
                 rebound=tuple(name for name, old in ids_before.items() if id(namespace.get(name)) != old),
+                filename=filename,
+                cell_number=number,
+                post_mortem=_post_mortem(error, filename, number, namespace, source),
             )
         return Ran(failure=failure, seconds=seconds)
 
@@ -335,6 +340,18 @@ class _FromUserFrames:
 
 
 _OURS = frozenset({__name__, "vram_magic._session"})
+
+
+def _post_mortem(
+    error: BaseException, filename: str, number: int, namespace: dict[str, Any], source: str
+) -> PostMortem | None:
+    """What the failed call's frames held, IPython's own frames left out (never an error of ours: a
+    post-mortem is a bonus)."""
+    try:
+        skip = (*_OURS, "IPython.")
+        return describe(error, filename, number, skip=skip, namespace=namespace, cell_source=source)
+    except Exception:
+        return None
 
 
 def _user_frames(tb: TracebackType | None) -> TracebackType | None:

@@ -9,6 +9,7 @@ else ``_fail`` (show the report, end the cell with ``OutOfMemoryHandled``).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import types
@@ -21,7 +22,19 @@ from vram_magic._errors import OutOfMemoryHandled, Refused
 from vram_magic._oom import exception_text
 from vram_magic._probe import take_snapshot
 from vram_magic._quiet import show_int8_cast_warning_once
-from vram_magic._types import Attempt, Cleanup, Fix, Holder, OOMInfo, Report, Snapshot
+from vram_magic._timeline import TRACKER, Tracker
+from vram_magic._types import (
+    Attempt,
+    CellRecord,
+    Cleanup,
+    Fix,
+    Holder,
+    OOMInfo,
+    PostMortem,
+    Recording,
+    Report,
+    Snapshot,
+)
 
 
 @dataclass
@@ -38,6 +51,9 @@ class Failure:
     traceback_text: str
     failed_line: int | None
     rebound: tuple[str, ...] = ()
+    filename: str = ""  # the name the cell's code ran under (its frames and allocations carry it)
+    cell_number: int | None = None
+    post_mortem: PostMortem | None = None  # what the failed call's frames held, kept before they are freed
 
 
 @dataclass
@@ -79,15 +95,39 @@ class Session:
     """The notebook's OOM reports: the last one, and which are done with (a fix of it worked, or its cell ran
     again), so that an old fix never runs over newer work."""
 
-    def __init__(self, runner: Runner, say: Callable[[str], None] = print) -> None:
-        self.runner, self.say = runner, say
+    def __init__(
+        self, runner: Runner, say: Callable[[str], None] = print, tracker: Tracker = TRACKER
+    ) -> None:
+        self.runner, self.say, self.tracker = runner, say, tracker
         self.last_report: Report | None = None
+        self.last_post_mortem: PostMortem | None = None  # for %vram debug
+        self._recording = False  # %%oomsafe --record is recording this cell's allocations
         self._over: dict[int, str] = {}  # id(report) -> why its fixes are not to run again
         self._cell_run: Any = None  # the %%oomsafe cell's run (IPython's ExecutionResult) now running
         self._report_run: Any = None  # the run of the cell the last report is about
 
-    def oomsafe(self, cell: str, line: str, *, auto: bool, force: bool, max_attempts: int) -> Any:
-        """Run the cell; on an OOM free what it pinned, explain why, offer fixes (``auto``: try them)."""
+    def oomsafe(
+        self, cell: str, line: str, *, auto: bool, force: bool, max_attempts: int, record: bool = False
+    ) -> Any:
+        """Run the cell; on an OOM free what it pinned, explain why, offer fixes (``auto``: try them;
+        ``record``: keep PyTorch's allocation history of the cell and say on an OOM which lines made what)."""
+        __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
+        if not record:
+            return self._oomsafe(cell, line, auto=auto, force=force, max_attempts=max_attempts)
+        from vram_magic import _history
+
+        why_not = _history.start()
+        if why_not is not None:
+            self.say(why_not)
+            return self._oomsafe(cell, line, auto=auto, force=force, max_attempts=max_attempts)
+        self._recording = True
+        try:
+            return self._oomsafe(cell, line, auto=auto, force=force, max_attempts=max_attempts)
+        finally:
+            self._recording = False
+            _history.stop()
+
+    def _oomsafe(self, cell: str, line: str, *, auto: bool, force: bool, max_attempts: int) -> Any:
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         self._cell_run = self.runner.current_run()
         if "load_in_8bit" in cell:
@@ -245,8 +285,10 @@ class Session:
         from vram_magic._who import walk_namespace
 
         device = counted_device()
+        recording = self._recorded(failure) if self._recording else None  # before the memory is freed
         cleanup = free_memory(self.runner, failure=failure.error, device=device)
         failure.error = None  # its frames are cleared; nothing of the failed run is kept
+        self.last_post_mortem = failure.post_mortem
         walked = walk_namespace(self.runner.namespace, device, skip=self.runner.is_hidden)
         report = explain(
             oom=failure.oom,
@@ -261,7 +303,35 @@ class Session:
             namespace=self.runner.namespace,
             bytes_freed_by=walked.bytes_only_in,
         )
-        return replace(report, rebound_names=failure.rebound)
+        return replace(
+            report,
+            rebound_names=failure.rebound,
+            growers=self._growers(device, failure.oom),
+            post_mortem=failure.post_mortem,
+            recording=recording,
+        )
+
+    def _growers(self, device: str, oom: OOMInfo) -> tuple[CellRecord, ...]:
+        """With ``%vram track on``: the cells that grew the failing device's memory most."""
+        if not self.tracker.on:
+            return ()
+        return tuple(self.tracker.growers(_timeline_device(device, oom)))
+
+    def _recorded(self, failure: Failure) -> Recording:
+        """The allocations live when the cell failed, by the line that made them; the snapshot saved next
+        to the notebook (the kernel's working folder)."""
+        from vram_magic import _history
+
+        snapshot = _history.take()
+        if snapshot is None:
+            return Recording((), problem="PyTorch could not take a snapshot of its allocations")
+        device = failure.oom.device_index
+        groups = _history.group_by_line(snapshot, failure.filename, failure.source, device)
+        try:
+            pickle_path, html_path = _history.save(snapshot, os.getcwd(), failure.cell_number)
+        except OSError as error:
+            return Recording(groups, problem=f"the snapshot could not be saved ({error})")
+        return Recording(groups, pickle_path, html_path)
 
     def _walk_ladder(self, first: _Outcome, max_attempts: int) -> Any:
         """``--auto``: try the runnable fixes expected to fit, in order, until one works."""
@@ -396,6 +466,13 @@ def counted_device() -> str:
     """The device whose memory a failed cell can pin: CUDA when a GPU is visible, else CPU RAM."""
     torch = sys.modules.get("torch")
     return "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
+
+
+def _timeline_device(device: str, oom: OOMInfo) -> str:
+    """The timeline's name of the device that ran out: ``cuda:N`` or ``cpu``."""
+    if device == "cpu" or oom.kind == "cpu":
+        return "cpu"
+    return f"cuda:{oom.device_index or 0}"
 
 
 def _not_data(value: object, hidden: bool) -> str | None:

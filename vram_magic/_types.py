@@ -257,6 +257,90 @@ class Preflight:
 
 
 @dataclass(frozen=True)
+class CellRecord:
+    """One cell on one device: ``peak_bytes`` during it, ``end_bytes`` after it, ``delta_bytes`` = end minus
+    start. ``device_used_bytes``: NVML's used memory of the whole GPU at the end (other processes' too)."""
+
+    cell: int | None
+    source: str
+    device: str
+    peak_bytes: int
+    end_bytes: int
+    delta_bytes: int
+    seconds: float
+    device_used_bytes: int | None = None
+
+    @property
+    def start_bytes(self) -> int:
+        return self.end_bytes - self.delta_bytes
+
+
+@dataclass(frozen=True)
+class LocalRecord:
+    """A local that held tensors: a tensor (``shape``, ``dtype``, ``device``) or a container of them."""
+
+    name: str
+    kind: str  # "tensor", or "list of 3 tensors"
+    nbytes: int
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    device: str | None = None
+    ident: int = 0  # the tensor's id() while it was alive (a number, not a reference); 0 for a container
+    notebook_name: str | None = None  # the notebook's variable that is this same object (it survives)
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    """One frame of the failed call, from the cell down: where it was and the locals that held tensors."""
+
+    function: str
+    filename: str
+    line: int
+    code: str
+    in_cell: bool
+    locals: tuple[LocalRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class PostMortem:
+    """The frames of the last OOM, the cell's first; ``cell`` is the cell number where known."""
+
+    frames: tuple[FrameRecord, ...]
+    cell: int | None = None
+
+    def biggest(self, limit: int = 3) -> list[tuple[FrameRecord, LocalRecord]]:
+        """The locals that held most, over every frame; a tensor passed down from frame to frame is named
+        once, by the deepest frame that has it."""
+        deepest: dict[int, tuple[FrameRecord, LocalRecord]] = {}
+        for frame in self.frames:
+            for local in frame.locals:
+                deepest[local.ident or id(local)] = (frame, local)
+        return sorted(deepest.values(), key=lambda pair: pair[1].nbytes, reverse=True)[:limit]
+
+
+@dataclass(frozen=True)
+class AllocationGroup:
+    """Live allocations made by one line of the cell (``line`` and its ``code``) or one of the user's own
+    functions (``function`` in ``filename``), or by library code only (``where`` says which)."""
+
+    where: str
+    nbytes: int
+    count: int
+    line: int | None = None
+    code: str = ""
+
+
+@dataclass(frozen=True)
+class Recording:
+    """What ``--record`` kept of an OOM: the groups, biggest first, and the files saved (or why not)."""
+
+    groups: tuple[AllocationGroup, ...]
+    pickle_path: str | None = None
+    html_path: str | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
 class Report:
     """One OOM, explained: the single object every renderer reads."""
 
@@ -273,6 +357,9 @@ class Report:
     rebound_names: tuple[str, ...] = ()
     attempts: tuple[Attempt, ...] = ()
     preflight: Preflight | None = None  # a load that was not run: the report is about its estimate
+    growers: tuple[CellRecord, ...] = ()  # with %vram track on: the cells that grew memory most
+    post_mortem: PostMortem | None = None  # what the failed call's frames held
+    recording: Recording | None = None  # with %%oomsafe --record: the live allocations by line
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         from vram_magic.render import mimebundle

@@ -15,6 +15,7 @@ from vram_magic._types import Report, Snapshot
 from vram_magic.render._estimate import estimate_label, note_text, plan_label, render_estimate_table
 from vram_magic.render._frontend import widget_frontend
 from vram_magic.render._html import report_html, snapshot_html
+from vram_magic.render._postmortem import render_post_mortem
 from vram_magic.render._text import (
     render_auto_result,
     render_cap,
@@ -24,6 +25,7 @@ from vram_magic.render._text import (
     render_report,
     render_snapshot,
 )
+from vram_magic.render._timeline import timeline_bundle
 from vram_magic.render._widget import report_widget, snapshot_widget
 from vram_magic.render._words import cause_text, fix_title, fix_why, summary_line
 
@@ -44,11 +46,13 @@ __all__ = [
     "render_estimate_table",
     "render_fix_worked",
     "render_holders",
+    "render_post_mortem",
     "render_report",
     "render_snapshot",
     "report_widget",
     "snapshot_widget",
     "summary_line",
+    "timeline_bundle",
 ]
 
 

@@ -120,7 +120,7 @@ def section_html(section: Section) -> str:
         )
         return fixes_heading(section) + rows
     if isinstance(section, Details):
-        return f"<details><summary>Details</summary>{text_block(section.text)}</details>"
+        return f"<details><summary>{escape(section.title)}</summary>{text_block(section.text)}</details>"
     raise TypeError(f"no HTML for {section!r}")
 
 

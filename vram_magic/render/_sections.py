@@ -18,13 +18,25 @@ from vram_magic._types import (
     Holder,
     OOMInfo,
     ProcessMemory,
+    Recording,
     Report,
     Snapshot,
 )
 from vram_magic._units import format_bytes
+from vram_magic.render._postmortem import (
+    allocation_items,
+    grower_items,
+    held_items,
+    recording_text,
+    render_post_mortem,
+)
 from vram_magic.render._words import CELL_WORDS, summary_line
 
 HOLDERS_TITLE = "What holds memory (by name)"
+HELD_TITLE = "What the failed call held (freed now; `%vram debug` shows every frame)"
+RECORDED_TITLE = "Live allocations when it failed, by the line that made them (--record)"
+GROWERS_TITLE = "Cells that grew memory most since it was lowest (%vram track)"
+FRAMES_TITLE = "The failed call's frames (%vram debug)"
 FIX_HINT = "most promising first; run one with %vram fix N, see its change with %vram fix N --diff"
 
 
@@ -86,9 +98,10 @@ class Fixes:
 
 @dataclass(frozen=True)
 class Details:
-    """The traceback and the error, folded away where a view can fold."""
+    """Text folded away where a view can fold: the traceback and the error, the failed call's frames."""
 
     text: str
+    title: str = "Details"
 
 
 Section = Summary | Paragraph | Figures | Statement | Holders | Items | Fixes | Details
@@ -108,6 +121,13 @@ def report_sections(report: Report) -> list[Section]:
         sections.append(failed)
     if report.holders:
         sections.append(Holders(HOLDERS_TITLE, report.holders))
+    held = held_items(report.post_mortem) if report.post_mortem is not None else ()
+    if held:
+        sections.append(Items(HELD_TITLE, held, numbered=False))
+    if report.recording is not None:
+        sections += _recording_sections(report.recording)
+    if report.growers:
+        sections.append(Items(GROWERS_TITLE, grower_items(report.growers), numbered=False))
     if report.causes:
         sections.append(Items("Why", tuple(cause.text for cause in report.causes)))
     if report.fixes:
@@ -118,9 +138,21 @@ def report_sections(report: Report) -> list[Section]:
         names = ", ".join(report.rebound_names)
         said = f"Already re-bound by the failed run before it failed: {names} (their old values are gone)."
         sections.append(Paragraph(said, indent_first=True))
+    if report.post_mortem is not None:
+        sections.append(Details(render_post_mortem(report.post_mortem), FRAMES_TITLE))
     details = details_text(report)
     if details:
         sections.append(Details(details))
+    return sections
+
+
+def _recording_sections(recording: Recording) -> list[Section]:
+    sections: list[Section] = []
+    if recording.groups:
+        sections.append(Items(RECORDED_TITLE, allocation_items(recording.groups), numbered=False))
+    saved = recording_text(recording)
+    if saved:
+        sections.append(Paragraph(saved, indent_first=True))
     return sections
 
 

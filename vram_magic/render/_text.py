@@ -113,7 +113,7 @@ def _section_lines(section: Section) -> list[str]:
     if isinstance(section, Fixes):
         return _fix_lines(section)
     if isinstance(section, Details):
-        return ["Details", *("  " + line if line else "" for line in section.text.splitlines())]
+        return [section.title, *("  " + line if line else "" for line in section.text.splitlines())]
     raise TypeError(f"no text for {section!r}")
 
 

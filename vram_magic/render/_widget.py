@@ -42,7 +42,7 @@ def _sections_widget(sections: list[Section], rerun: Rerun | None) -> Any:
             children.append(w.VBox([fix_row(n, fix, rerun) for n, fix in enumerate(section.fixes, 1)]))
         elif isinstance(section, Details):
             accordion = w.Accordion(
-                children=[w.HTML(block(text_block(section.text), True))], titles=("Details",)
+                children=[w.HTML(block(text_block(section.text), True))], titles=(section.title,)
             )
             accordion.layout.margin = f"{SECTION_GAP} 0 0 0"
             children.append(accordion)

@@ -1,0 +1,188 @@
+"""A per-cell memory timeline (``%vram track on``): each cell's peak, end and change, per device.
+
+On a GPU the figures are PyTorch's allocated memory (its peak statistics reset at each cell's start) plus
+NVML's used memory of the whole device (other processes included). For CPU RAM they are the process's
+resident set (RSS), whose peak a background thread samples every few milliseconds while a cell runs: a
+shorter peak can be missed. Torch is never imported here: a GPU is counted once the notebook uses CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from vram_magic import _probe
+from vram_magic._types import CellRecord
+
+SAMPLE_SECONDS = 0.005  # how often the RSS sampler looks while a cell runs
+FIRST_LINE_CHARS = 80
+
+
+class Timeline(list[CellRecord]):
+    """The records of ``vram_magic.timeline()``, oldest first; ``to_pandas()`` where pandas is installed."""
+
+    def to_pandas(self) -> Any:
+        try:
+            pandas = importlib.import_module("pandas")
+        except ImportError:
+            raise ImportError("to_pandas() needs pandas: pip install pandas") from None
+        columns = [*CellRecord.__dataclass_fields__]
+        return pandas.DataFrame([asdict(record) for record in self], columns=columns)
+
+    def devices(self) -> list[str]:
+        """The devices recorded, in the order they first appear."""
+        return list(dict.fromkeys(record.device for record in self))
+
+
+def first_line(source: str) -> str:
+    """The first line of a cell that says something (not blank, not a cell magic's line)."""
+    for line in source.splitlines():
+        text = line.strip()
+        if text and not text.startswith("%%"):
+            return text if len(text) <= FIRST_LINE_CHARS else text[: FIRST_LINE_CHARS - 1] + "…"
+    return ""
+
+
+def growers(records: Sequence[CellRecord], device: str, limit: int = 3) -> list[CellRecord]:
+    """The cells that added most to ``device`` since its memory was last at its lowest (for a GPU: since it
+    was last near empty), biggest first; only cells that added something."""
+    mine = [record for record in records if record.device == device]
+    if not mine:
+        return []
+    lowest = min(record.start_bytes for record in mine)
+    near = lowest + max(lowest // 20, 64 * 2**20)  # within 5 % (or 64 MiB) of the lowest counts as as low
+    since = max(i for i, record in enumerate(mine) if record.start_bytes <= near)
+    grown = [record for record in mine[since:] if record.delta_bytes > 0]
+    return sorted(grown, key=lambda record: record.delta_bytes, reverse=True)[:limit]
+
+
+class _RssSampler:
+    """Samples the process's RSS while a cell runs; ``stop()`` returns the peak seen since ``start()``."""
+
+    def __init__(self, read_rss: Callable[[], int], seconds: float = SAMPLE_SECONDS) -> None:
+        self._read, self._seconds = read_rss, seconds
+        self._running = threading.Event()
+        self._peak = 0
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> int:
+        now = self._read()
+        self._peak = now
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="vram_magic-rss", daemon=True)
+            self._thread.start()
+        self._running.set()
+        return now
+
+    def stop(self) -> tuple[int, int]:
+        """(peak, now)."""
+        self._running.clear()
+        now = self._read()
+        return max(self._peak, now), now
+
+    def _loop(self) -> None:
+        while True:
+            self._running.wait()
+            try:
+                rss = self._read()
+            except Exception:  # a process that cannot read its RSS any more: stop sampling
+                return
+            if rss > self._peak:
+                self._peak = rss
+            time.sleep(self._seconds)
+
+
+def _process_rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class Tracker:
+    """Records each cell between ``begin`` and ``end`` (IPython's pre/post_run_cell, wired by the magics)."""
+
+    def __init__(self, read_rss: Callable[[], int] = _process_rss, gpus: Any = None) -> None:
+        self.records = Timeline()
+        self.on = False
+        self._rss = _RssSampler(read_rss)
+        self._gpus = gpus if gpus is not None else _CudaCounters()
+        self._cell: tuple[str, float, int, dict[int, int]] | None = None
+
+    def begin(self, source: str) -> None:
+        """A cell starts: reset the peaks, note where memory starts."""
+        if not self.on:
+            return
+        rss = self._rss.start()
+        self._cell = (first_line(source), time.perf_counter(), rss, self._gpus.start())
+
+    def end(self, cell: int | None) -> None:
+        """Cell number ``cell`` ended: record its peak, end and change on each device. A cell that began
+        before tracking was turned on is not recorded."""
+        if self._cell is None:
+            return
+        source, started, rss_start, gpu_start = self._cell
+        self._cell = None
+        seconds = time.perf_counter() - started
+        rss_peak, rss_end = self._rss.stop()
+        for index, (peak, end, used) in self._gpus.end().items():
+            delta = end - gpu_start.get(index, 0)
+            self.records.append(CellRecord(cell, source, f"cuda:{index}", peak, end, delta, seconds, used))
+        self.records.append(CellRecord(cell, source, "cpu", rss_peak, rss_end, rss_end - rss_start, seconds))
+
+    def stop(self) -> None:
+        """Stop recording (what was recorded stays)."""
+        self.on = False
+        self._cell = None
+        self._rss.stop()
+
+    def growers(self, device: str, limit: int = 3) -> list[CellRecord]:
+        return growers(self.records, device, limit)
+
+
+class _CudaCounters:
+    """PyTorch's allocated memory and its peak on each GPU that has a CUDA context; NVML's used memory."""
+
+    def __init__(self) -> None:
+        self._nvml_indices: list[int] | None = None
+
+    def _devices(self) -> list[int]:
+        if not _probe.cuda_initialized():
+            return []
+        torch = sys.modules["torch"]
+        return [i for i in range(torch.cuda.device_count()) if _probe.has_context(i)]
+
+    def start(self) -> dict[int, int]:
+        """Reset each GPU's peak; what each holds now."""
+        held: dict[int, int] = {}
+        for index in self._devices():
+            torch = sys.modules["torch"]
+            torch.cuda.reset_peak_memory_stats(index)
+            held[index] = int(torch.cuda.memory_allocated(index))
+        return held
+
+    def end(self) -> dict[int, tuple[int, int, int | None]]:
+        """Each GPU's (peak, now, NVML used). A GPU first used during the cell started at 0, and its peak
+        since CUDA started is the cell's."""
+        devices = self._devices()
+        if not devices:
+            return {}
+        torch = sys.modules["torch"]
+        used = self._nvml_used()
+        figures = {}
+        for index in devices:
+            peak, now = int(torch.cuda.max_memory_allocated(index)), int(torch.cuda.memory_allocated(index))
+            figures[index] = (peak, now, used[index] if index < len(used) else None)
+        return figures
+
+    def _nvml_used(self) -> list[int | None]:
+        if self._nvml_indices is None:
+            self._nvml_indices = _probe.visible_nvml_indices()
+        return _probe.nvml_used_bytes(self._nvml_indices)
+
+
+TRACKER = Tracker()  # the notebook's timeline: one per process, as there is one kernel
