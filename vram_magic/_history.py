@@ -93,8 +93,9 @@ def group_by_line(
     limit: int = 5,
 ) -> tuple[AllocationGroup, ...]:
     """The live allocations of ``snapshot`` (on GPU ``device``, or all), grouped by what made them: the line
-    of the cell (``cell_filename``; line 1 is the ``%%oomsafe`` line, as in ``cell_source``), else the
-    deepest of the user's own functions, else the library function that allocated; biggest first."""
+    of the cell (``cell_filename``, whose line 1 is the ``%%oomsafe`` line, so that its line L is line L - 1
+    of ``cell_source``, the cell as typed), else the deepest of the user's own functions, else the library
+    function that allocated; biggest first."""
     lines = cell_source.splitlines()
     groups: dict[str, tuple[int, int, int | None, str]] = {}
     for segment in snapshot.get("segments", ()):
@@ -105,7 +106,7 @@ def group_by_line(
                 continue
             where, line = _made_by(block.get("frames") or (), cell_filename)
             nbytes, count, _, _ = groups.get(where, (0, 0, None, ""))
-            code = lines[line - 1].strip() if line is not None and 0 < line <= len(lines) else ""
+            code = lines[line - 2].strip() if line is not None and 2 <= line <= len(lines) + 1 else ""
             groups[where] = (nbytes + int(block.get("size", 0)), count + 1, line, code)
     found = [AllocationGroup(where, n, c, line, code) for where, (n, c, line, code) in groups.items()]
     return tuple(sorted(found, key=lambda group: group.nbytes, reverse=True)[:limit])

@@ -96,7 +96,8 @@ class VramMagics(Magics):
                               e.g. %vram estimate Qwen/Qwen2.5-7B --gpu t4 --train qlora
         %vram cap T4|12GiB    behave like a smaller GPU (real OOMs past the cap); %vram cap off lifts it
                               e.g. %vram cap t4
-        %vram track on|off    record each cell's peak, end and change per device (off by default)
+        %vram track on|off    record each cell's peak, end and change per device (off by default; clear
+                              forgets the recorded cells)
                               e.g. %vram track on
         %vram log             the timeline: a plot (matplotlib) or a table, and the biggest growers
         %vram debug           what the last OOM's frames held: each frame's tensors, by name
@@ -209,13 +210,18 @@ class VramMagics(Magics):
 
     def _track(self, args: Any) -> None:
         tracker = self.session.tracker
-        if len(args.names) > 1 or (args.names and args.names[0].lower() not in ("on", "off")):
-            raise UsageError("Type `%vram track on`, `%vram track off`, or `%vram track` for its state.")
-        if args.names:
-            if args.names[0].lower() == "on":
-                tracker.on = True
-            else:
-                tracker.stop()
+        choice = args.names[0].lower() if len(args.names) == 1 else None
+        if args.names and choice not in ("on", "off", "clear"):
+            raise UsageError(
+                "Type `%vram track on`, `%vram track off`, `%vram track clear` (forget the recorded cells), "
+                "or `%vram track` for its state."
+            )
+        if choice == "on":
+            tracker.on = True
+        elif choice == "off":
+            tracker.stop()
+        elif choice == "clear":
+            tracker.records.clear()
         recorded = len({record.cell for record in tracker.records})
         state = "on: every cell's memory is recorded" if tracker.on else "off"
         print(f"Tracking is {state} ({recorded} cells recorded; `%vram log` shows them).")

@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import CodeType, TracebackType
 from typing import Any, Protocol
 
@@ -163,7 +163,7 @@ class CellRunner:
                 rebound=tuple(name for name, old in ids_before.items() if id(namespace.get(name)) != old),
                 filename=filename,
                 cell_number=number,
-                post_mortem=_post_mortem(error, filename, number, namespace, source),
+                post_mortem=self._post_mortem(error, filename, number, source),
             )
         return Ran(failure=failure, seconds=seconds)
 
@@ -304,6 +304,22 @@ class CellRunner:
         with contextlib.suppress(AttributeError):  # no __dict__: IPython's default display stays
             error._render_traceback_ = _FromUserFrames(self.shell, error, user_frames)  # type: ignore[attr-defined]
 
+    def _post_mortem(
+        self, error: BaseException, filename: str, number: int, source: str
+    ) -> PostMortem | None:
+        """What the failed call's frames held, with cells named as IPython names them ("Cell In[3]") and
+        IPython's own frames left out. Never an error of ours: a post-mortem is a bonus."""
+        try:
+            skip, namespace = (*_OURS, "IPython."), self.shell.user_ns
+            found = describe(error, filename, number, skip=skip, namespace=namespace, cell_source=source)
+        except Exception:
+            return None
+        if found is None:
+            return None
+        name = self.shell.compile.format_code_name
+        frames = tuple(replace(f, filename=" ".join(name(f.filename) or (f.filename,))) for f in found.frames)
+        return replace(found, frames=frames)
+
     def _short_traceback(self, error: BaseException, tb: TracebackType | None) -> str:
         """The last frames, with cells named as IPython names them ("Cell In[3]")."""
         frames = traceback.extract_tb(tb)[-_SHORT_TRACEBACK_FRAMES:] if tb else []
@@ -340,18 +356,6 @@ class _FromUserFrames:
 
 
 _OURS = frozenset({__name__, "vram_magic._session"})
-
-
-def _post_mortem(
-    error: BaseException, filename: str, number: int, namespace: dict[str, Any], source: str
-) -> PostMortem | None:
-    """What the failed call's frames held, IPython's own frames left out (never an error of ours: a
-    post-mortem is a bonus)."""
-    try:
-        skip = (*_OURS, "IPython.")
-        return describe(error, filename, number, skip=skip, namespace=namespace, cell_source=source)
-    except Exception:
-        return None
 
 
 def _user_frames(tb: TracebackType | None) -> TracebackType | None:

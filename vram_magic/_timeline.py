@@ -2,13 +2,16 @@
 
 On a GPU the figures are PyTorch's allocated memory (its peak statistics reset at each cell's start) plus
 NVML's used memory of the whole device (other processes included). For CPU RAM they are the process's
-resident set (RSS), whose peak a background thread samples every few milliseconds while a cell runs: a
-shorter peak can be missed. Torch is never imported here: a GPU is counted once the notebook uses CUDA.
+resident set (RSS). Its peak is exact on Linux: the kernel's high-water mark (``VmHWM``), reset at each cell's
+start through ``/proc/self/clear_refs`` (so ``getrusage``'s ``ru_maxrss`` also counts from the cell's start
+while tracking is on). Elsewhere a background thread samples the RSS every few milliseconds while a cell runs,
+and a shorter peak can be missed. Torch is never imported here: a GPU is counted once the notebook uses CUDA.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import threading
 import time
@@ -97,6 +100,50 @@ class _RssSampler:
             time.sleep(self._seconds)
 
 
+class _KernelPeak:
+    """Linux's own high-water mark of the RSS: reset at ``start()``, read at ``stop()``. Exact, no thread.
+    The /proc files stay open (re-read in place: a few microseconds) and are opened again after a fork."""
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._clear_refs = self._statm = self._status = -1
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            cls().stop()
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def start(self) -> int:
+        self._open()
+        os.write(self._clear_refs, b"5")  # proc(5): reset the peak RSS to the current RSS (Linux 4.0 on)
+        return int(os.pread(self._statm, 256, 0).split()[1]) * self._page
+
+    def stop(self) -> tuple[int, int]:
+        """(peak, now)."""
+        self._open()
+        status = os.pread(self._status, 16384, 0)
+        peak, now = _status_kib(status, b"VmHWM:"), _status_kib(status, b"VmRSS:")
+        return max(peak, now), now
+
+    def _open(self) -> None:
+        if self._pid == os.getpid():
+            return
+        self._clear_refs = os.open("/proc/self/clear_refs", os.O_WRONLY)
+        self._statm = os.open("/proc/self/statm", os.O_RDONLY)
+        self._status = os.open("/proc/self/status", os.O_RDONLY)
+        self._pid = os.getpid()
+
+
+def _status_kib(status: bytes, field: bytes) -> int:
+    """A ``VmXXX:   12345 kB`` field of /proc/self/status, in bytes."""
+    start = status.index(field) + len(field)
+    return int(status[start : status.index(b"kB", start)]) * 1024
+
+
 def _process_rss() -> int:
     import psutil
 
@@ -106,10 +153,13 @@ def _process_rss() -> int:
 class Tracker:
     """Records each cell between ``begin`` and ``end`` (IPython's pre/post_run_cell, wired by the magics)."""
 
-    def __init__(self, read_rss: Callable[[], int] = _process_rss, gpus: Any = None) -> None:
+    def __init__(self, read_rss: Callable[[], int] | None = None, gpus: Any = None) -> None:
+        """``read_rss``: sample this instead of the RSS (tests); by default the kernel's peak where Linux
+        gives it, else the RSS sampled."""
         self.records = Timeline()
         self.on = False
-        self._rss = _RssSampler(read_rss)
+        self._read_rss = read_rss
+        self._peaks: _RssSampler | _KernelPeak | None = None  # chosen at the first cell, not on import
         self._gpus = gpus if gpus is not None else _CudaCounters()
         self._cell: tuple[str, float, int, dict[int, int]] | None = None
 
@@ -117,7 +167,7 @@ class Tracker:
         """A cell starts: reset the peaks, note where memory starts."""
         if not self.on:
             return
-        rss = self._rss.start()
+        rss = self._rss().start()
         self._cell = (first_line(source), time.perf_counter(), rss, self._gpus.start())
 
     def end(self, cell: int | None) -> None:
@@ -128,7 +178,7 @@ class Tracker:
         source, started, rss_start, gpu_start = self._cell
         self._cell = None
         seconds = time.perf_counter() - started
-        rss_peak, rss_end = self._rss.stop()
+        rss_peak, rss_end = self._rss().stop()
         for index, (peak, end, used) in self._gpus.end().items():
             delta = end - gpu_start.get(index, 0)
             self.records.append(CellRecord(cell, source, f"cuda:{index}", peak, end, delta, seconds, used))
@@ -138,7 +188,16 @@ class Tracker:
         """Stop recording (what was recorded stays)."""
         self.on = False
         self._cell = None
-        self._rss.stop()
+        if self._peaks is not None:
+            self._peaks.stop()
+
+    def _rss(self) -> _RssSampler | _KernelPeak:
+        if self._peaks is None:
+            if self._read_rss is None and _KernelPeak.available():
+                self._peaks = _KernelPeak()
+            else:
+                self._peaks = _RssSampler(self._read_rss or _process_rss)
+        return self._peaks
 
     def growers(self, device: str, limit: int = 3) -> list[CellRecord]:
         return growers(self.records, device, limit)
