@@ -42,7 +42,7 @@ test: $(STAMP) lint chromium
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) notebooks/run.py notebooks/quickstart.ipynb notebooks/s1_merge.ipynb notebooks/s2_qlora.ipynb notebooks/s3_load.ipynb
+	$(PY) notebooks/run.py notebooks/quickstart.ipynb notebooks/s1_merge.ipynb notebooks/s2_qlora.ipynb notebooks/s3_load.ipynb notebooks/timeline.ipynb
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -28,6 +28,7 @@ class Attention(torch.nn.Module):
 
     def forward(self, states):
         weight = self.proj.weight  # a Parameter: the model's, not the failed call's
+        normed = states
         attn_weights = torch.ones(2, 4, 64, 64)
         past = [torch.ones(1024), torch.ones(2048)]
         raise torch.OutOfMemoryError(MESSAGE)
@@ -59,8 +60,13 @@ def test_debug_names_each_frame_and_what_its_tensors_were(ip: Any) -> None:
     # From the cell down to where the allocation failed, each with its line of code.
     assert lines[1].startswith("cell [") and lines[1].endswith("], line 2: out = forward(hidden)")
     called = [line.split("): ", 1)[0] + ")" for line in lines[2:] if line.startswith("forward (Cell In[")]
-    assert len(called) == 2 and called[0].endswith(":18)") and called[1].endswith(":12)")  # the defs' lines
-    assert lines[-1] == "states        float32 [8, 64] on cpu, 2.00 KiB"  # the deepest frame comes last
+    assert len(called) == 2 and called[0].endswith(":19)") and called[1].endswith(":13)")  # the defs' lines
+    assert lines[-2:] == [  # the deepest frame comes last
+        "states        float32 [8, 64] on cpu, 2.00 KiB",
+        "normed        the same tensor as `states`",
+    ]
+    # What torch's Module.__call__ passes on through *args/**kwargs, the frame it calls names.
+    assert not any(line.startswith(("args ", "kwargs ")) for line in lines)
     assert "attn_weights  float32 [2, 4, 64, 64] on cpu, 128.00 KiB" in lines
     assert "past          list of 2 tensors, 12.00 KiB" in lines
     assert "scaled  float32 [8, 64] on cpu, 2.00 KiB" in lines

@@ -1102,6 +1102,23 @@ def test_a_batched_generate_runs_in_chunks_and_more_chunks_each_time() -> None:
         rewrite(single, "chunk")
 
 
+@pytest.mark.parametrize(
+    "made",
+    [
+        "torch.randint(0, config.vocab_size, (64, 2048), device=device)",
+        "torch.randint(32000, (64, 2048))",
+        "torch.ones(64, 2048, dtype=torch.long)",
+        "torch.zeros(size=(64, 2048), dtype=torch.long)",
+    ],
+)
+def test_a_forward_on_a_batch_made_by_a_tensor_factory_runs_in_chunks(made: str) -> None:
+    cell = f"big_batch = {made}\nwith torch.no_grad():\n    logits = model(big_batch).logits\n"
+    assert "    logits = vram_magic.chunked(model, chunks=2)(big_batch).logits\n" in rewrite(cell, "chunk")
+    one_row = cell.replace("64", "1")
+    with pytest.raises(NotApplicable, match="no batched"):
+        rewrite(one_row, "chunk")
+
+
 def test_a_forward_pass_with_gradients_on_runs_under_inference_mode() -> None:
     cell = "# score the prompts\noutputs = model(**inputs)\nscores = outputs.logits.softmax(-1)\n"
     assert rewrite(cell, "inference-mode") == (

@@ -304,6 +304,6 @@ def _cell_fixes(evidence: Evidence) -> tuple[Fix, ...]:
     keys = _CELL_FIXES[kind]
     if evidence.analysis.loads:
         keys += _WITH_LOADS.get(kind, ())
-    if kind == "generation":
+    if kind == "generation" and evidence.analysis.generates:  # fewer new tokens: only where tokens are made
         keys += ("smaller-generation",)
     return tuple(_SEEDS[key] for key in keys)

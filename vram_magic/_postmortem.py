@@ -10,6 +10,7 @@ of the cell's own frame, which are the notebook's variables.
 
 from __future__ import annotations
 
+import inspect
 import linecache
 import sys
 from collections.abc import Iterator, Mapping
@@ -60,7 +61,11 @@ def describe(
                 if 2 <= record.line <= len(typed) + 1:
                     record = replace(record, code=typed[record.line - 2].strip())
             frames.append(record)
-    return PostMortem(tuple(frames), cell_number) if frames else None
+    if not frames:
+        return None
+    # What a frame passes on through *args/**kwargs, the frame it calls names: only the deepest keeps them.
+    frames[:-1] = [replace(f, locals=tuple(x for x in f.locals if not x.passed_on)) for f in frames[:-1]]
+    return PostMortem(tuple(frames), cell_number)
 
 
 def _walk(tb: TracebackType | None) -> Iterator[TracebackType]:
@@ -74,13 +79,24 @@ def _frame_record(
 ) -> FrameRecord:
     filename = frame.f_code.co_filename
     code = linecache.getline(filename, line).strip()
-    held = []
+    passed_on = _star_parameters(frame.f_code)
+    held: list[LocalRecord] = []
     # A cell's (or a module's) own frame has the notebook's namespace as its locals: `%vram who` names those.
     names = () if frame.f_code.co_name == "<module>" else list(frame.f_locals.items())
+    first_name: dict[int, str] = {}
     for name, value in names:
         record = _local_record(name, value, torch)
-        if record is not None:
-            held.append(replace(record, notebook_name=notebook_names.get(record.ident)))
+        if record is None:
+            continue
+        same_as = first_name.setdefault(record.ident, name)
+        held.append(
+            replace(
+                record,
+                notebook_name=notebook_names.get(record.ident),
+                same_as=same_as if same_as != name else None,
+                passed_on=name in passed_on,
+            )
+        )
     held.sort(key=lambda record: record.nbytes, reverse=True)
     return FrameRecord(
         function=frame.f_code.co_name,
@@ -90,6 +106,17 @@ def _frame_record(
         in_cell=filename == cell_filename,
         locals=tuple(held[:MAX_LOCALS]),
     )
+
+
+def _star_parameters(code: Any) -> frozenset[str]:
+    """The names of a function's ``*args`` and ``**kwargs``: what it passes on to the function it calls."""
+    names, at = [], code.co_argcount + code.co_kwonlyargcount
+    if code.co_flags & inspect.CO_VARARGS:
+        names.append(code.co_varnames[at])
+        at += 1
+    if code.co_flags & inspect.CO_VARKEYWORDS:
+        names.append(code.co_varnames[at])
+    return frozenset(names)
 
 
 def _local_record(name: str, value: Any, torch: Any) -> LocalRecord | None:
@@ -112,7 +139,9 @@ def _local_record(name: str, value: Any, torch: Any) -> LocalRecord | None:
     if not tensors:
         return None
     kind = f"{type(value).__name__} of {len(tensors)} tensor{'s' if len(tensors) != 1 else ''}"
-    return LocalRecord(name=name, kind=kind, nbytes=sum(tensors.values()))
+    return LocalRecord(
+        name=name, kind=kind, nbytes=sum(tensors.values()), ident=id(value), members=tuple(tensors.items())
+    )
 
 
 def _collect(value: Any, torch: Any, tensors: dict[int, int], depth: int) -> None:

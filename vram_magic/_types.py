@@ -244,6 +244,7 @@ class CellAnalysis:
     assigned_names: tuple[str, ...] = ()
     used_names: tuple[str, ...] = ()
     loads: int = 0  # model loads the cell makes
+    generates: bool = False  # the cell calls generate() (not only a forward pass)
 
 
 @dataclass(frozen=True)
@@ -285,8 +286,11 @@ class LocalRecord:
     shape: tuple[int, ...] | None = None
     dtype: str | None = None
     device: str | None = None
-    ident: int = 0  # the tensor's id() while it was alive (a number, not a reference); 0 for a container
+    ident: int = 0  # the object's id() while it was alive (a number, not a reference)
     notebook_name: str | None = None  # the notebook's variable that is this same object (it survives)
+    same_as: str | None = None  # an earlier local of the same frame that is this same tensor
+    passed_on: bool = False  # the frame's *args or **kwargs: the called frame names what they hold
+    members: tuple[tuple[int, int], ...] = ()  # a container's tensors: (id(), bytes) of each
 
 
 @dataclass(frozen=True)
@@ -310,11 +314,15 @@ class PostMortem:
 
     def biggest(self, limit: int = 3) -> list[tuple[FrameRecord, LocalRecord]]:
         """The locals that held most, over every frame; a tensor passed down from frame to frame is named
-        once, by the deepest frame that has it."""
+        once, by the deepest frame that has it; a container, only when a tenth of it or more is in tensors
+        that no frame names."""
         deepest: dict[int, tuple[FrameRecord, LocalRecord]] = {}
+        named = {local.ident for frame in self.frames for local in frame.locals if not local.members}
         for frame in self.frames:
             for local in frame.locals:
-                deepest[local.ident or id(local)] = (frame, local)
+                unnamed = sum(nbytes for ident, nbytes in local.members if ident not in named)
+                if local.same_as is None and (not local.members or unnamed >= local.nbytes // 10):
+                    deepest[local.ident] = (frame, local)
         return sorted(deepest.values(), key=lambda pair: pair[1].nbytes, reverse=True)[:limit]
 
 

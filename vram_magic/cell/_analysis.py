@@ -54,6 +54,7 @@ def analyse(cell: Cell, failed_line: int | None = None, shown_source: str | None
         assigned_names=cell.assigned_names,
         used_names=cell.used_names,
         loads=sum(1 for load in cell.loads if load.kind in ("model", "peft", "pipeline")),
+        generates=bool(cell.generates),
     )
 
 

@@ -39,6 +39,8 @@ _TRAINER_CONFIGS = frozenset(
     }
 )
 
+# torch's tensor factories whose first size is the batch when a model is called on what they make.
+_TENSOR_FACTORIES = frozenset({"randint", "ones", "zeros", "empty", "rand", "randn", "full"})
 _SAVING = frozenset({"save_pretrained", "push_to_hub", "config", "generation_config", "save_model"})
 
 
@@ -241,11 +243,28 @@ class WorkReading(ReaderBase):
             if isinstance(func, cst.Attribute) and func.attr.value in ("to", "cuda"):
                 return self._rows(func.value, line, depth + 1)
             callee = (dotted(func) or "").lower()
+            if callee.removeprefix("torch.") in _TENSOR_FACTORIES:
+                return self._first_dimension(expr, callee.removeprefix("torch."))
             if callee.endswith("apply_chat_template") and expr.args:
                 return self._conversations(expr.args[0].value, line)
             if ("tok" in callee or "processor" in callee) and expr.args:
                 return self._rows(expr.args[0].value, line, depth + 1)
         return None
+
+    def _first_dimension(self, call: cst.Call, factory: str) -> int | None:
+        """The first size of ``torch.randint(0, vocab, (8, 512))``, ``torch.ones(8, 512)`` or
+        ``size=(8, 512)``: the batch, when a model is called on it."""
+        keywords = {arg.keyword.value: arg.value for arg in call.args if arg.keyword is not None}
+        positional = [arg.value for arg in call.args if arg.keyword is None and not arg.star]
+        if "size" in keywords:
+            size: cst.BaseExpression | None = keywords["size"]
+        elif factory == "randint":  # randint(high, size) or randint(low, high, size)
+            size = next((arg for arg in positional if isinstance(arg, cst.Tuple | cst.List)), None)
+        else:
+            size = positional[0] if positional else None
+        if isinstance(size, cst.Tuple | cst.List):
+            return self.names.integer(size.elements[0].value) if size.elements else None
+        return self.names.integer(size) if size is not None else None
 
     def _conversations(self, expr: cst.BaseExpression, line: int) -> int | None:
         """How many chats ``apply_chat_template`` gets: a list of message dicts is one, of lists many."""

@@ -29,6 +29,8 @@ def frame_place(frame: FrameRecord, cell: int | None) -> str:
 
 def local_text(local: LocalRecord) -> str:
     """``float32 [2, 32, 4096, 4096] on cuda:0, 4.00 GiB`` or ``list of 3 tensors, 1.20 GiB``."""
+    if local.same_as is not None:
+        return f"the same {'tensor' if local.shape is not None else 'object'} as `{local.same_as}`"
     if local.shape is None:
         return f"{local.kind}, {format_bytes(local.nbytes)}"
     shape = ", ".join(str(n) for n in local.shape)
