@@ -179,6 +179,117 @@ def test_lora_parameters_are_the_ones_peft_adds(saved: dict[str, Path]) -> None:
     assert found.training_bytes == 16 * trainable
 
 
+def _part(found: Any, key: str) -> int:
+    return dict(found.parts)[key]
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
+def test_lora_targets_count_what_peft_adds(saved: dict[str, Path], targets: Any) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        load(saved["llama"], dtype=torch.bfloat16), LoraConfig(r=8, target_modules=targets)
+    )
+    trainable, _ = model.get_nb_trainable_parameters()
+    found = estimate(str(saved["llama"]), training="lora", lora_r=8, lora_targets=targets)
+
+    assert found.trainable_params == trainable
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in adapters} == {torch.float32}  # peft keeps adapters in float32 on a bf16 base
+    assert _part(found, "adapters") == _part(found, "gradients") == 4 * trainable
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_optimizer_states_are_what_trainer_keeps(saved: dict[str, Path], dtype: str, tmp_path: Path) -> None:
+    """A real Trainer step (on CPU) of a full fine-tune: the optimizer's states, measured, for each optim."""
+    from transformers import Trainer, TrainingArguments
+
+    rows = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in rows]
+    for optim in ("adamw_torch", "sgd", "adafactor"):
+        model = load(saved["llama"], dtype=getattr(torch, dtype))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / optim),
+            per_device_train_batch_size=2,
+            max_steps=1,
+            bf16=dtype == "bfloat16",
+            use_cpu=True,
+            optim=optim,
+            report_to=[],
+            save_strategy="no",
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        kept = sum(
+            state.numel() * state.element_size()
+            for states in trainer.optimizer.state.values()
+            for state in states.values()
+            if torch.is_tensor(state) and state.dim() > 0
+        )
+        found = estimate(str(saved["llama"]), dtype=dtype, training="full", optimizer=optim)
+        assert found.trainable_params == sum(p.numel() for p in model.parameters())
+        if optim == "adafactor":  # a row and a column per matrix: under a byte a parameter even here
+            assert _part(found, "optimizer") == 0 and kept < found.params // 4
+        else:
+            assert _part(found, "optimizer") == kept, optim
+        width = 2 if dtype == "bfloat16" else 4
+        assert _part(found, "gradients") == width * found.params  # gradients like the weights
+
+
+def test_prepare_model_for_kbit_training_adds_what_the_estimate_says(saved: dict[str, Path]) -> None:
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = load(saved["llama"], quantization_config=quantized)
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    model = prepare_model_for_kbit_training(model)
+    after = sum(p.numel() * p.element_size() for p in model.parameters())
+    found = estimate(str(saved["llama"]), training="qlora")
+
+    assert _part(found, "float32-casts") == after - before
+    assert model.is_gradient_checkpointing and estimate(str(saved["llama"]), training="qlora") == found
+    assert (
+        found.activations_bytes
+        == estimate(str(saved["llama"]), training="qlora", gradient_checkpointing=True).activations_bytes
+    )
+    unprepared = estimate(str(saved["llama"]), training="qlora", prepare_kbit=False)
+    assert "float32-casts" not in dict(unprepared.parts)
+
+
+def test_the_parts_add_up_to_the_peak_and_the_largest_batch_is_the_last_that_fits(
+    empty_hub_cache: Path,
+) -> None:
+    found = estimate("meta-llama/Llama-3.2-1B", training="qlora", context=1024, batch_size=4)
+    assert [key for key, _ in found.parts] == [
+        "weights",
+        "adapters",
+        "gradients",
+        "optimizer",
+        "float32-casts",
+        "activations",
+        "logits",
+    ]
+    assert sum(size for _, size in found.parts) == found.peak_bytes
+    room = 6 * GiB
+    fitted = estimate("meta-llama/Llama-3.2-1B", training="qlora", context=1024, room_bytes=room)
+    largest = fitted.max_batch_size
+    assert largest is not None and largest > 1
+    assert (
+        estimate("meta-llama/Llama-3.2-1B", training="qlora", context=1024, batch_size=largest).peak_bytes
+        <= room
+    )
+    assert (
+        estimate("meta-llama/Llama-3.2-1B", training="qlora", context=1024, batch_size=largest + 1).peak_bytes
+        > room
+    )
+    longest = fitted.max_context
+    assert longest is not None
+    assert estimate("meta-llama/Llama-3.2-1B", training="qlora", context=longest).peak_bytes <= room
+    assert estimate("meta-llama/Llama-3.2-1B", training="qlora", context=longest + 1).peak_bytes > room
+    assert estimate("meta-llama/Llama-3.2-1B", training="full", room_bytes=GiB).max_batch_size == 0
+
+
 # --- bundled configs --------------------------------------------------------------------------------
 
 # Published parameter counts (model cards and the counts the Hub shows), with embeddings.
@@ -360,6 +471,16 @@ def llama_085b() -> Any:
     return LlamaConfig(**LLAMA_085B)
 
 
+def test_the_one_measured_qlora_step_is_not_underestimated() -> None:
+    """An H100 (torch 2.11, transformers 5.17): a QLoRA Trainer step of this Llama (LoRA r=16 on q/k/v/o,
+    AdamW, batch 2 x 512, no checkpointing, not prepared for k-bit) peaked at 3.59 GiB allocated. One row is
+    not a calibration (issue 12 asks for many, on a GPU); it guards the direction: never more than 10 %
+    under, and not wildly over."""
+    found = estimate(llama_085b(), training="qlora", prepare_kbit=False, batch_size=2, context=512)
+    measured = 3.59 * GiB
+    assert 0.9 * measured <= found.peak_bytes <= 1.25 * measured
+
+
 def test_the_h100_facts_under_a_1_5_gib_cap() -> None:
     """bf16 (1.59 GiB) does not fit; 8-bit peaked at 0.955 GiB and 4-bit NF4 at 0.654 GiB; offload loads."""
     rows = {
@@ -421,7 +542,9 @@ def test_training_adds_optimizer_states_and_activations(empty_hub_cache: Path) -
     lora = estimate("meta-llama/Llama-3.2-1B", training="lora", context=512)
     qlora = estimate("meta-llama/Llama-3.2-1B", training="qlora", context=512)
 
-    assert full.training_bytes == 14 * full.params  # bf16 grads, 2 fp32 Adam states, fp32 master copy
+    # Trainer trains a bf16 model in bf16: a bf16 gradient and two bf16 AdamW states, no float32 master copy
+    # (measured with a real Trainer in test_optimizer_states_are_what_trainer_keeps).
+    assert full.training_bytes == 6 * full.params
     assert full.trainable_params == full.params
     assert lora.trainable_params is not None and lora.trainable_params < full.params // 100
     assert qlora.quantization == "4bit" and qlora.weights_bytes < lora.weights_bytes
@@ -603,6 +726,7 @@ def every_kind_of_note(
         estimate("bert-base-uncased", context=128),
         estimate("gpt2", dtype="float32", training="full"),
         estimate("meta-llama/Llama-3.2-1B", training="full", context=256, gradient_checkpointing=True),
+        estimate("Qwen/Qwen2.5-0.5B", training="qlora", context=128, optimizer="paged_adamw_8bit"),
         estimate(
             "meta-llama/Llama-3.2-1B",
             training="lora",
@@ -692,6 +816,9 @@ def test_labels_are_worded_from_the_data() -> None:
         ({"gpu_bytes": -1}, "gpu_bytes must be a number of bytes"),
         ({"gpu_bytes": 1.5, "device_map": "auto"}, "gpu_bytes must be a number of bytes"),
         ({"training": "lora", "device_map": "cpu"}, "nothing on the GPU"),
+        ({"training": "lora", "optimizer": "adam_fancy"}, "TrainingArguments' optim names"),
+        ({"training": "lora", "lora_targets": []}, "'all-linear' or a list of module names"),
+        ({"training": "lora", "prepare_kbit": True}, "LoRA on a quantized model"),
         ({"gpu_bytes": 2**30}, "device_map='auto'"),
     ],
 )
@@ -710,9 +837,17 @@ def test_options_are_frozen_and_canonical() -> None:
     assert options(dtype="torch.bf16", quantization="NF4", device_map=0) == Options(
         dtype="bfloat16", quantization="4bit", device_map="cuda"
     )
+    # QLoRA is prepared as its notebooks prepare it: prepare_model_for_kbit_training, checkpointing on.
     assert options(training="qlora", device_map="cuda:1") == Options(
-        quantization="4bit", training="lora", device_map="cuda"
+        quantization="4bit",
+        training="lora",
+        device_map="cuda",
+        gradient_checkpointing=True,
+        prepare_kbit=True,
     )
+    assert options(training="qlora", prepare_kbit=False).gradient_checkpointing is False
+    assert options(training="lora", lora_targets=["q_proj", "v_proj"]).lora_targets == ("q_proj", "v_proj")
+    assert options(training="lora", optimizer="PAGED_ADAMW_8BIT").optimizer == "paged_adamw_8bit"
     assert options(device_map="Auto", gpu_bytes=GiB).device_map == "auto"
     with pytest.raises(dataclasses.FrozenInstanceError):
         options().dtype = "float16"  # type: ignore[misc]

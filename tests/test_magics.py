@@ -737,3 +737,29 @@ def test_a_quoted_model_id_is_taken_as_typed(ip: Any, monkeypatch: pytest.Monkey
     with capture_output() as plain:
         ip.run_line_magic("vram", "estimate gpt2 --gpu t4")
     assert quoted.stdout == plain.stdout and "openai-community/gpt2" in quoted.stdout
+
+
+def test_estimate_of_a_training_step_shows_its_parts_and_what_fits(
+    ip: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with capture_output() as shown:
+        ip.run_line_magic(
+            "vram", "estimate meta-llama/Llama-3.1-8B --gpu t4 --train qlora --batch 4 --context 1024"
+        )
+    text = shown.stdout
+    assert "A training step, 4-bit NF4, batch 4 of sequences of 1024 tokens:" in text
+    for part in ("LoRA adapters (float32)", "optimizer states", "float32 casts", "logits and loss", "peak"):
+        assert part in text
+    assert "Largest batch that fits (4-bit NF4, sequences of 1024 tokens): " in text
+    with capture_output() as only:
+        ip.run_line_magic(
+            "vram", "estimate meta-llama/Llama-3.1-8B --gpu t4 --train qlora --context 1024 --fit batch"
+        )
+    assert only.stdout.startswith("Largest batch that fits (4-bit NF4, sequences of 1024 tokens): ")
+    with pytest.raises(UsageError, match="go with --train"):
+        ip.run_line_magic("vram", "estimate gpt2 --batch 4")
+    with pytest.raises(UsageError, match="--optimizer goes with `%vram estimate`"):
+        ip.run_line_magic("vram", "who --optimizer sgd")
+    with pytest.raises(UsageError, match="--lora-targets goes with"):
+        ip.run_line_magic("vram", "who --lora-targets all-linear")

@@ -41,6 +41,11 @@ _OPTIONS_OF: dict[str, tuple[str, ...]] = {
     "gpu": ("estimate",),
     "context": ("estimate",),
     "train": ("estimate",),
+    "batch": ("estimate",),
+    "checkpointing": ("estimate",),
+    "optimizer": ("estimate",),
+    "lora_targets": ("estimate",),
+    "fit": ("estimate",),
     "diff": ("fix",),
     "insert": ("fix",),
 }
@@ -78,6 +83,19 @@ class VramMagics(Magics):
     @argument("--gpu", help="with 'estimate': plan for a preset or size (t4, 12GiB) instead of this GPU")
     @argument("--context", type=int, help="with 'estimate': add a KV cache for this many tokens")
     @argument("--train", choices=("lora", "qlora", "full"), help="with 'estimate': add training")
+    @argument("--batch", type=int, help="with 'estimate --train': the per-device batch size (default 1)")
+    @argument(
+        "--checkpointing",
+        action="store_true",
+        help="with 'estimate --train': gradient checkpointing (on by default for qlora, as "
+        "prepare_model_for_kbit_training turns it on)",
+    )
+    @argument("--optimizer", help="with 'estimate --train': TrainingArguments' optim, e.g. paged_adamw_8bit")
+    @argument(
+        "--lora-targets",
+        help="with 'estimate --train lora|qlora': attention (default), all-linear, or names: q_proj,v_proj",
+    )
+    @argument("--fit", choices=("batch", "context"), help="with 'estimate --train': the largest that fits")
     @argument("--diff", action="store_true", help="with 'fix': show what the fix changes, run nothing")
     @argument("--insert", action="store_true", help="with 'fix': put the fixed cell in a new cell below")
     @output_can_be_silenced
@@ -94,6 +112,8 @@ class VramMagics(Magics):
                               e.g. %vram fix 2 --diff
         %vram estimate MODEL  what loading MODEL needs in 16-bit, 8-bit, 4-bit and offloaded, vs the room
                               e.g. %vram estimate Qwen/Qwen2.5-7B --gpu t4 --train qlora
+                              training: --batch 4 --context 1024 --checkpointing --optimizer adamw_8bit
+                              --lora-targets all-linear; --fit batch|context: the largest that fits
         %vram cap T4|12GiB    behave like a smaller GPU (real OOMs past the cap); %vram cap off lifts it
                               e.g. %vram cap t4
         %vram track on|off    record each cell's peak, end and change per device (off by default; clear
@@ -192,9 +212,18 @@ class VramMagics(Magics):
                 "Type `%vram estimate MODEL`, e.g. `%vram estimate meta-llama/Llama-3.1-8B --gpu t4`."
             )
         options = dict(gpu=args.gpu, dtype=args.dtype, quantization=args.quant, context=args.context)
+        train = _training_options(args)
+        if train and args.train is None:
+            raise UsageError(
+                "--batch, --checkpointing, --optimizer and --lora-targets go with --train, e.g. "
+                "`%vram estimate MODEL --train qlora --batch 4`."
+            )
         try:
             model, snapshot = _unquoted(args.names[0]), take_snapshot()
-            print(estimate_text(model, snapshot, training=args.train, progress=_progress, **options))
+            text = estimate_text(
+                model, snapshot, training=args.train, progress=_progress, fit=args.fit, **options, **train
+            )
+            print(text)
         except ValueError as error:
             raise UsageError(str(error).splitlines()[0]) from None
 
@@ -253,13 +282,28 @@ class VramMagics(Magics):
         self.session.cell_ran(result)
 
 
+def _training_options(args: Any) -> dict[str, Any]:
+    """The training options typed, as ``estimate`` takes them."""
+    train: dict[str, Any] = {}
+    if args.batch is not None:
+        train["batch_size"] = args.batch
+    if args.checkpointing:
+        train["gradient_checkpointing"] = True
+    if args.optimizer is not None:
+        train["optimizer"] = args.optimizer
+    if args.lora_targets is not None:
+        targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()]
+        train["lora_targets"] = targets[0] if len(targets) == 1 else targets
+    return train
+
+
 def _check_options_belong(args: Any) -> None:
     """An option given to a command it does not go with is a mistake, not something to ignore."""
     for option, commands in _OPTIONS_OF.items():
         value = getattr(args, option)
         if value is None or value is False or args.command in commands:
             continue
-        flag = f"--{option}"
+        flag = f"--{option.replace('_', '-')}"
         used = f"`%vram {args.command} {flag}`" if args.command else f"`%vram {flag}`"
         raise UsageError(f"{used}: {flag} goes with {' or '.join(f'`%vram {c}`' for c in commands)}.")
 

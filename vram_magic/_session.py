@@ -428,11 +428,16 @@ def estimate_text(
     context: int | None = None,
     training: str | None = None,
     progress: Callable[[str], None] | None = None,
+    fit: str | None = None,
+    **train: Any,
 ) -> str:
     """``%vram estimate``: the load plans for ``model`` against the room on the first GPU, the ``gpu`` card,
-    or the cap planned for without a GPU. Raises ValueError for a model or option it cannot read."""
+    or the cap planned for without a GPU; with ``training``, the parts of a step of the first plan that fits
+    (or the one asked) and the largest batch and context that fit. ``train``: ``estimate``'s training
+    options (batch_size, gradient_checkpointing, optimizer, lora_targets, lora_r). ``fit`` ("batch" or
+    "context"): only that answer. Raises ValueError for a model or option it cannot read."""
     from vram_magic.estimator import estimate, load_plans
-    from vram_magic.render import render_estimate_table
+    from vram_magic.render import render_estimate_table, render_training
 
     free = snapshot.gpus[0].free_bytes if snapshot.gpus else None
     cap = parse_cap(gpu)[0] if gpu else target_bytes()
@@ -447,9 +452,12 @@ def estimate_text(
             context=context,
             training=training,
             progress=progress,
+            **train,
         )
-        if free is None and cap is None:
+        if free is None and cap is None and training is None:
             return render_estimate_table([one])
+    if fit is not None and training is None:
+        raise ValueError("--fit goes with --train, e.g. `%vram estimate MODEL --train qlora --fit batch`.")
     rows = load_plans(
         model,
         free_bytes=free,
@@ -458,8 +466,25 @@ def estimate_text(
         context=context,
         training=training,
         progress=progress,
+        **train,
     )
-    return render_estimate_table([row for row in rows if quantization in (None, row.key)])
+    shown = [row for row in rows if quantization in (None, row.key)]
+    table = render_estimate_table(shown)
+    if training is None or not shown:
+        return table
+    chosen = next((row for row in shown if row.fits), shown[0])
+    room = chosen.room_bytes
+    step = estimate(
+        model,
+        dtype=dtype,
+        quantization=None if chosen.key in ("bf16", "fp16", "fp32") else chosen.key,
+        context=context,
+        training="lora" if training == "qlora" else training,
+        room_bytes=room,
+        **train,
+    )
+    text = render_training(step, chosen.label, fit)
+    return text if fit is not None else f"{table}\n\n{text}"
 
 
 def counted_device() -> str:

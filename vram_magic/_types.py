@@ -433,6 +433,11 @@ class Estimate:
     batch_size: int = 1
     training: str | None = None
     notes: tuple[Note, ...] = ()
+    # A training step's parts, as (key, bytes): "weights", "adapters", "gradients", "optimizer",
+    # "float32-casts", "activations", "logits"; their sum less nothing is ``peak_bytes`` when training.
+    parts: tuple[tuple[str, int], ...] = ()
+    max_batch_size: int | None = None  # with room_bytes: the largest batch whose step fits (0: none fits)
+    max_context: int | None = None  # with room_bytes: the longest sequence whose step fits at this batch
 
     @property
     def label(self) -> str:

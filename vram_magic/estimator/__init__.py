@@ -16,6 +16,7 @@ transformers' and accelerate's internals), ``_options`` checks what was asked, `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -67,8 +68,12 @@ def estimate(
     context: int | None = None,
     training: str | None = None,
     batch_size: int = 1,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = None,
     lora_r: int = LORA_R,
+    lora_targets: str | list[str] | tuple[str, ...] = "attention",
+    optimizer: str = "adamw_torch",
+    prepare_kbit: bool | None = None,
+    room_bytes: int | None = None,
     progress: Progress | None = None,
 ) -> Estimate:
     """Estimate what ``from_pretrained(model, ...)`` needs on the GPU, from the model's config alone.
@@ -81,8 +86,13 @@ def estimate(
     ``gpu_bytes``: what fits there, the rest in CPU RAM) or ``"cpu"``. ``context``: tokens per sequence, for
     the KV cache and activations (the sequence length when training). ``training``: ``"lora"``
     (r=``lora_r`` on the attention projections; ``"qlora"`` is LoRA on a 4-bit model) or ``"full"`` (AdamW,
-    mixed precision). ``progress`` is told, in a line, before a step that can take seconds (a download from
-    the Hub, counting a model for the first time).
+    mixed precision). For training: ``lora_targets`` (``"attention"``, ``"all-linear"`` or module names),
+    ``optimizer`` (TrainingArguments' ``optim`` names: ``adamw_torch``, ``paged_adamw_8bit``, ...),
+    ``gradient_checkpointing`` and ``prepare_kbit`` (peft's ``prepare_model_for_kbit_training``, assumed for
+    LoRA on a quantized model: float32 casts, checkpointing on); the step's parts are in ``parts``, and with
+    ``room_bytes`` (the GPU memory to fit in) ``max_batch_size`` and ``max_context`` say the largest that
+    fit. ``progress`` is told, in a line, before a step that can take seconds (a download from the Hub,
+    counting a model for the first time).
     """
     asked = options(
         dtype=dtype,
@@ -95,10 +105,37 @@ def estimate(
         batch_size=batch_size,
         gradient_checkpointing=gradient_checkpointing,
         lora_r=lora_r,
+        lora_targets=lora_targets,
+        optimizer=optimizer,
+        prepare_kbit=prepare_kbit,
     )
+    check_bytes("room_bytes", room_bytes)
     located = resolve(model, progress)
     _check_training_of(described(located), located.name, training)
-    return price(located, asked)
+    found = price(located, asked)
+    if room_bytes is None or asked.training is None:
+        return found
+    return replace(
+        found,
+        max_batch_size=_largest(lambda n: price(located, replace(asked, batch_size=n)), room_bytes),
+        max_context=_largest(lambda n: price(located, replace(asked, context=n)), room_bytes),
+    )
+
+
+_LARGEST = 1 << 20  # the most a search for the largest batch or context tries
+
+
+def _largest(priced: Callable[[int], Estimate], room_bytes: int) -> int:
+    """The largest n (0 if none) whose step fits ``room_bytes``: the peak grows with n, so bisect."""
+    if priced(1).peak_bytes > room_bytes:
+        return 0
+    low, high = 1, 2
+    while high < _LARGEST and priced(high).peak_bytes <= room_bytes:
+        low, high = high, high * 2
+    while high - low > 1:  # priced(low) fits, priced(high) does not (or high is the limit)
+        middle = (low + high) // 2
+        low, high = (middle, high) if priced(middle).peak_bytes <= room_bytes else (low, middle)
+    return low
 
 
 def _check_training_of(config: PretrainedConfig | Described, name: str, training: str | None) -> None:
@@ -128,7 +165,10 @@ def load_plans(
     context: int | None = None,
     training: str | None = None,
     batch_size: int = 1,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = None,
+    lora_r: int = LORA_R,
+    lora_targets: str | list[str] | tuple[str, ...] = "attention",
+    optimizer: str = "adamw_torch",
     progress: Progress | None = None,
 ) -> tuple[LoadPlan, ...]:
     """One row per way to load ``model``: the dtype asked (or the config's), 8-bit, 4-bit NF4 and CPU offload.
@@ -141,14 +181,22 @@ def load_plans(
         check_bytes(label, value)
     known = [value for value in (free_bytes, cap_bytes) if value is not None]
     room = min(known) if known else None
-    base = options(
-        dtype=dtype,
-        context=context,
-        training=training,
-        batch_size=batch_size,
-        gradient_checkpointing=gradient_checkpointing,
-    )
-    base = replace(base, quantization=None)  # each row chooses its own ("qlora" has only the 4-bit one)
+
+    def row(quantization: str | None = None) -> Options:  # each row its own quantization, and what follows
+        return options(
+            dtype=dtype,
+            quantization=quantization,
+            context=context,
+            training="lora" if training == "qlora" else training,
+            batch_size=batch_size,
+            gradient_checkpointing=gradient_checkpointing,
+            lora_r=lora_r,
+            lora_targets=lora_targets,
+            optimizer=optimizer,
+        )
+
+    options(dtype=dtype, context=context, training=training, batch_size=batch_size)  # what cannot be asked
+    base = row()
     located = resolve(model, progress)
     config = described(located)
     _check_training_of(config, located.name, training)
@@ -157,9 +205,9 @@ def load_plans(
     rows: list[tuple[str, str, Options]] = [(short, f"dtype=torch.{dtype_name}", base)]
     if base.training != "full" and prequantized(config) is None:
         how = f"quantization_config={bitsandbytes_config(8)}"
-        rows.append(("8bit", how, replace(base, quantization="8bit")))
+        rows.append(("8bit", how, row("8bit")))
         how = f"quantization_config={bitsandbytes_config(4, f'torch.{dtype_name}')}"
-        rows.append(("4bit", how, replace(base, quantization="4bit")))
+        rows.append(("4bit", how, row("4bit")))
     if base.training is None:
         limit = None if room is None else max(room - max(int(room * _GPU_HEADROOM), _MIN_HEADROOM_BYTES), 0)
         how = 'device_map="auto"'

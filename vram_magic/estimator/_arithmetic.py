@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from vram_magic._hf import AUTO_MAPS
 from vram_magic._types import Estimate, Note, facts
 from vram_magic.estimator._configs import DTYPE_BYTES, pick_dtype, prequantized
-from vram_magic.estimator._counting import LORA_R, Census, Described, built, counted, described, offload_split
-from vram_magic.estimator._options import Options
+from vram_magic.estimator._counting import Census, Described, built, counted, described, offload_split
+from vram_magic.estimator._options import OPTIMIZERS, Options
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -47,8 +47,6 @@ _ACTIVATIONS = {
 _CHECKPOINTED_PER_HIDDEN = 2  # gradient checkpointing keeps each layer's 16-bit input
 _LOGITS_PER_VOCAB = 12  # bytes per token and vocabulary entry at the loss: 16-bit logits, float32 copy, grads
 _PREFILL = (9, 6)  # inference: one layer's working memory per token on the whole prompt, as above
-_LORA_BYTES = 16  # per trainable LoRA parameter: float32 weight and gradient, AdamW's two float32 states
-_FULL_BYTES = {2: 14, 4: 12}  # per parameter beyond the weights: gradients, 2 Adam states, float32 master
 _TRAIN_SEQ = 512
 
 
@@ -84,6 +82,7 @@ class _Run:
     training_bytes: int | None = None
     trainable_params: int | None = None
     notes: tuple[Note, ...] = ()
+    parts: tuple[tuple[str, int], ...] = ()
 
 
 def price(located: Located, opts: Options) -> Estimate:
@@ -135,6 +134,7 @@ def price(located: Located, opts: Options) -> Estimate:
         batch_size=opts.batch_size,
         training=opts.training,
         notes=(located.source, dtype_note, *saved_notes, *weights.notes, *placed, *loading, *run.notes),
+        parts=run.parts,
     )
 
 
@@ -244,45 +244,65 @@ def _shape(text: Any, census: Census, width: int) -> _Shape:
 def _training(
     census: Census, shape: _Shape, opts: Options, training: str, on_gpu: int, offloaded: int
 ) -> _Run:
-    """A training step (``training``: lora or full): gradients and optimizer states (all weights, or LoRA's),
-    and the activations."""
+    """A training step (``training``: lora or full): the trainable weights, their gradients and optimizer
+    states, peft's float32 casts when prepared for k-bit training, and the activations and logits."""
     seq = opts.context if opts.context is not None else _TRAIN_SEQ
     notes = []
     if opts.context is None:
         notes.append(Note("train-sequence", facts(tokens=_TRAIN_SEQ)))
-    if training == "full":
-        trainable = census.params
-        per_param = _FULL_BYTES[shape.width]
-        notes.append(Note("full-training", facts(width=shape.width, bytes_per_param=per_param)))
-    else:
-        trainable = census.lora_params * opts.lora_r // LORA_R
-        per_param = _LORA_BYTES
-        notes.append(
-            Note(
-                "lora",
-                facts(
-                    r=opts.lora_r, targets=census.lora_targets, params=trainable, bytes_per_param=per_param
-                ),
-            )
-        )
-    training_bytes = trainable * per_param
-    activations, activations_note = _training_activations(census, shape, opts, training, seq)
+    states, state_width = OPTIMIZERS[opts.optimizer]
+    parts: list[tuple[str, int]] = [("weights", on_gpu)]
+    if training == "full":  # the weights train in their own dtype, and so do the optimizer's states
+        trainable, width = census.params, shape.width
+        notes.append(Note("full-training", facts(width=width)))
+    else:  # peft keeps the adapters in float32 whatever the base's dtype
+        trainable, width = _lora_params(census, opts), 4
+        parts.append(("adapters", trainable * width))
+        notes.append(Note("lora", facts(r=opts.lora_r, targets=_targets_label(opts), params=trainable)))
+    per_param = states * (state_width or width)
+    parts += [("gradients", trainable * width), ("optimizer", trainable * per_param)]
+    notes.append(Note("optimizer", facts(name=opts.optimizer, bytes_per_param=per_param)))
+    if opts.prepare_kbit and shape.width < 4:
+        kept = census.params - sum(elements for elements, _ in census.quantized)
+        parts.append(("float32-casts", kept * (4 - shape.width)))
+        notes.append(Note("kbit-casts", facts(params=kept)))
+    layers, logits, activations_note = _training_activations(census, shape, opts, training, seq)
+    parts += [("activations", layers), ("logits", logits)]
     notes.append(activations_note)
     if offloaded:
         notes.append(Note("train-offloaded"))
+    training_bytes = sum(size for key, size in parts if key not in ("weights", "activations", "logits"))
     return _Run(
-        run_bytes=on_gpu + training_bytes + activations,
-        activations_bytes=activations,
+        run_bytes=sum(size for _, size in parts),
+        activations_bytes=layers + logits,
         training_bytes=training_bytes,
         trainable_params=trainable,
         notes=tuple(notes),
+        parts=tuple(parts),
     )
+
+
+def _lora_params(census: Census, opts: Options) -> int:
+    """What LoRA adds at rank ``opts.lora_r`` on the targeted Linear layers: r x (rows + columns) each."""
+    targets = opts.lora_targets
+    size = sum(
+        total
+        for leaf, attention, _, total in census.linear_leaves
+        if targets == "all-linear" or (attention if targets == "attention" else leaf in targets)
+    )
+    return opts.lora_r * size
+
+
+def _targets_label(opts: Options) -> str:
+    targets = opts.lora_targets
+    return targets if isinstance(targets, str) else ", ".join(targets)
 
 
 def _training_activations(
     census: Census, shape: _Shape, opts: Options, training: str, seq: int
-) -> tuple[int, Note]:
-    """Bytes of activations at the peak of a training step on sequences of ``seq`` tokens, and how."""
+) -> tuple[int, int, Note]:
+    """Bytes of activations at the peak of a training step on sequences of ``seq`` tokens: the layers',
+    the logits' and loss's, and how."""
     hidden, width = shape.hidden, shape.width
     per_hidden, per_mlp = _ACTIVATIONS[("gated" if census.gated_mlp else "plain", training)]
     tokens = seq * opts.batch_size
@@ -293,9 +313,11 @@ def _training_activations(
         # logits' peak)
         kept = shape.layers * _CHECKPOINTED_PER_HIDDEN * hidden * width // 2 * tokens
         note = Note("activations", counted + facts(checkpointed_per_hidden=_CHECKPOINTED_PER_HIDDEN))
-        return kept + max(logits, layer), note
+        # The peak is at the logits or at one recomputed layer, whichever is bigger: the layer counts only
+        # beyond the logits.
+        return kept + max(layer - logits, 0), logits, note
     note = Note("activations", counted + facts(per_hidden=per_hidden, per_mlp=per_mlp))
-    return shape.layers * layer + logits, note
+    return shape.layers * layer, logits, note
 
 
 def _inference(

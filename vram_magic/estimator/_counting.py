@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # ``infer_auto_device_map``, and float32 loads when no dtype is given.
 CHECKED_WITH = {"transformers": "5.25.0", "accelerate": "1.16.0"}
 
-LORA_R = 16  # the rank the census counts LoRA parameters at
+LORA_R = 16  # LoRA's rank when none is given (peft's default is 8; QLoRA notebooks use 16 and more)
 _GATED_MLP = frozenset({"gate_proj", "gate_up_proj", "wi_0", "w3"})
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 _CACHE_SIZE = 8
@@ -52,8 +52,9 @@ class Census:
     buffer_bytes: int
     quantized: tuple[tuple[int, int], ...]  # (elements, rows) of each Linear weight bitsandbytes converts
     quantized_bytes: int  # those weights at the build dtype
-    lora_params: int  # r=16 on the attention projections
-    lora_targets: int
+    # Each Linear leaf name LoRA can target, the output layer left out (as peft's "all-linear" does):
+    # (leaf, inside attention, how many, the sum of their rows + columns: LoRA adds r times that).
+    linear_leaves: tuple[tuple[str, bool, int, int], ...]
     largest_layer_bytes: int  # the biggest block accelerate never splits (a decoder layer)
     can_generate: bool
     has_lm_head: bool
@@ -127,7 +128,8 @@ def counted(located: Located, dtype_name: str) -> Census:
     key, entry = _entry(located)
     saved = entry.setdefault("census", {}).get(dtype_name)
     if saved is not None:
-        return Census(**{**saved, "quantized": tuple(tuple(pair) for pair in saved["quantized"])})
+        tuples = {key: tuple(tuple(item) for item in saved[key]) for key in ("quantized", "linear_leaves")}
+        return Census(**{**saved, **tuples})
     located.counting()
     found, _ = built(located.config(), dtype_name)
     entry["census"][dtype_name] = asdict(found)
@@ -254,8 +256,12 @@ def _count_model(model: Any, config: PretrainedConfig) -> Census:
 
     skip = _not_converted(model)
     quantized: list[tuple[int, int]] = []
-    quantized_bytes = lora_params = lora_targets = 0
+    quantized_bytes = 0
+    leaves: dict[tuple[str, bool], list[int]] = {}
     gated = False
+    output = None
+    with contextlib.suppress(Exception):
+        output = model.get_output_embeddings()
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         gated = gated or leaf in _GATED_MLP
@@ -264,9 +270,10 @@ def _count_model(model: Any, config: PretrainedConfig) -> Census:
             continue
         weight = module.weight
         rows, columns = (weight.shape[1], weight.shape[0]) if conv1d else (weight.shape[0], weight.shape[1])
-        if _ATTENTION.search(name):
-            lora_params += LORA_R * (rows + columns)
-            lora_targets += 1
+        if module is not output:
+            counts = leaves.setdefault((leaf, bool(_ATTENTION.search(name))), [0, 0])
+            counts[0] += 1
+            counts[1] += rows + columns
         if f"{name}.weight" not in tied and _should_convert(name, skip):
             quantized.append((weight.numel(), rows))
             quantized_bytes += weight.numel() * weight.element_size()
@@ -290,8 +297,7 @@ def _count_model(model: Any, config: PretrainedConfig) -> Census:
         buffer_bytes=buffer_bytes,
         quantized=tuple(quantized),
         quantized_bytes=quantized_bytes,
-        lora_params=lora_params,
-        lora_targets=lora_targets,
+        linear_leaves=tuple((leaf, attention, n, size) for (leaf, attention), (n, size) in leaves.items()),
         largest_layer_bytes=largest_layer,
         can_generate=can_generate,
         has_lm_head=has_lm_head,

@@ -20,6 +20,27 @@ QUANTIZATIONS = {
 }
 TRAININGS = ("lora", "qlora", "full")
 GPU_MAPS = ("cuda", "gpu")
+LORA_TARGETS = ("attention", "all-linear")
+# Optimizer state per trainable parameter, by TrainingArguments' ``optim`` names, as (states, bytes each;
+# None: the parameter's own dtype). torch's AdamW keeps two states like the parameter (measured: 4 bytes
+# for a bfloat16 parameter under Trainer, tests/test_estimate.py); bitsandbytes keeps two float32 states,
+# or two of one byte in its 8-bit optimizers (paged ones can spill to CPU RAM under pressure); Lion one;
+# SGD (momentum 0, Trainer's default) none; Adafactor a row and a column per matrix, next to nothing.
+OPTIMIZERS: dict[str, tuple[int, int | None]] = {
+    "adamw_torch": (2, None),
+    "adamw_torch_fused": (2, None),
+    "adamw_hf": (2, None),
+    "adamw_bnb_8bit": (2, 1),
+    "adamw_8bit": (2, 1),
+    "paged_adamw_8bit": (2, 1),
+    "paged_adamw_32bit": (2, 4),
+    "lion_8bit": (1, 1),
+    "paged_lion_8bit": (1, 1),
+    "lion_32bit": (1, 4),
+    "paged_lion_32bit": (1, 4),
+    "adafactor": (0, None),
+    "sgd": (0, None),
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +58,9 @@ class Options:
     batch_size: int = 1
     gradient_checkpointing: bool = False
     lora_r: int = LORA_R
+    lora_targets: str | tuple[str, ...] = "attention"  # or "all-linear", or module names ("q_proj", ...)
+    optimizer: str = "adamw_torch"
+    prepare_kbit: bool = False  # peft's prepare_model_for_kbit_training: float32 casts, checkpointing on
 
 
 def options(
@@ -49,10 +73,15 @@ def options(
     context: int | None = None,
     training: str | None = None,
     batch_size: int = 1,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = None,
     lora_r: int = LORA_R,
+    lora_targets: str | list[str] | tuple[str, ...] = "attention",
+    optimizer: str = "adamw_torch",
+    prepare_kbit: bool | None = None,
 ) -> Options:
-    """The checked ``Options`` for these keywords (a ValueError for any that cannot be estimated)."""
+    """The checked ``Options`` for these keywords (a ValueError for any that cannot be estimated). LoRA on
+    a quantized model is prepared as QLoRA notebooks do (``prepare_kbit``, which turns gradient checkpointing
+    on) unless ``prepare_kbit=False``; ``gradient_checkpointing`` None: on only where prepared."""
     dtype_name = None
     if dtype is not None:
         text = str(dtype).removeprefix("torch.").lower()  # a torch.dtype is fine too
@@ -87,6 +116,17 @@ def options(
         raise ValueError("training= estimates GPU memory, and device_map='cpu' puts nothing on the GPU.")
     check_int("batch_size", batch_size, 1)
     check_int("lora_r", lora_r, 1)
+    optimizer_name = str(optimizer).lower()
+    if optimizer_name not in OPTIMIZERS:
+        raise ValueError(
+            f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)} (TrainingArguments' optim names)."
+        )
+    targets = _check_lora_targets(lora_targets)
+    quantized_lora = training == "lora" and quant is not None
+    if prepare_kbit and not quantized_lora:
+        raise ValueError("prepare_kbit=True is for LoRA on a quantized model: pass training='qlora' too.")
+    prepared = quantized_lora if prepare_kbit is None else bool(prepare_kbit)
+    checkpointing = prepared if gradient_checkpointing is None else bool(gradient_checkpointing)
     if context is not None:
         check_int("context", context, 1)
     check_bytes("gpu_bytes", gpu_bytes)
@@ -103,8 +143,25 @@ def options(
         context=context,
         training=training,
         batch_size=batch_size,
-        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing=checkpointing,
         lora_r=lora_r,
+        lora_targets=targets,
+        optimizer=optimizer_name,
+        prepare_kbit=prepared,
+    )
+
+
+def _check_lora_targets(targets: object) -> str | tuple[str, ...]:
+    """``attention``, ``all-linear`` or module names (a list or tuple of strings)."""
+    if isinstance(targets, str):
+        if targets.lower() in LORA_TARGETS:
+            return targets.lower()
+        return (targets,)
+    if isinstance(targets, list | tuple) and targets and all(isinstance(t, str) and t for t in targets):
+        return tuple(targets)
+    raise ValueError(
+        f"lora_targets {targets!r} is not 'attention', 'all-linear' or a list of module names "
+        "(e.g. ['q_proj', 'v_proj'])."
     )
 
 

@@ -12,7 +12,13 @@ from collections.abc import Callable, Container
 from typing import Any
 
 from vram_magic._types import Report, Snapshot
-from vram_magic.render._estimate import estimate_label, note_text, plan_label, render_estimate_table
+from vram_magic.render._estimate import (
+    estimate_label,
+    note_text,
+    plan_label,
+    render_estimate_table,
+    render_training,
+)
 from vram_magic.render._frontend import widget_frontend
 from vram_magic.render._html import report_html, snapshot_html
 from vram_magic.render._postmortem import render_post_mortem
@@ -49,6 +55,7 @@ __all__ = [
     "render_post_mortem",
     "render_report",
     "render_snapshot",
+    "render_training",
     "report_widget",
     "snapshot_widget",
     "summary_line",

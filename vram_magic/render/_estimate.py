@@ -127,16 +127,24 @@ def _quantization(f: dict[str, Any]) -> str:
 
 
 def _full_training(f: dict[str, Any]) -> str:
-    if f["width"] == 4:
-        return (
-            "Full fine-tuning with AdamW in float32: a gradient and two Adam states per parameter "
-            f"({f['bytes_per_param']} bytes)."
-        )
+    precision = "float32" if f["width"] == 4 else "its own 16-bit dtype"
     return (
-        "Full fine-tuning with AdamW in mixed precision: a 16-bit gradient, two float32 Adam states and a "
-        f"float32 master copy per parameter ({f['bytes_per_param']} bytes; pure bf16 training keeps bf16 "
-        "states and needs less)."
+        f"Full fine-tuning: every weight trains in {precision}, with a gradient and the optimizer's states "
+        "in that dtype too (as Trainer does with a model loaded so; DeepSpeed or FSDP mixed precision keeps "
+        "a float32 master copy and needs more)."
     )
+
+
+def _lora_targets(targets: str) -> str:
+    if targets == "attention":
+        return "the attention projections"
+    if targets == "all-linear":
+        return "every linear layer but the output layer"
+    return targets
+
+
+def _optimizer(f: dict[str, Any]) -> str:
+    return f"Optimizer {f['name']}: {f['bytes_per_param']} bytes of state per trainable parameter."
 
 
 def _activations(f: dict[str, Any]) -> str:
@@ -148,10 +156,9 @@ def _activations(f: dict[str, Any]) -> str:
     return (
         f"Activations for {f['batch_size']} x {f['tokens']} tokens: {kept}, in 16-bit bytes per token, plus "
         f"{f['logits_per_vocab']}*vocab for the logits and loss (measured on CPU from transformers' models "
-        "with SDPA attention, after Korthikanti et al. 2022). A lower bound: the CUDA context, cuBLAS "
-        "workspaces, allocator fragmentation and the Trainer's own buffers are not counted (a QLoRA Trainer "
-        "step of a 0.85 B Llama, batch 2 x 512, peaked at 3.59 GiB on an H100 where this estimate says "
-        "2.46 GiB)."
+        "with SDPA attention, after Korthikanti et al. 2022). Not yet calibrated on a GPU: one QLoRA Trainer "
+        "step of a 0.85 B Llama (batch 2 x 512, no checkpointing) peaked at 3.59 GiB on an H100 where this "
+        "estimate says 4.16 GiB; the CUDA context and allocator fragmentation are not counted."
     )
 
 
@@ -203,9 +210,14 @@ _NOTES: dict[str, Callable[[dict[str, Any]], str]] = {
     ),
     "full-training": _full_training,
     "lora": lambda f: (
-        f"LoRA r={f['r']} on the {f['targets']} attention projections ({_count(f['params'])} parameters; "
-        "peft's defaults often target fewer), each with a float32 weight, gradient and two AdamW states "
-        f"({f['bytes_per_param']} bytes)."
+        f"LoRA r={f['r']} on {_lora_targets(f['targets'])} ({_count(f['params'])} parameters), kept in "
+        "float32 by peft, as their gradients (pass lora_targets= / --lora-targets for others)."
+    ),
+    "optimizer": _optimizer,
+    "kbit-casts": lambda f: (
+        f"prepare_model_for_kbit_training casts the {_count(f['params'])} parameters that stay unquantized "
+        "(embeddings, output layer, norms) to float32, and turns gradient checkpointing on (pass "
+        "prepare_kbit=False if the notebook does not call it)."
     ),
     "activations": _activations,
     "train-offloaded": lambda f: (
@@ -239,3 +251,45 @@ def _fits_word(item: Estimate | LoadPlan) -> str:
     if not isinstance(item, LoadPlan) or item.fits is None:
         return "?" if isinstance(item, LoadPlan) else ""
     return "yes" if item.fits else "no"
+
+
+_PART_WORDS = {
+    "weights": "weights on the GPU",
+    "adapters": "LoRA adapters (float32)",
+    "gradients": "gradients",
+    "optimizer": "optimizer states",
+    "float32-casts": "float32 casts (prepare_model_for_kbit_training)",
+    "activations": "activations",
+    "logits": "logits and loss",
+}
+
+
+def render_training(found: Estimate, plan: str, fit: str | None = None) -> str:
+    """A training step's parts for ``plan`` and the largest batch and context that fit (``fit``: only the
+    one asked, "batch" or "context")."""
+    batch = f"batch {found.batch_size}"
+    seq = f"sequences of {found.context} tokens" if found.context is not None else "512-token sequences"
+    lines = []
+    if fit is None:
+        lines.append(f"A training step, {plan}, {batch} of {seq}:")
+        words = [(_PART_WORDS.get(key, key), size) for key, size in found.parts]
+        width = max(len(word) for word, _ in words)
+        lines += [f"  {word:<{width}}  {format_bytes(size):>10}" for word, size in words]
+        lines.append(f"  {'peak':<{width}}  {format_bytes(found.peak_bytes):>10}")
+    if found.max_batch_size is not None and fit in (None, "batch"):
+        largest = found.max_batch_size
+        lines.append(
+            f"Largest batch that fits ({plan}, {seq}): {largest}."
+            if largest
+            else f"No batch fits ({plan}, {seq}): not even 1."
+        )
+    if found.max_context is not None and fit in (None, "context"):
+        longest = found.max_context
+        lines.append(
+            f"Longest sequence that fits ({plan}, {batch}): {longest} tokens."
+            if longest
+            else f"No sequence fits ({plan}, {batch})."
+        )
+    if fit is not None and len(lines) == 0:
+        lines.append("No room is known here to fit in: pass --gpu (e.g. --gpu t4).")
+    return "\n".join(lines)
