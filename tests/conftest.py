@@ -39,3 +39,18 @@ def ip(session_shell: Any) -> Iterator[Any]:
     for name in set(session_shell.user_ns) - names_before:
         del session_shell.user_ns[name]
     session_shell.run_line_magic("unload_ext", "vram_magic")
+
+
+@pytest.fixture
+def tracked(ip: Any) -> Iterator[Any]:
+    """The shell with ``%vram track on`` and an empty timeline; tracking off and the timeline empty after."""
+    from IPython.utils.capture import capture_output
+
+    from vram_magic import _timeline
+
+    _timeline.TRACKER.records.clear()
+    with capture_output():
+        ip.run_line_magic("vram", "track on")
+    yield ip
+    _timeline.TRACKER.stop()
+    _timeline.TRACKER.records.clear()

@@ -22,8 +22,10 @@ GiB = 2**30
 @pytest.fixture(autouse=True)
 def no_target() -> Iterator[None]:
     _caps.set_target_bytes(None)
+    _caps._set_card(None)
     yield
     _caps.set_target_bytes(None)
+    _caps._set_card(None)
 
 
 @pytest.mark.parametrize(
@@ -62,7 +64,8 @@ def test_without_a_gpu_the_cap_becomes_the_target_to_plan_for(ip: Any) -> None:
         ip.run_line_magic("vram", "cap t4")
         ip.run_line_magic("vram", "cap")
     assert captured.stdout.splitlines() == [
-        "No GPU here: estimates and preflight will plan for 14.75 GiB (T4).",
+        "No GPU here: estimates and preflight will plan for 14.75 GiB (T4). As on a T4, fixes use float16, "
+        "not bfloat16 (the card has none), and training fixes set fp16=True.",
         "No GPU here; estimates and preflight plan for 14.75 GiB.",
     ]
     assert _caps.target_bytes() == round(14.75 * GiB)
@@ -143,3 +146,33 @@ def test_a_cap_on_a_machine_without_a_gpu_imports_no_torch() -> None:
     if done.stdout.strip() == "a GPU is here":
         pytest.skip("a GPU is visible: a cap there is PyTorch's and needs torch")
     assert done.stdout.strip().splitlines()[-1] == str(PRESETS["t4"])
+
+
+def test_rehearsing_a_card_without_bfloat16_makes_the_fixes_use_float16(ip: Any) -> None:
+    from vram_magic._checks import _compute_dtype
+
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16 itself")
+    assert _compute_dtype() == "bfloat16"
+    with capture_output():
+        ip.run_line_magic("vram", "cap t4")
+    assert _compute_dtype() == "float16"
+    with capture_output():
+        ip.run_line_magic("vram", "cap 12GiB")  # a size is memory only: this GPU's rules
+    assert _compute_dtype() == "bfloat16"
+    with capture_output():
+        ip.run_line_magic("vram", "cap v100")
+    assert _compute_dtype() == "float16"
+    with capture_output():
+        ip.run_line_magic("vram", "cap off")
+    assert _compute_dtype() == "bfloat16"
+
+
+def test_a_cap_for_one_gpu_names_a_gpu_that_is_here(ip: Any) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: tests/gpu covers the real cap")
+    with pytest.raises(UsageError, match=r"No GPU here to cap: type `%vram cap t4` \(no --device\)"):
+        ip.run_line_magic("vram", "cap t4 --device cuda:1")
+    with pytest.raises(UsageError, match="A cap is for a GPU"):
+        ip.run_line_magic("vram", "cap t4 --device cpu")
+    assert _caps.target_bytes() is None  # nothing was set

@@ -189,3 +189,23 @@ def test_freeing_too_little_to_cover_the_shortfall_is_ranked_after_the_cell_fixe
         "It holds about 100.00 MiB that this cell does not need. "
         "Not enough alone: the cell was 512.00 MiB short."
     )
+
+
+def test_a_second_gpu_left_idle_is_named() -> None:
+    """Kaggle's two T4s: the load filled GPU 0 while GPU 1 sat idle."""
+    full = GpuSnapshot(index=0, name="T4", total_bytes=15 * GiB, free_bytes=GiB // 4, process_bytes=14 * GiB)
+    idle = GpuSnapshot(index=1, name="T4", total_bytes=15 * GiB, free_bytes=14 * GiB, process_bytes=0)
+    oom = _oom("seed_from_pretrained_torch1.txt")
+    analysis = analyse_cell('\nmodel = AutoModelForCausalLM.from_pretrained("m", device_map="cuda")\n', 2)
+    two = Snapshot(gpus=(full, idle), cpu=CpuMemory(None, None, None))
+    causes, _ = _diagnose(oom, two, (), analysis, NO_CLEANUP)
+    (cause,) = [c for c in causes if c.key == "idle-gpu"]
+    assert cause.text == (
+        'GPU 1 is idle (14.00 GiB free) while GPU 0 ran out: a load with device_map="auto" (or max_memory '
+        "per GPU) spreads the model over both."
+    )
+    busy = GpuSnapshot(index=1, name="T4", total_bytes=15 * GiB, free_bytes=14 * GiB, process_bytes=8 * GiB)
+    in_use = Snapshot(gpus=(full, busy), cpu=CpuMemory(None, None, None))
+    assert "idle-gpu" not in _keys(_diagnose(oom, in_use, (), analysis, NO_CLEANUP)[0])
+    one = Snapshot(gpus=(full,), cpu=CpuMemory(None, None, None))
+    assert "idle-gpu" not in _keys(_diagnose(oom, one, (), analysis, NO_CLEANUP)[0])

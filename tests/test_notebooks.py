@@ -7,7 +7,6 @@ On a GPU its out-of-memory error is real; without one the notebook simulates it 
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import nbformat
 import pytest
 import torch
 
-from tests.notebook_runner import runner
+from tests.notebook_runner import run_copy
 
 pytestmark = pytest.mark.notebook
 
@@ -30,13 +29,7 @@ SIMULATED = not torch.cuda.is_available()
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """The executed quickstart and the folder it ran in. A cell error not tagged as expected fails here."""
     folder = tmp_path_factory.mktemp("quickstart")
-    copy = folder / QUICKSTART.name
-    shutil.copy(QUICKSTART, copy)
-    with pytest.MonkeyPatch.context() as env:  # the kernel inherits this environment: a plain Jupyter one
-        env.delenv("VRAM_MAGIC_WIDGETS", raising=False)
-        env.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
-        notebook = runner().run_notebook(copy)
-    return notebook, folder
+    return run_copy(QUICKSTART, folder), folder
 
 
 def _cell(run: tuple[Any, Path], cell_id: str) -> Any:

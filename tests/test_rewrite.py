@@ -1375,3 +1375,28 @@ def test_keys_deleted_or_added_by_index_are_read() -> None:
     added = 'kw = {"device_map": "cuda"}\nkw["load_in_8bit"] = True\n' + load
     fixed = rewrite(added, "4bit")
     assert 'if k not in ("load_in_8bit",)' in fixed  # taken out where the call spreads it
+
+
+def test_on_a_gpu_without_bfloat16_training_fixes_train_in_float16() -> None:
+    cell = (
+        'args = TrainingArguments(output_dir="out", per_device_train_batch_size=8, bf16=True)\n'
+        "trainer = Trainer(model=model, args=args, train_dataset=ds)\ntrainer.train()\n"
+    )
+    halved = rewrite(cell, "half-batch", compute_dtype="float16")
+    assert "per_device_train_batch_size=4, fp16=True, gradient_accumulation_steps=2)" in halved
+    assert "bf16" not in halved
+    checkpointed = rewrite(cell, "checkpointing", compute_dtype="float16")
+    assert "fp16=True, gradient_checkpointing=True" in checkpointed and "bf16" not in checkpointed
+    assert "bf16=True" in rewrite(cell, "half-batch")  # where the GPU has bfloat16, it stays
+    off = cell.replace("bf16=True", "bf16=False")
+    assert "bf16=False" in rewrite(off, "half-batch", compute_dtype="float16")
+
+
+def test_the_title_says_when_bf16_became_fp16() -> None:
+    from vram_magic._types import Fix, facts
+
+    change = facts(role="train", old=8, new=4, multiplier=2, accumulation=(1, 2), fp16=True)
+    assert Fix("half-batch", "", change=change).title == (
+        "Halve the batch (8 → 4) and double gradient accumulation (1 → 2): the same effective batch; "
+        "bf16=True becomes fp16=True (this GPU has no bfloat16)"
+    )

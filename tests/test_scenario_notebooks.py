@@ -16,7 +16,6 @@ helper cell and says so.
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import nbformat
 import pytest
 import torch
 
-from tests.notebook_runner import runner
+from tests.notebook_runner import run_copy
 
 pytestmark = pytest.mark.notebook
 
@@ -45,12 +44,7 @@ class _Runs:
     def __call__(self, name: str) -> tuple[Any, Path]:
         if name not in self._done:
             folder = self._factory.mktemp(name)
-            copy = folder / f"{name}.ipynb"
-            shutil.copy(NOTEBOOKS / copy.name, copy)
-            with pytest.MonkeyPatch.context() as env:  # the kernel inherits this environment: a plain Jupyter
-                env.delenv("VRAM_MAGIC_WIDGETS", raising=False)
-                env.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
-                self._done[name] = (runner().run_notebook(copy), folder)
+            self._done[name] = (run_copy(NOTEBOOKS / f"{name}.ipynb", folder), folder)
         return self._done[name]
 
 

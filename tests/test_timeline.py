@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,17 +22,6 @@ from vram_magic.render import timeline_bundle
 from vram_magic.render._timeline import timeline_text
 
 MiB = 2**20
-
-
-@pytest.fixture
-def tracked(ip: Any) -> Iterator[Any]:
-    """The shell with tracking on and an empty timeline; off and empty again afterwards."""
-    _timeline.TRACKER.records.clear()
-    with capture_output():
-        ip.run_line_magic("vram", "track on")
-    yield ip
-    _timeline.TRACKER.stop()
-    _timeline.TRACKER.records.clear()
 
 
 def _cpu(records: list[CellRecord]) -> list[CellRecord]:

@@ -3,7 +3,6 @@ call's tensors, and %vram debug, top to bottom on a real Jupyter kernel (as `mak
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import nbformat
 import pytest
 import torch
 
-from tests.notebook_runner import runner
+from tests.notebook_runner import run_copy
 
 pytestmark = pytest.mark.notebook
 
@@ -22,12 +21,7 @@ SIMULATED = not torch.cuda.is_available()
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     folder = tmp_path_factory.mktemp("timeline")
-    copy = folder / NOTEBOOK.name
-    shutil.copy(NOTEBOOK, copy)
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv("VRAM_MAGIC_WIDGETS", raising=False)
-        env.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
-        return runner().run_notebook(copy), folder
+    return run_copy(NOTEBOOK, folder), folder
 
 
 def _cell(run: tuple[Any, Path], cell_id: str) -> Any:

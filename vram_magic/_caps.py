@@ -26,12 +26,17 @@ PRESETS: dict[str, int] = {
     "a100-80": round(79.15 * GiB),
     "h100": round(79.18 * GiB),
 }
+# Cards before Ampere (compute capability under 8.0): no bfloat16, so fixes and estimates use float16 there.
+NO_BF16 = frozenset({"t4", "p100", "v100-16", "v100-32"})
 _ALIASES = {"v100": "v100-16", "3090": "rtx3090", "4090": "rtx4090", "a100": "a100-80", "a10": "a10g"}
 _MIN_CAP_BYTES = 2**20
 _MAX_CAP_BYTES = 1024 * GiB  # more than any GPU has
 
 # The cap planned for when no GPU is here to cap (None: no target).
 _target_bytes: int | None = None
+# The preset being rehearsed ("t4"), whose rules (float16 without bfloat16) the fixes follow; None: a size, or
+# no cap.
+_card: str | None = None
 
 
 def parse_cap(text: str) -> tuple[int, str]:
@@ -64,24 +69,45 @@ def set_target_bytes(value: int | None) -> None:
     _target_bytes = value
 
 
-def apply_cap(text: str | None) -> Caps:
-    """``%vram cap [SIZE|PRESET|off]``: cap every visible GPU, or keep the target when there is none; no
-    text: what is set. Raises ValueError on a bad size or one larger than a GPU.
+def rehearsed_card() -> str | None:
+    """The preset ``%vram cap`` rehearses (``"t4"``), or None (a size, or no cap)."""
+    return _card
+
+
+def _set_card(card: str | None) -> None:
+    global _card
+    _card = card
+
+
+def apply_cap(text: str | None, device: int | None = None) -> Caps:
+    """``%vram cap [SIZE|PRESET|off]``: cap every visible GPU (``device``: only that one), or keep the
+    target when there is none; no text: what is set. Raises ValueError on a bad size, one larger than a GPU,
+    or a GPU that is not here.
 
     A cap on a GPU is PyTorch's, so it imports torch (about a second the first time); on a machine with no
     GPU for PyTorch (no driver, none visible) torch is not imported."""
     gpus = _gpus()
+    if device is not None:
+        if not gpus:
+            raise ValueError("No GPU here to cap: type `%vram cap t4` (no --device) to plan for a T4.")
+        if device not in gpus:
+            here = f"GPUs 0 to {len(gpus) - 1}" if len(gpus) > 1 else "only GPU 0"
+            raise ValueError(f"There is no GPU {device} here ({here}): e.g. `%vram cap t4 --device cuda:0`.")
+        gpus = range(device, device + 1)
     if text is None:
         return Caps("show", tuple((i, _cap_bytes(i)) for i in gpus), _target_bytes)
     if text.lower() == "off":
         for i in gpus:
             _torch().cuda.set_per_process_memory_fraction(1.0, i)
         set_target_bytes(None)
+        _set_card(None)
         return Caps("off", tuple((i, None) for i in gpus), None)
     size, label = parse_cap(text)
+    card = label.lower() if label.lower() in PRESETS else None
     if not gpus:
         set_target_bytes(size)
-        return Caps("set", (), size, label)
+        _set_card(card)
+        return Caps("set", (), size, label, no_bf16=card in NO_BF16)
     cuda = _torch().cuda
     for i in gpus:
         total = cuda.get_device_properties(i).total_memory
@@ -89,7 +115,8 @@ def apply_cap(text: str | None) -> Caps:
             raise ValueError(f"GPU {i} has {format_bytes(total)}: a cap must be smaller than that.")
     for i in gpus:
         cuda.set_per_process_memory_fraction(size / cuda.get_device_properties(i).total_memory, i)
-    return Caps("set", tuple((i, size) for i in gpus), None, label)
+    _set_card(card)
+    return Caps("set", tuple((i, size) for i in gpus), None, label, no_bf16=card in NO_BF16)
 
 
 def _gpus() -> range:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import libcst as cst
 
+from vram_magic._caps import NO_BF16, rehearsed_card
 from vram_magic._diagnose import failing_gpu
 from vram_magic._errors import NotApplicable
 from vram_magic._types import Fix, GpuSnapshot, OOMInfo, Snapshot
@@ -337,7 +338,10 @@ def _gpu_room(gpu: GpuSnapshot) -> int | None:
 
 
 def _compute_dtype() -> str:
-    """bfloat16 where the GPU supports it (Ampere and newer) or there is no GPU; else float16."""
+    """bfloat16 where the GPU supports it (Ampere and newer) or there is no GPU; else float16, and also
+    while ``%vram cap`` rehearses a card without bfloat16 (a T4), whatever this GPU is."""
+    if rehearsed_card() in NO_BF16:
+        return "float16"
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         return "float16"

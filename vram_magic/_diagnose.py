@@ -42,6 +42,7 @@ class Evidence:
     cleanup: Cleanup
     bytes_freed_by: Callable[[Sequence[str]], int]
     cpu: CpuMemory | None = None
+    other_gpus: tuple[GpuSnapshot, ...] = ()  # the visible GPUs that did not run out
 
     @property
     def requested_bytes(self) -> int | None:
@@ -107,11 +108,14 @@ def diagnose(
 ) -> tuple[tuple[Cause, ...], tuple[Fix, ...]]:
     """Ranked causes and fixes for one OOM. ``bytes_freed_by(names)``: what deleting those names would free
     (storage they share with names that stay does not count; see ``_who.bytes_only_in``)."""
+    failing = failing_gpu(snapshot, oom)
+    others = tuple(gpu for gpu in snapshot.gpus if failing is not None and gpu.index != failing.index)
     evidence = Evidence(
-        oom, failing_gpu(snapshot, oom), holders, analysis, cleanup, bytes_freed_by, snapshot.cpu
+        oom, failing, holders, analysis, cleanup, bytes_freed_by, snapshot.cpu, other_gpus=others
     )
     result = Diagnosis()
-    for rule in (_too_big_for_the_gpu, _cap, _earlier_holders, _other_processes, _fragmentation):
+    rules = (_too_big_for_the_gpu, _cap, _earlier_holders, _other_processes, _fragmentation, _idle_gpus)
+    for rule in rules:
         rule(evidence, result)
     result.fixes.extend(_cell_fixes(evidence))
     _non_pytorch(evidence, result)
@@ -214,6 +218,19 @@ def _other_processes(evidence: Evidence, result: Diagnosis) -> None:
         result.fixes.append(
             Fix("other-process", "!nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv")
         )
+
+
+def _idle_gpus(evidence: Evidence, result: Diagnosis) -> None:
+    """Another visible GPU with room this process hardly uses (Kaggle's second T4): a load with
+    ``device_map="auto"`` or a ``max_memory`` per GPU would use it."""
+    if evidence.in_ram or evidence.gpu is None:
+        return
+    wanted = max(evidence.requested_bytes or 0, _GiB)
+    for gpu in evidence.other_gpus:
+        free, used = gpu.free_bytes, gpu.process_bytes or gpu.reserved_bytes or 0
+        if free is not None and free >= wanted and used * 20 < (gpu.total_bytes or free):
+            figures = facts(index=gpu.index, free_bytes=free, failed=evidence.gpu.index)
+            result.causes.append(Cause("idle-gpu", figures))
 
 
 def _fragmentation(evidence: Evidence, result: Diagnosis) -> None:

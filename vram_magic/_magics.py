@@ -35,7 +35,7 @@ _DEFAULT_MAX_ATTEMPTS = 4
 _DEVICE = re.compile(r"^(cuda(:\d+)?|cpu(:0)?)$")
 # Each %vram option and the commands it goes with.
 _OPTIONS_OF: dict[str, tuple[str, ...]] = {
-    "device": ("who", "free"),
+    "device": ("who", "free", "cap"),
     "dtype": ("estimate",),
     "quant": ("estimate",),
     "gpu": ("estimate",),
@@ -77,7 +77,11 @@ class VramMagics(Magics):
         "cell's memory; log: the timeline; debug: what the last OOM's frames held",
     )
     @argument("names", nargs="*", help="the variables to free, the fix number, the model, or the cap")
-    @argument("--device", help="with 'who'/'free': cuda, cuda:N or cpu (default: cuda if a GPU is here)")
+    @argument(
+        "--device",
+        help="with 'who'/'free': cuda, cuda:N or cpu (default: cuda if a GPU is here); "
+        "with 'cap': cuda:N, that GPU only",
+    )
     @argument("--dtype", help="with 'estimate': bfloat16, float16 or float32 (default: the checkpoint's)")
     @argument("--quant", choices=("4bit", "8bit"), help="with 'estimate': one quantized load")
     @argument("--gpu", help="with 'estimate': plan for a preset or size (t4, 12GiB) instead of this GPU")
@@ -115,7 +119,7 @@ class VramMagics(Magics):
                               training: --batch 4 --context 1024 --checkpointing --optimizer adamw_8bit
                               --lora-targets all-linear; --fit batch|context: the largest that fits
         %vram cap T4|12GiB    behave like a smaller GPU (real OOMs past the cap); %vram cap off lifts it
-                              e.g. %vram cap t4
+                              e.g. %vram cap t4 (every GPU), %vram cap t4 --device cuda:1 (one)
         %vram track on|off    record each cell's peak, end and change per device (off by default; clear
                               forgets the recorded cells)
                               e.g. %vram track on
@@ -232,8 +236,14 @@ class VramMagics(Magics):
 
         if len(args.names) > 1:
             raise UsageError("Type one size or preset: `%vram cap t4`, `%vram cap 12GiB` or `%vram cap off`.")
+        device = None
+        if args.device:
+            chosen = _device(args.device)
+            if chosen == "cpu":
+                raise UsageError("A cap is for a GPU: type e.g. `%vram cap t4 --device cuda:1`.")
+            device = int(chosen.partition(":")[2] or 0)
         try:
-            print(render_cap(apply_cap(args.names[0] if args.names else None)))
+            print(render_cap(apply_cap(args.names[0] if args.names else None, device)))
         except ValueError as error:
             raise UsageError(str(error)) from None
 

@@ -130,6 +130,7 @@ class Caps:
     gpu_caps: tuple[tuple[int, int | None], ...]
     target_bytes: int | None
     label: str | None = None
+    no_bf16: bool = False  # the card rehearsed has no bfloat16: fixes and estimates use float16
 
 
 @dataclass(frozen=True)

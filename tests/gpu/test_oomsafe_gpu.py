@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,18 +22,6 @@ def grow():
     more = torch.empty(8 * 2**30, dtype=torch.uint8, device="cuda")
     return held, more
 """
-
-
-@pytest.fixture
-def capped(ip: Any) -> Iterator[Any]:
-    torch.cuda.init()
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(4 * GiB / total)
-    try:
-        yield ip
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        torch.cuda.empty_cache()
 
 
 def _allocated() -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,6 @@ import pytest
 from IPython.utils.capture import capture_output
 
 import vram_magic
-from vram_magic import _timeline
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
@@ -19,19 +17,9 @@ pytestmark = pytest.mark.gpu
 GiB = 2**30
 
 
-@pytest.fixture
-def tracked(ip: Any) -> Iterator[Any]:
-    torch.zeros(1, device="cuda")  # CUDA initialised: the GPU is counted from the first tracked cell
-    _timeline.TRACKER.records.clear()
-    with capture_output():
-        ip.run_line_magic("vram", "track on")
-    yield ip
-    _timeline.TRACKER.stop()
-    _timeline.TRACKER.records.clear()
-
-
 def test_each_cell_has_its_own_gpu_peak_end_and_change(tracked: Any) -> None:
     ip = tracked
+    torch.zeros(1, device="cuda")  # CUDA initialised: the GPU is counted from the next cell
     ip.run_cell("import torch", store_history=True)
     ip.run_cell("kept = torch.empty(2**30, dtype=torch.uint8, device='cuda')", store_history=True)
     ip.run_cell(
@@ -46,18 +34,6 @@ def test_each_cell_has_its_own_gpu_peak_end_and_change(tracked: Any) -> None:
     assert kept.device_used_bytes is not None and kept.device_used_bytes >= kept.end_bytes
     del ip.user_ns["kept"]
     torch.cuda.empty_cache()
-
-
-@pytest.fixture
-def capped(ip: Any) -> Iterator[Any]:
-    torch.cuda.init()
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(4 * GiB / total)
-    try:
-        yield ip
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        torch.cuda.empty_cache()
 
 
 def test_record_names_the_lines_that_made_the_memory_and_saves_the_snapshot(

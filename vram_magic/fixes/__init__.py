@@ -39,7 +39,8 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "4bit": ("compute_dtype",),
     "bf16": ("dtype", "dtype_keyword"),
     "offload": ("max_memory", "offload_folder", "compute_dtype"),
-    "half-batch": ("factor",),
+    "half-batch": ("factor", "compute_dtype"),
+    "checkpointing": ("compute_dtype",),
     "chunk": ("factor",),
 }
 
@@ -65,7 +66,8 @@ def rewrite(source: str, fix: str, **options: object) -> str:
 
     Fixes: see ``FIXES``. Options: 4bit ``compute_dtype="bfloat16"|"float16"``; bf16 ``dtype`` and
     ``dtype_keyword="dtype"|"torch_dtype"``; offload ``max_memory={0: bytes, "cpu": bytes}``,
-    ``offload_folder="offload"``; half-batch and chunk ``factor=2``.
+    ``offload_folder="offload"``; half-batch and chunk ``factor=2``; half-batch and checkpointing
+    ``compute_dtype="float16"`` (a GPU without bfloat16: ``bf16=True`` becomes ``fp16=True``).
     """
     if fix not in FIXES:
         raise ValueError(f"unknown fix {fix!r}; the fixes are: {', '.join(FIXES)}")

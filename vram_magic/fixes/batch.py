@@ -110,7 +110,22 @@ def rewrite(cell: Cell, options: Options) -> Rewritten:
         edits.change(arg, _overridden(entries))
     negatives = next((loss for loss in _IN_BATCH_NEGATIVES if loss in cell.source), None)
     change = _change(changes, multiplier, accumulation) + facts(in_batch_negatives=negatives)
-    return finish(cell, "half-batch", edits, change)
+    return finish(cell, "half-batch", edits, change + _float16_training(cell, options, edits))
+
+
+def _float16_training(cell: Cell, options: Options, edits: Edits) -> Facts:
+    """On a GPU without bfloat16 (a T4, or ``%vram cap t4``): ``bf16=True`` in the training configs becomes
+    ``fp16=True``, which that GPU runs (TrainingArguments refuses bf16 there)."""
+    if options.compute_dtype != "float16":
+        return ()
+    changed = 0
+    for config in cell.training_configs:
+        keywords, _ = keyword_values(config.call, cell.names)
+        if cell.names.boolean(keywords.get("bf16")) is not True or find_arg(config.call, "bf16") is None:
+            continue
+        edits.change(config.call, lambda call: set_kwarg(call, "fp16", cst.Name("True"), rename=("bf16",)))
+        changed += 1
+    return facts(fp16=True) if changed else ()
 
 
 def _overridden(entries: dict[str, int]) -> Callable[[cst.Arg], cst.Arg]:
@@ -320,6 +335,7 @@ def checkpointing(cell: Cell, options: Options) -> Rewritten:
         edits.change(config.call, change)
     if not cell.training_configs:
         checkpointing = _checkpoint_a_loop(cell, edits)
+    float16 = _float16_training(cell, options, edits) if edits else ()
     if not edits:
         if already:
             raise NotApplicable(
@@ -329,7 +345,9 @@ def checkpointing(cell: Cell, options: Options) -> Rewritten:
             "this cell has no TrainingArguments or SFTConfig and no training loop of a model it can name",
             elsewhere=True,
         )
-    return finish(cell, "checkpointing", edits, facts(checkpointing=checkpointing, optimizer=optimizer))
+    return finish(
+        cell, "checkpointing", edits, facts(checkpointing=checkpointing, optimizer=optimizer) + float16
+    )
 
 
 def _checkpoint_a_loop(cell: Cell, edits: Edits) -> bool:

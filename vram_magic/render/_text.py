@@ -82,13 +82,25 @@ def render_cap(caps: Caps) -> str:
         return "\n".join(lines) or "No cap is set. Type `%vram cap t4` to rehearse a T4."
     if caps.action == "off":
         return "No cap now: the whole GPU is this process's again." if caps.gpu_caps else "No cap now."
+    rules = ""
+    if caps.no_bf16:
+        rules = (
+            f" As on a {caps.label}, fixes use float16, not bfloat16 (the card has none), and training fixes "
+            "set fp16=True."
+        )
     if not caps.gpu_caps:
-        return f"No GPU here: estimates and preflight will plan for {format_bytes(caps.target_bytes)}{label}."
+        return (
+            f"No GPU here: estimates and preflight will plan for {format_bytes(caps.target_bytes)}{label}."
+            + rules
+        )
     lines = [
         f"GPU {i} capped at {format_bytes(cap)}{label}: allocations past it raise an OOM."
         for i, cap in capped
     ]
-    return "\n".join([*lines, "`%vram cap off` lifts the cap."])
+    memory_only = (
+        "The cap is of memory only: speed and kernels stay this GPU's." + rules if caps.label else ""
+    )
+    return "\n".join([*lines, *([memory_only] if memory_only else []), "`%vram cap off` lifts the cap."])
 
 
 def _sections_text(sections: list[Section]) -> str:

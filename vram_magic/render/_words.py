@@ -175,6 +175,10 @@ _CAUSES: dict[str, Callable[[dict[str, Any]], str]] = {
         f"This process holds {format_bytes(f['outside'])} outside PyTorch's allocator "
         "(CUDA context, cuBLAS workspaces, other libraries)."
     ),
+    "idle-gpu": lambda f: (
+        f"GPU {f['index']} is idle ({format_bytes(f['free_bytes'])} free) while GPU {f['failed']} ran out: "
+        'a load with device_map="auto" (or max_memory per GPU) spreads the model over both.'
+    ),
     "unknown": lambda f: f"{f['message'].rstrip('.')}. The message gives no figures to say more.",
     "estimate": _estimate_cause,
 }
@@ -185,7 +189,10 @@ _CAUSES: dict[str, Callable[[dict[str, Any]], str]] = {
 
 def fix_title(fix: Fix) -> str:
     """What the fix does, with what it changes where the rewrite says (``Halve the batch (16 → 8) ...``)."""
-    return _TITLES[fix.key](fix)
+    title = _TITLES[fix.key](fix)
+    if fix.fact("fp16"):
+        title += "; bf16=True becomes fp16=True (this GPU has no bfloat16)"
+    return title
 
 
 def fix_why(fix: Fix) -> str:
