@@ -218,7 +218,7 @@ def _process_rss() -> int:
 def test_where_linux_keeps_the_peak_even_a_brief_one_is_exact() -> None:
     import torch
 
-    if not _timeline._KernelPeak.available():
+    if _timeline._KernelPeak.opened() is None:
         pytest.skip("this kernel keeps no resettable peak RSS (/proc/self/clear_refs): the sampler is used")
     tracker = Tracker()
     tracker.on = True
@@ -246,3 +246,26 @@ def test_elsewhere_the_sampler_sees_a_peak_held_for_a_few_samples() -> None:
     (cpu,) = tracker.records
     assert cpu.peak_bytes - cpu.start_bytes >= 250 * MiB
     assert abs(cpu.delta_bytes) < 32 * MiB
+
+
+def test_a_tracker_that_cannot_read_memory_stops_without_breaking_the_cell(ip: Any) -> None:
+    def broken() -> int:
+        raise OSError("no /proc here")
+
+    tracker = Tracker(read_rss=broken, gpus=FakeGpus())
+    tracker.on = True
+    tracker.begin("x = 1")  # never raises: it runs before every cell
+    tracker.end(1)
+    assert (tracker.on, tracker.records) == (False, [])
+    assert tracker.problem == "OSError: no /proc here"
+    magics = ip.magics_manager.registry["VramMagics"]
+    real = magics.session.tracker
+    magics.session.tracker = tracker
+    try:
+        result = ip.run_cell("y = 2")
+        assert result.success and ip.user_ns["y"] == 2
+        with capture_output() as state:
+            ip.run_line_magic("vram", "track")
+        assert state.stdout.startswith("Tracking is off: it stopped by itself (OSError: no /proc here)")
+    finally:
+        magics.session.tracker = real

@@ -256,13 +256,15 @@ class VramMagics(Magics):
                 "or `%vram track` for its state."
             )
         if choice == "on":
-            tracker.on = True
+            tracker.on, tracker.problem = True, None
         elif choice == "off":
             tracker.stop()
         elif choice == "clear":
             tracker.records.clear()
         recorded = len({record.cell for record in tracker.records})
         state = "on: every cell's memory is recorded" if tracker.on else "off"
+        if tracker.problem is not None and not tracker.on:
+            state = f"off: it stopped by itself ({tracker.problem})"
         print(f"Tracking is {state} ({recorded} cells recorded; `%vram log` shows them).")
 
     def _log(self, args: Any) -> None:

@@ -76,7 +76,7 @@ class _RssSampler:
     def start(self) -> int:
         now = self._read()
         self._peak = now
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name="vram_magic-rss", daemon=True)
             self._thread.start()
         self._running.set()
@@ -84,9 +84,13 @@ class _RssSampler:
 
     def stop(self) -> tuple[int, int]:
         """(peak, now)."""
-        self._running.clear()
+        self.pause()
         now = self._read()
         return max(self._peak, now), now
+
+    def pause(self) -> None:
+        """Stop sampling until the next ``start()``."""
+        self._running.clear()
 
     def _loop(self) -> None:
         while True:
@@ -110,12 +114,14 @@ class _KernelPeak:
         self._page = os.sysconf("SC_PAGE_SIZE")
 
     @classmethod
-    def available(cls) -> bool:
+    def opened(cls) -> _KernelPeak | None:
+        """One whose files could be opened and read, or None (not Linux, or /proc refuses)."""
+        peaks = cls()
         try:
-            cls().stop()
+            peaks.stop()
         except (OSError, ValueError):
-            return False
-        return True
+            return None
+        return peaks
 
     def start(self) -> int:
         self._open()
@@ -162,21 +168,33 @@ class Tracker:
         self._peaks: _RssSampler | _KernelPeak | None = None  # chosen at the first cell, not on import
         self._gpus = gpus if gpus is not None else _CudaCounters()
         self._cell: tuple[str, float, int, dict[int, int]] | None = None
+        self.problem: str | None = None  # why tracking stopped by itself, if it did
 
     def begin(self, source: str) -> None:
-        """A cell starts: reset the peaks, note where memory starts."""
+        """A cell starts: reset the peaks, note where memory starts. Never raises (it runs before every
+        cell): a failure turns tracking off and is kept in ``problem``."""
         if not self.on:
             return
-        rss = self._rss().start()
-        self._cell = (first_line(source), time.perf_counter(), rss, self._gpus.start())
+        try:
+            rss = self._rss().start()
+            self._cell = (first_line(source), time.perf_counter(), rss, self._gpus.start())
+        except Exception as error:
+            self._give_up(error)
 
     def end(self, cell: int | None) -> None:
         """Cell number ``cell`` ended: record its peak, end and change on each device. A cell that began
-        before tracking was turned on is not recorded."""
+        before tracking was turned on is not recorded. Never raises, as ``begin``."""
         if self._cell is None:
             return
-        source, started, rss_start, gpu_start = self._cell
+        try:
+            self._record(cell, *self._cell)
+        except Exception as error:
+            self._give_up(error)
         self._cell = None
+
+    def _record(
+        self, cell: int | None, source: str, started: float, rss_start: int, gpu_start: dict[int, int]
+    ) -> None:
         seconds = time.perf_counter() - started
         rss_peak, rss_end = self._rss().stop()
         for index, (peak, end, used) in self._gpus.end().items():
@@ -188,15 +206,17 @@ class Tracker:
         """Stop recording (what was recorded stays)."""
         self.on = False
         self._cell = None
-        if self._peaks is not None:
-            self._peaks.stop()
+        if isinstance(self._peaks, _RssSampler):
+            self._peaks.pause()
+
+    def _give_up(self, error: Exception) -> None:
+        self.stop()
+        self.problem = f"{type(error).__name__}: {error}"
 
     def _rss(self) -> _RssSampler | _KernelPeak:
         if self._peaks is None:
-            if self._read_rss is None and _KernelPeak.available():
-                self._peaks = _KernelPeak()
-            else:
-                self._peaks = _RssSampler(self._read_rss or _process_rss)
+            kernel = _KernelPeak.opened() if self._read_rss is None else None
+            self._peaks = kernel or _RssSampler(self._read_rss or _process_rss)
         return self._peaks
 
     def growers(self, device: str, limit: int = 3) -> list[CellRecord]:
