@@ -170,3 +170,21 @@ def test_on_an_oom_the_report_says_which_lines_made_what_and_the_snapshot_is_sav
     assert pickle.loads(saved.read_bytes())["segments"][0]["blocks"][0]["size"] == 3 * GiB
     assert recorder.calls == ["start", "take", "stop"]
     assert magics.session._recording is False
+
+
+def test_a_snapshot_it_cannot_read_leaves_the_rescue_whole(
+    ip: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = FakeRecorder()
+    for name in ("start", "stop"):
+        monkeypatch.setattr(_history, name, getattr(recorder, name))
+    monkeypatch.setattr(_history, "take", lambda: {"segments": [{"blocks": 42}]})  # not torch's format
+    monkeypatch.chdir(tmp_path)
+    ip.user_ns["MESSAGE"] = CAPPED_LOAD_OOM
+    ip.run_cell("import torch")
+    with capture_output() as shown:
+        result = ip.run_cell("%%oomsafe --record\nraise torch.OutOfMemoryError(MESSAGE)")
+    assert type(result.error_in_exec).__name__ == "OutOfMemoryHandled"  # the report, as without --record
+    text = " ".join(shown.outputs[0].data["text/plain"].split())
+    assert "The allocation history is not saved: its allocations could not be read" in text
+    assert recorder.calls == ["start", "stop"]

@@ -10,6 +10,7 @@ else ``_fail`` (show the report, end the cell with ``OutOfMemoryHandled``).
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import time
 import types
@@ -325,11 +326,14 @@ class Session:
         snapshot = _history.take()
         if snapshot is None:
             return Recording((), problem="PyTorch could not take a snapshot of its allocations")
-        device = failure.oom.device_index
-        groups = _history.group_by_line(snapshot, failure.filename, failure.source, device)
+        try:
+            device = failure.oom.device_index
+            groups = _history.group_by_line(snapshot, failure.filename, failure.source, device)
+        except Exception as error:  # a snapshot in a format this version does not know: the rescue goes on
+            return Recording((), problem=f"its allocations could not be read ({error})")
         try:
             pickle_path, html_path = _history.save(snapshot, os.getcwd(), failure.cell_number)
-        except OSError as error:
+        except (OSError, pickle.PicklingError) as error:
             return Recording(groups, problem=f"the snapshot could not be saved ({error})")
         return Recording(groups, pickle_path, html_path)
 
