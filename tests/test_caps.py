@@ -14,7 +14,7 @@ from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 
 from vram_magic import _caps
-from vram_magic._caps import PRESETS, parse_cap
+from vram_magic._caps import PRESETS, parse_cap, parse_gpus
 
 GiB = 2**30
 
@@ -176,3 +176,26 @@ def test_a_cap_for_one_gpu_names_a_gpu_that_is_here(ip: Any) -> None:
     with pytest.raises(UsageError, match="A cap is for a GPU"):
         ip.run_line_magic("vram", "cap t4 --device cpu")
     assert _caps.target_bytes() is None  # nothing was set
+
+
+def test_several_gpus_are_typed_as_a_count_and_a_card() -> None:
+    assert parse_gpus("2xt4") == (2, PRESETS["t4"], "2 x T4")
+    assert parse_gpus("4x24GiB") == (4, 24 * GiB, "4 x 24GiB")
+    assert parse_gpus("t4") == (1, PRESETS["t4"], "T4")
+    with pytest.raises(ValueError, match="from 1 to 64 GPUs"):
+        parse_gpus("0xt4")
+
+
+def test_vram_estimate_plans_kaggles_two_t4s(ip: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with capture_output() as two:
+        ip.run_line_magic("vram", "estimate meta-llama/Llama-3.1-8B --gpu 2xt4")
+    assert "Planned for 2 x T4: room and peak are each GPU's." in two.stdout.splitlines()
+    bf16 = next(line for line in two.stdout.splitlines() if line.strip().startswith("bfloat16"))
+    assert bf16.split()[-1] == "yes"
+    with capture_output() as one:
+        ip.run_line_magic("vram", "estimate meta-llama/Llama-3.1-8B --gpu t4")
+    bf16 = next(line for line in one.stdout.splitlines() if line.strip().startswith("bfloat16"))
+    assert bf16.split()[-1] == "no"
+    with pytest.raises(UsageError, match="Training spread over several GPUs"):
+        ip.run_line_magic("vram", "estimate meta-llama/Llama-3.1-8B --gpu 2xt4 --train qlora")

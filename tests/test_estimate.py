@@ -690,7 +690,7 @@ SELECTORS = {"origin", "quantization", "double_quant", "sliding"}  # facts that 
 def shown(name: str, value: Any) -> str:
     """How a note's figure reads in its text."""
     if name.endswith("_bytes"):
-        return format_bytes(value)
+        return " + ".join(map(format_bytes, value)) if isinstance(value, tuple) else format_bytes(value)
     if name == "params":
         return f"{value / 10**6:.2f} M parameters"
     return str(value)
@@ -727,6 +727,7 @@ def every_kind_of_note(
         estimate("gpt2", dtype="float32", training="full"),
         estimate("meta-llama/Llama-3.2-1B", training="full", context=256, gradient_checkpointing=True),
         estimate("Qwen/Qwen2.5-0.5B", training="qlora", context=128, optimizer="paged_adamw_8bit"),
+        estimate("Qwen/Qwen2.5-0.5B", device_map="auto", gpu_bytes=300 * MiB, gpus=2),
         estimate(
             "meta-llama/Llama-3.2-1B",
             training="lora",
@@ -976,3 +977,30 @@ def test_a_new_kernel_estimates_a_counted_model_without_transformers_and_says_wh
         "loaded: ['torch', 'transformers']",
     ]
     assert second == ["loaded: []"]
+
+
+def test_two_gpus_hold_what_one_cannot_placed_as_transformers_places_it(empty_hub_cache: Path) -> None:
+    t4 = round(14.75 * GiB)
+    one = {plan.key: plan for plan in load_plans("meta-llama/Llama-3.1-8B", free_bytes=None, cap_bytes=t4)}
+    two = {
+        plan.key: plan
+        for plan in load_plans("meta-llama/Llama-3.1-8B", free_bytes=None, cap_bytes=t4, gpus=2)
+    }
+    assert one["bf16"].fits is False and two["bf16"].fits is True  # 14.96 GiB of weights: Kaggle's 2 x T4
+    assert "offload" not in two  # device_map="auto" over both GPUs is every row already
+    split = two["bf16"].estimate
+    (note,) = [note for note in split.notes if note.key == "gpu-split"]
+    shares = note.fact("per_gpu_bytes")
+    assert len(shares) == 2 and min(shares) > 0.4 * max(shares)  # balanced, not GPU 0 first
+    assert sum(shares) == split.weights_bytes and split.offloaded_bytes == 0
+    assert split.peak_bytes == max(shares) < split.weights_bytes  # each GPU holds its share
+    qwen = {plan.key: plan for plan in load_plans("Qwen/Qwen2.5-14B", free_bytes=None, cap_bytes=t4, gpus=2)}
+    assert qwen["bf16"].fits is False and qwen["bf16"].estimate.offloaded_bytes > 0  # 27.5 GiB
+    assert qwen["8bit"].fits is True
+
+
+def test_several_gpus_need_their_size_and_do_not_train(empty_hub_cache: Path) -> None:
+    with pytest.raises(ValueError, match="pass gpu_bytes"):
+        estimate("gpt2", gpus=2)
+    with pytest.raises(ValueError, match="Training spread over several GPUs"):
+        estimate("gpt2", gpus=2, device_map="auto", gpu_bytes=GiB, training="lora")

@@ -6,6 +6,7 @@ Presets, size parsing, and the target kept when there is no GPU to cap; on a rea
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from vram_magic._probe import surely_no_gpu
@@ -57,6 +58,20 @@ def parse_cap(text: str) -> tuple[int, str]:
         f"{text.strip()!r} is neither a GPU preset nor a size: type `%vram cap t4`, `%vram cap 12GiB` or "
         f"`%vram cap off` (presets: {', '.join(PRESETS)})"
     )
+
+
+def parse_gpus(text: str) -> tuple[int, int, str]:
+    """``"2xt4"`` (Kaggle's two T4s), ``"4x24GiB"`` or ``"t4"`` -> (how many GPUs, bytes each, a label).
+    Raises ValueError saying what to type."""
+    several = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\S.*)", text)
+    if several:
+        number = int(several[1])
+        if not 1 <= number <= 64:
+            raise ValueError(f"{text.strip()}: type from 1 to 64 GPUs, e.g. `--gpu 2xt4`.")
+        size, label = parse_cap(several[2])
+        return number, size, f"{number} x {label}"
+    size, label = parse_cap(text)
+    return 1, size, label
 
 
 def target_bytes() -> int | None:

@@ -74,6 +74,7 @@ def estimate(
     optimizer: str = "adamw_torch",
     prepare_kbit: bool | None = None,
     room_bytes: int | None = None,
+    gpus: int = 1,
     progress: Progress | None = None,
 ) -> Estimate:
     """Estimate what ``from_pretrained(model, ...)`` needs on the GPU, from the model's config alone.
@@ -92,7 +93,8 @@ def estimate(
     LoRA on a quantized model: float32 casts, checkpointing on); the step's parts are in ``parts``, and with
     ``room_bytes`` (the GPU memory to fit in) ``max_batch_size`` and ``max_context`` say the largest that
     fit. ``progress`` is told, in a line, before a step that can take seconds (a download from the Hub,
-    counting a model for the first time).
+    counting a model for the first time). ``gpus``: with ``device_map="auto"`` and ``gpu_bytes``, spread over
+    that many GPUs of ``gpu_bytes`` each, as transformers places it; ``peak_bytes`` is then the busiest GPU's.
     """
     asked = options(
         dtype=dtype,
@@ -108,6 +110,7 @@ def estimate(
         lora_targets=lora_targets,
         optimizer=optimizer,
         prepare_kbit=prepare_kbit,
+        gpus=gpus,
     )
     check_bytes("room_bytes", room_bytes)
     located = resolve(model, progress)
@@ -169,18 +172,24 @@ def load_plans(
     lora_r: int = LORA_R,
     lora_targets: str | list[str] | tuple[str, ...] = "attention",
     optimizer: str = "adamw_torch",
+    gpus: int = 1,
     progress: Progress | None = None,
 ) -> tuple[LoadPlan, ...]:
     """One row per way to load ``model``: the dtype asked (or the config's), 8-bit, 4-bit NF4 and CPU offload.
 
     The room is ``free_bytes`` (free on the GPU now), no more than ``cap_bytes`` (what this process may
     still allocate under a cap) when given; ``fits`` is None when both are None. Quantized rows are left
-    out for full training, the offload row for any training (offloaded layers cannot train).
+    out for full training, the offload row for any training (offloaded layers cannot train). ``gpus`` > 1:
+    every row is ``device_map="auto"`` over that many GPUs with the room on each (``free_bytes`` and
+    ``cap_bytes`` are per GPU), and fits only if nothing is left over for CPU RAM.
     """
     for label, value in (("free_bytes", free_bytes), ("cap_bytes", cap_bytes)):
         check_bytes(label, value)
     known = [value for value in (free_bytes, cap_bytes) if value is not None]
     room = min(known) if known else None
+
+    limit = None if room is None else max(room - max(int(room * _GPU_HEADROOM), _MIN_HEADROOM_BYTES), 0)
+    spread = gpus > 1 and limit is not None
 
     def row(quantization: str | None = None) -> Options:  # each row its own quantization, and what follows
         return options(
@@ -193,6 +202,9 @@ def load_plans(
             lora_r=lora_r,
             lora_targets=lora_targets,
             optimizer=optimizer,
+            device_map="auto" if spread else None,
+            gpu_bytes=limit if spread else None,
+            gpus=gpus if spread else 1,
         )
 
     options(dtype=dtype, context=context, training=training, batch_size=batch_size)  # what cannot be asked
@@ -208,12 +220,13 @@ def load_plans(
         rows.append(("8bit", how, row("8bit")))
         how = f"quantization_config={bitsandbytes_config(4, f'torch.{dtype_name}')}"
         rows.append(("4bit", how, row("4bit")))
-    if base.training is None:
-        limit = None if room is None else max(room - max(int(room * _GPU_HEADROOM), _MIN_HEADROOM_BYTES), 0)
+    if base.training is None and not spread:
         how = 'device_map="auto"'
         if limit is not None:
             how += f', max_memory={{0: "{limit / GiB:.1f}GiB", "cpu": ...}}'
         rows.append(("offload", how, replace(base, device_map="auto", gpu_bytes=limit)))
+    if spread:
+        rows = [(key, f'{how}, device_map="auto"', asked) for key, how, asked in rows]
     if training == "qlora":  # a checkpoint saved in 4-bit loads as saved: its own row is the QLoRA one
         rows = [row for row in rows if row[0] == "4bit"] or rows[:1]
     result = []
@@ -221,6 +234,6 @@ def load_plans(
         found = price(located, asked)
         if key == "offload" and found.weights_bytes == 0 and found.offloaded_bytes:
             continue  # too little room for even one layer: that is running on the CPU, not offloading
-        fits = None if room is None else found.peak_bytes <= room
+        fits = None if room is None else found.peak_bytes <= room and not (spread and found.offloaded_bytes)
         result.append(LoadPlan(key, how, found, found.peak_bytes, room, fits))
     return tuple(result)

@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any
 from vram_magic._hf import AUTO_MAPS
 from vram_magic._types import Estimate, Note, facts
 from vram_magic.estimator._configs import DTYPE_BYTES, pick_dtype, prequantized
-from vram_magic.estimator._counting import Census, Described, built, counted, described, offload_split
+from vram_magic.estimator._counting import (
+    Census,
+    Described,
+    built,
+    counted,
+    described,
+    gpu_split,
+    offload_split,
+)
 from vram_magic.estimator._options import OPTIMIZERS, Options
 
 if TYPE_CHECKING:
@@ -100,14 +108,19 @@ def price(located: Located, opts: Options) -> Estimate:
     def meta_model() -> Any:  # built only to place an offload that does not fit: it is never on disk
         return built(located.config(), dtype_name)[1]
 
-    on_gpu, offloaded, placed = _place(
-        census, meta_model, weights.total_bytes, quantization, opts.device_map, opts.gpu_bytes
-    )
     # A checkpoint saved quantized loads its quantized weights as they are: nothing is converted on the GPU.
     converted = None if saved_as is not None else quantization
-    load_peak, loading = _load_peak(
-        on_gpu, weights.warmup_bytes, weights.largest_quantized * width, converted
-    )
+    if opts.gpus > 1 and opts.gpu_bytes is not None:
+        on_gpu, offloaded, placed, busiest = _spread(located, dtype_name, quantization, weights, opts)
+        warmup = weights.warmup_bytes * busiest // max(on_gpu, 1)
+        load_peak, loading = _load_peak(busiest, warmup, weights.largest_quantized * width, converted)
+    else:
+        on_gpu, offloaded, placed = _place(
+            census, meta_model, weights.total_bytes, quantization, opts.device_map, opts.gpu_bytes
+        )
+        load_peak, loading = _load_peak(
+            on_gpu, weights.warmup_bytes, weights.largest_quantized * width, converted
+        )
     text = config.get_text_config()
     shape = _shape(text, census, width)
     run = _Run()
@@ -198,6 +211,25 @@ def _place(
     on_gpu = offload_split(meta_model(), gpu_bytes)
     note = Note("offload", facts(gpu_bytes=gpu_bytes, on_gpu_bytes=on_gpu, cpu_bytes=total - on_gpu))
     return on_gpu, total - on_gpu, (note,)
+
+
+def _spread(
+    located: Located, dtype_name: str, quantization: str | None, weights: _Weights, opts: Options
+) -> tuple[int, int, tuple[Note, ...], int]:
+    """``device_map="auto"`` over ``opts.gpus`` GPUs of ``opts.gpu_bytes``, placed as transformers places it:
+    (bytes on the GPUs, bytes left for CPU RAM, notes, bytes on the busiest GPU)."""
+    assert opts.gpu_bytes is not None
+    shares, elsewhere = gpu_split(located.config(), dtype_name, quantization, (opts.gpu_bytes,) * opts.gpus)
+    planned = sum(shares) + elsewhere
+    scale = weights.total_bytes / planned if planned else 1.0  # transformers' sizes, in ours
+    per_gpu = tuple(round(share * scale) for share in shares)
+    on_gpus = sum(per_gpu)
+    offloaded = max(weights.total_bytes - on_gpus, 0)
+    note = Note(
+        "gpu-split",
+        facts(gpus=opts.gpus, gpu_bytes=opts.gpu_bytes, per_gpu_bytes=per_gpu, cpu_bytes=offloaded),
+    )
+    return on_gpus, offloaded, (note,), max(per_gpu, default=0)
 
 
 def _load_peak(

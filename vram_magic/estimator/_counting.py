@@ -16,6 +16,7 @@ import importlib
 import logging
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -348,6 +349,42 @@ def _should_convert(name: str, skip: list[str]) -> bool:
     return True
 
 
+def gpu_split(
+    config: PretrainedConfig, dtype_name: str, quantization: str | None, gpu_bytes: tuple[int, ...]
+) -> tuple[tuple[int, ...], int]:
+    """How ``device_map="auto"`` spreads the model over GPUs with ``gpu_bytes`` each, as transformers
+    plans it (balanced, whole layers, bitsandbytes' share of ``max_memory``): the bytes on each GPU, as
+    transformers sizes them, and the bytes that would not fit on any (CPU or disk)."""
+    transformers_accelerate = importlib.import_module("transformers.integrations.accelerate")
+    model = _build(config, dtype_name)  # a fresh one: quantizing replaces its Linear layers
+    quantizer = None
+    if quantization is not None:
+        transformers = importlib.import_module("transformers")
+        quantizers = importlib.import_module("transformers.quantizers")
+        bits = transformers.BitsAndBytesConfig(
+            load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit"
+        )
+        quantizer = quantizers.AutoHfQuantizer.from_config(bits, pre_quantized=False)
+        with _quiet():
+            quantizer.preprocess_model(
+                model, device_map="auto", keep_in_fp32_modules=[], config=config, checkpoint_files=None
+            )
+    max_memory: dict[int | str, int] = {i: size for i, size in enumerate(gpu_bytes)} | {"cpu": 1}
+    with _quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Device 0 is not available": these GPUs are planned, not here
+        device_map = transformers_accelerate._get_device_map(model, "auto", max_memory, quantizer)
+        sizes = transformers_accelerate.compute_module_sizes(model, quantizer)
+    sizes = sizes[0] if isinstance(sizes, tuple) else sizes  # transformers 5.x returns (sizes, leaves)
+    on_gpus = [0] * len(gpu_bytes)
+    elsewhere = 0
+    for name, device in device_map.items():
+        if isinstance(device, int) and 0 <= device < len(on_gpus):
+            on_gpus[device] += sizes.get(name, 0)
+        else:
+            elsewhere += sizes.get(name, 0)
+    return tuple(on_gpus), elsewhere
+
+
 def offload_split(model: Any, gpu_bytes: int) -> int:
     """The bytes of weights on GPU 0, placed by the function transformers calls for ``device_map="auto"``,
     given ``gpu_bytes`` there (the rest goes to CPU RAM)."""
@@ -384,8 +421,9 @@ def _device_of(name: str, device_map: dict[str, Any]) -> Any:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """transformers' and accelerate's warnings about a model built only to be measured are noise here."""
-    loggers = [logging.getLogger(name) for name in ("transformers", "accelerate")]
+    """transformers', accelerate's and bitsandbytes' warnings about a model built only to be measured (and
+    bitsandbytes' about its CPU kernels, when it is imported to plan a quantized split) are noise here."""
+    loggers = [logging.getLogger(name) for name in ("transformers", "accelerate", "bitsandbytes", "kernels")]
     levels = [each.level for each in loggers]
     for each in loggers:
         each.setLevel(logging.ERROR)

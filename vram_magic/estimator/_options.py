@@ -61,6 +61,7 @@ class Options:
     lora_targets: str | tuple[str, ...] = "attention"  # or "all-linear", or module names ("q_proj", ...)
     optimizer: str = "adamw_torch"
     prepare_kbit: bool = False  # peft's prepare_model_for_kbit_training: float32 casts, checkpointing on
+    gpus: int = 1  # with more: device_map="auto" over that many GPUs of gpu_bytes each
 
 
 def options(
@@ -78,6 +79,7 @@ def options(
     lora_targets: str | list[str] | tuple[str, ...] = "attention",
     optimizer: str = "adamw_torch",
     prepare_kbit: bool | None = None,
+    gpus: int = 1,
 ) -> Options:
     """The checked ``Options`` for these keywords (a ValueError for any that cannot be estimated). LoRA on
     a quantized model is prepared as QLoRA notebooks do (``prepare_kbit``, which turns gradient checkpointing
@@ -130,6 +132,11 @@ def options(
     if context is not None:
         check_int("context", context, 1)
     check_bytes("gpu_bytes", gpu_bytes)
+    check_int("gpus", gpus, 1)
+    if gpus > 1 and (gpu_bytes is None or str(device_map).lower() not in AUTO_MAPS):
+        raise ValueError("gpus= is how many GPUs device_map='auto' spreads over: pass gpu_bytes= (each) too.")
+    if gpus > 1 and training is not None:
+        raise ValueError("Training spread over several GPUs is not estimated: plan for one (e.g. --gpu t4).")
     if gpu_bytes is not None and str(device_map).lower() not in AUTO_MAPS:
         raise ValueError(
             "gpu_bytes= is the GPU's share of the weights under device_map='auto': pass both, or neither."
@@ -148,6 +155,7 @@ def options(
         lora_targets=targets,
         optimizer=optimizer_name,
         prepare_kbit=prepared,
+        gpus=gpus,
     )
 
 

@@ -182,6 +182,12 @@ _NOTES: dict[str, Callable[[dict[str, Any]], str]] = {
     ),
     "quantization": _quantization,
     "on-cpu": lambda f: "device_map='cpu': nothing goes to the GPU.",
+    "gpu-split": lambda f: (
+        f'device_map="auto" over {f["gpus"]} GPUs of {format_bytes(f["gpu_bytes"])} each, placed as '
+        "transformers places it (balanced, whole layers): "
+        + " + ".join(format_bytes(share) for share in f["per_gpu_bytes"])
+        + (f", and {format_bytes(f['cpu_bytes'])} that fits on none (CPU RAM)." if f["cpu_bytes"] else ".")
+    ),
     "auto-unsized": lambda f: (
         "device_map='auto' puts on the GPU what fits in 90% of its free memory and the rest in CPU RAM: "
         "this counts it all on the GPU; pass gpu_bytes= (or use load_plans()) for the split."
