@@ -83,3 +83,31 @@ def test_a_tensor_left_in_an_old_cycle_gets_a_full_collection(collections: list[
     cleanup = free_memory(Notebook(), failure=error, device="cpu")
     assert cleanup.freed_tensor_bytes == 4 * MiB
     assert collections == [(1,), ()]
+
+
+class Block(torch.nn.Module):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def out_of_memory(module: Any, args: Any, kwargs: Any) -> None:
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+
+def test_what_a_module_call_holds_in_a_closure_is_counted_as_freed() -> None:
+    """torch's Module._call_impl keeps the call's kwargs in a closure when hooks run: the tensor passed only
+    there (here the 64 MiB ``hidden * 2``) is freed by the cleanup itself, and counted."""
+    block = Block()
+    block.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+
+    def step() -> None:
+        hidden = torch.ones(16 * MiB)  # 64 MiB in this frame
+        block(hidden=hidden * 2)  # 64 MiB more, held only in the hook's kwargs
+
+    try:
+        step()
+    except torch.OutOfMemoryError as error:
+        failure: BaseException | None = error
+    cleanup = free_memory(Notebook(), failure=failure, device="cpu")
+    del failure
+    assert cleanup.freed_tensor_bytes == 128 * MiB

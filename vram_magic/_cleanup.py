@@ -79,13 +79,7 @@ def free_memory(
     kept = [getattr(sys, "last_value", None), getattr(sys, "last_exc", None), *keeper.kept_errors()]
     failures = [exc for exc in (failure, *kept) if isinstance(exc, BaseException)]
     for exc in failures:
-        for frame in _frames_of(exc):
-            if _is_user_function_frame(frame):
-                local_variables = frame.f_locals
-                watch.watch(dict(local_variables))
-                if isinstance(local_variables, dict):
-                    # Before Python 3.13, reading f_locals leaves a dict on the frame that clear() keeps.
-                    local_variables.clear()
+        _watch_locals(exc, watch)
         _clear_frames(exc)
     if failures:
         released.append("the failed cell's traceback frames")
@@ -121,6 +115,20 @@ def free_memory(
     return Cleanup(released=tuple(released), reclaimed_bytes=reclaimed, freed_tensor_bytes=watch.dead_bytes())
 
 
+def _watch_locals(exc: BaseException, watch: _DeathWatch) -> None:
+    """Watch what the error's frames hold, and empty their locals. A function of its own, so that no loop
+    variable outlives it: one holding the innermost frame would keep, through its callers (``f_back``),
+    every tensor of the failed call alive until the rescue ends."""
+    for frame in _frames_of(exc):
+        if _is_user_function_frame(frame):
+            local_variables = frame.f_locals
+            for value in list(local_variables.values()):  # each its own walk: a model in one local
+                watch.watch(value)  # cannot use up the budget before the activations in another
+            if isinstance(local_variables, dict):
+                # Before Python 3.13, reading f_locals leaves a dict on the frame that clear() keeps.
+                local_variables.clear()
+
+
 def _frames_of(exc: BaseException) -> Iterator[FrameType]:
     for link in exception_chain(exc):
         tb = link.__traceback__
@@ -137,9 +145,12 @@ def _is_user_function_frame(frame: FrameType) -> bool:
 
 
 def _clear_frames(exc: BaseException) -> None:
+    """Clear the error's frames, then drop its traceback: a cleared frame still holds its function, and a
+    closure's cells (torch's ``Module._call_impl`` keeps ``kwargs`` in one) would keep tensors alive."""
     for link in exception_chain(exc):
         if link.__traceback__ is not None:
             traceback.clear_frames(link.__traceback__)  # skips frames still running (ours)
+            link.__traceback__ = None
 
 
 def _drop_last_exception() -> bool:
