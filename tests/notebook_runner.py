@@ -28,6 +28,7 @@ def run_copy(notebook: Path, folder: Path) -> Any:
     Jupyter's (no forced widgets, no Kaggle batch run); the executed notebook."""
     copy = folder / notebook.name
     shutil.copy(notebook, copy)
+    shutil.copy(NOTEBOOKS / "simulated_gpu.py", folder)  # what the scenario notebooks import without a GPU
     with pytest.MonkeyPatch.context() as env:  # the kernel inherits this environment
         env.delenv("VRAM_MAGIC_WIDGETS", raising=False)
         env.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)

@@ -50,3 +50,27 @@ def test_a_cell_that_sets_batch_sizes_or_calls_a_train_function_is_training() ->
     assert analyse_cell("loader = DataLoader(data, batch_size=8)\n", 1).kind == "training"
     assert analyse_cell("loss = train_step(model, data)\n", 1).kind == "training"
     assert analyse_cell("size = 8\nrun(size)\n", 2).kind == "other"
+
+
+def test_a_subclass_of_a_transformers_model_from_the_users_own_module_loads_as_transformers_does() -> None:
+    """A class of the user's (in their utils.py, say) that subclasses a transformers model is read as a
+    transformers load, so its fixes apply; another library's loader is still left alone."""
+    from transformers import LlamaForCausalLM
+
+    from vram_magic.cell import read_cell
+    from vram_magic.fixes import apply_fix
+
+    class CustomLlamaForCausalLM(LlamaForCausalLM):
+        pass
+
+    class OtherLoader:
+        @classmethod
+        def from_pretrained(cls, path: str) -> None:
+            return None
+
+    CustomLlamaForCausalLM.__module__ = OtherLoader.__module__ = "my_utils"
+    cell = 'model = CustomLlamaForCausalLM.from_pretrained("m", device_map="cuda")\n'
+    fixed = apply_fix(read_cell(cell, {"CustomLlamaForCausalLM": CustomLlamaForCausalLM}), "4bit").code
+    assert "quantization_config=BitsAndBytesConfig(" in fixed
+    other = read_cell(cell.replace("CustomLlamaForCausalLM", "OtherLoader"), {"OtherLoader": OtherLoader})
+    assert [load.library for load in other.loads] in ([], ["my_utils"])

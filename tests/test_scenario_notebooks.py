@@ -9,8 +9,8 @@
   8-bit.
 
 Each runs once (in a temporary copy, with ``notebooks/run.py``), the first time a test asks for it. On a GPU
-the out-of-memory errors are real, under per-process caps; without one each notebook simulates its GPU in one
-helper cell and says so.
+the out-of-memory errors are real, under per-process caps; without one each notebook simulates its GPU with
+``notebooks/simulated_gpu.py``, imported in one labelled line, and says so.
 """
 
 from __future__ import annotations

@@ -35,6 +35,14 @@ _CALLED_MODEL = re.compile(
 )
 
 
+# Libraries whose model classes vram_magic reads and rewrites loads of.
+_MODEL_LIBRARIES = frozenset({"transformers", "peft"})
+
+
+def _library(module: str) -> str:
+    return module.split(".")[0]
+
+
 class ReaderBase:
     """The cell as read so far: its text, tree, names and first walk, and the loads found."""
 
@@ -65,6 +73,11 @@ class ReaderBase:
         if isinstance(found, type(re)):
             return found.__name__
         module, qualname = getattr(found, "__module__", None), getattr(found, "__qualname__", None)
+        if isinstance(found, type) and isinstance(module, str) and _library(module) not in _MODEL_LIBRARIES:
+            # A subclass of a library's model, defined in a module of the user's, loads as the library does.
+            base = next((b for b in found.__mro__ if _library(b.__module__) in _MODEL_LIBRARIES), None)
+            if base is not None:
+                module = base.__module__
         return f"{module}.{qualname}" if isinstance(module, str) and isinstance(qualname, str) else None
 
     def _class_name(self, node: cst.BaseExpression) -> tuple[str, str | None]:
