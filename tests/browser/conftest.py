@@ -1,7 +1,9 @@
-"""tests/browser: JupyterLab in a real browser (Debian's chromium driven by playwright), marked ``browser``.
+"""tests/browser: JupyterLab and Notebook 7 in a real browser (Debian's chromium driven by playwright), marked
+``browser``.
 
-It runs in ``make test``, which installs chromium as root. Without chromium (or playwright, or jupyterlab) the
-tests are skipped on a developer's machine and fail, saying what is missing, where ``CI`` is set.
+It runs in ``make test``, which installs chromium as root. Without chromium (or playwright, jupyterlab or
+notebook) the tests are skipped on a developer's machine and fail, saying what is missing, where ``CI`` is
+set.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _missing() -> str | None:
     """Why a browser test cannot run here, or None."""
     if not os.access(CHROMIUM, os.X_OK):
         return f"{CHROMIUM} is missing: `apt-get install chromium` (`make test` does it as root)"
-    for package in ("playwright", "jupyterlab"):
+    for package in ("playwright", "jupyterlab", "notebook"):
         if importlib.util.find_spec(package) is None:
             return f"the {package} package is missing: `pip install -e '.[dev]'` (`make test` does it)"
     return None
@@ -75,9 +77,23 @@ class Lab:
     token: str
     root: Path  # the server's root_dir: notebooks written here can be opened
     log: Path  # the server's (and its kernels') stdout and stderr
+    app: str = "jupyterlab"  # or "notebook": Notebook 7
 
     def notebook_url(self, name: str) -> str:
+        if self.app == "notebook":
+            return f"{self.url}/notebooks/{name}?token={self.token}"
         return f"{self.url}/lab/tree/{name}?token={self.token}&reset"
+
+    def wait_for_an_idle_kernel(self) -> None:
+        """Until the notebook's kernel has started and is idle (Run All before that runs nothing)."""
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{self.url}/api/kernels?token={self.token}", timeout=5) as reply:
+                kernels = json.loads(reply.read())
+            if kernels and all(kernel.get("execution_state") == "idle" for kernel in kernels):
+                return
+            time.sleep(0.5)
+        pytest.fail(f"no idle kernel within {WAIT_MS // 1000} s:\n{_tail(self.log)}", pytrace=False)
 
 
 def _free_port() -> int:
@@ -100,6 +116,18 @@ def _wait_for_server(lab: Lab, server: subprocess.Popen[bytes]) -> None:
     pytest.fail(f"jupyter lab did not answer within {WAIT_MS // 1000} s:\n{_tail(lab.log)}", pytrace=False)
 
 
+def _app_options(app: str, settings: Path, work: Path) -> list[str]:
+    """The options that keep each app's settings, workspaces and news out of the user's."""
+    if app == "notebook":
+        return [f"--NotebookApp.user_settings_dir={settings}", f"--NotebookApp.workspaces_dir={work / 'ws'}"]
+    return [
+        f"--LabApp.user_settings_dir={settings}",
+        f"--LabApp.workspaces_dir={work / 'workspaces'}",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]
+
+
 def _tail(path: Path, chars: int = 4000) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
@@ -107,9 +135,11 @@ def _tail(path: Path, chars: int = 4000) -> str:
         return ""
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """A JupyterLab server on 127.0.0.1 with a token, serving a temporary folder, with this venv's kernel."""
+@pytest.fixture(scope="module", params=["jupyterlab", "notebook"])
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """A JupyterLab (or Notebook 7) server on 127.0.0.1 with a token, serving a temporary folder, with this
+    venv's kernel."""
+    app = request.param
     reason = _missing()
     if reason:  # only reached where CI is set: elsewhere the test was skipped
         pytest.fail(f"CI is set, so the browser test must run, but it cannot: {reason}", pytrace=False)
@@ -121,7 +151,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         (settings / name).parent.mkdir(parents=True, exist_ok=True)
         (settings / name).write_text(json.dumps(values))
     port, token = _free_port(), secrets.token_hex(16)
-    lab = Lab(url=f"http://127.0.0.1:{port}", token=token, root=root, log=work / "jupyter.log")
+    lab = Lab(url=f"http://127.0.0.1:{port}", token=token, root=root, log=work / "jupyter.log", app=app)
     # The kernel imports vram_magic from this tree, as the screenshots script does.
     paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
@@ -134,17 +164,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             [
                 sys.executable,
                 "-m",
-                "jupyterlab",
+                app,
                 "--no-browser",
                 "--allow-root",
                 "--ip=127.0.0.1",
                 f"--port={port}",
                 f"--IdentityProvider.token={token}",
                 f"--ServerApp.root_dir={root}",
-                f"--LabApp.user_settings_dir={settings}",
-                f"--LabApp.workspaces_dir={work / 'workspaces'}",
-                "--LabApp.news_url=None",
-                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                *_app_options(app, settings, work),
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,

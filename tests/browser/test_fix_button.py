@@ -1,5 +1,5 @@
-"""The report widget's fix buttons in a real JupyterLab: Diff shows the change, Insert says how to get the
-fixed cell, Re-run runs it in the notebook's namespace and says whether it worked.
+"""The report widget's fix buttons in a real JupyterLab and in Notebook 7: Diff shows the change, Insert says
+how to get the fixed cell, Re-run runs it in the notebook's namespace and says whether it worked.
 
 The notebook's training step raises a CUDA out-of-memory error (a real message) above batch 4, so no GPU is
 needed. Batch 16 fails; the half-batch fix (batch 8) fails again and its report appears under the buttons;
@@ -65,9 +65,7 @@ def test_diff_and_rerun_buttons_apply_the_fix_in_the_notebook(lab: Lab, lab_page
     page.goto(lab.notebook_url("oom.ipynb"))
     cells = page.locator(".jp-Notebook .jp-Cell")
     expect(cells).to_have_count(len(CELLS))
-    # Run All before the kernel is connected runs nothing: wait for the status bar's "Idle".
-    kernel_status = page.get_by_role("contentinfo").get_by_role("button", name=re.compile(r"\| Idle$"))
-    expect(kernel_status).to_be_visible()
+    lab.wait_for_an_idle_kernel()  # Run All before the kernel is connected runs nothing
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
 
