@@ -119,3 +119,35 @@ def test_debug_before_any_oom_says_when_there_will_be_one(ip: Any) -> None:
     with capture_output() as debug:
         ip.run_line_magic("vram", "debug")
     assert debug.stdout.strip() == NO_POST_MORTEM
+
+
+LIBRARY = """
+import torch
+
+def deep(message):
+    activations = torch.ones(256, 1024)
+    raise torch.OutOfMemoryError(message)
+
+def generate(message):
+    try:
+        deep(message)
+    except torch.OutOfMemoryError as error:
+        raise RuntimeError("generation failed") from error
+"""
+
+
+def test_frames_below_a_library_that_raised_from_the_oom_are_kept(
+    ip: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    (tmp_path / "some_library.py").write_text(LIBRARY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ip.user_ns["MESSAGE"] = CAPPED_LOAD_OOM
+    ip.run_cell("import some_library")
+    with capture_output():
+        result = ip.run_cell("%%oomsafe\nsome_library.generate(MESSAGE)", store_history=True)
+    assert type(result.error_in_exec).__name__ == "OutOfMemoryHandled"  # rescued as the OOM it came from
+    with capture_output() as debug:
+        ip.run_line_magic("vram", "debug")
+    lines = [line.strip() for line in debug.stdout.splitlines()]
+    assert any(line.startswith("deep (some_library.py:") for line in lines)
+    assert "activations  float32 [256, 1024] on cpu, 1.00 MiB" in lines

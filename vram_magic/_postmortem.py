@@ -45,8 +45,8 @@ def describe(
     names = {id(value): name for name, value in (namespace or {}).items() if isinstance(value, torch.Tensor)}
     frames: list[FrameRecord] = []
     seen: set[int] = set()
-    for linked in exception_chain(error):
-        started = False
+    for number, linked in enumerate(exception_chain(error)):
+        started = number > 0  # an error this one was raised from failed below the cell: all its frames count
         for tb in _walk(linked.__traceback__):
             frame = tb.tb_frame
             if frame.f_code.co_filename == cell_filename:
