@@ -7,6 +7,7 @@ the tensors are real CPU tensors.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 from IPython.utils.capture import capture_output
@@ -139,15 +140,16 @@ def generate(message):
 def test_frames_below_a_library_that_raised_from_the_oom_are_kept(
     ip: Any, tmp_path: Any, monkeypatch: Any
 ) -> None:
-    (tmp_path / "some_library.py").write_text(LIBRARY)
+    (tmp_path / "generating_library.py").write_text(LIBRARY)  # a name no other test imports
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "generating_library", raising=False)
     ip.user_ns["MESSAGE"] = CAPPED_LOAD_OOM
-    ip.run_cell("import some_library")
+    ip.run_cell("import generating_library")
     with capture_output():
-        result = ip.run_cell("%%oomsafe\nsome_library.generate(MESSAGE)", store_history=True)
+        result = ip.run_cell("%%oomsafe\ngenerating_library.generate(MESSAGE)", store_history=True)
     assert type(result.error_in_exec).__name__ == "OutOfMemoryHandled"  # rescued as the OOM it came from
     with capture_output() as debug:
         ip.run_line_magic("vram", "debug")
     lines = [line.strip() for line in debug.stdout.splitlines()]
-    assert any(line.startswith("deep (some_library.py:") for line in lines)
+    assert any(line.startswith("deep (generating_library.py:") for line in lines)
     assert "activations  float32 [256, 1024] on cpu, 1.00 MiB" in lines
