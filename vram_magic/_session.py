@@ -444,11 +444,9 @@ def estimate_text(
     from vram_magic.render import render_estimate_table, render_training
 
     free = snapshot.gpus[0].free_bytes if snapshot.gpus else None
-    gpus, cap = (parse_gpus(gpu)[:2]) if gpu else (1, target_bytes())
+    gpus, cap, card = parse_gpus(gpu) if gpu else (1, target_bytes(), "")
     if gpu:
         free = None  # a rehearsal plans for the named card, whatever this GPU has free
-    if gpus > 1:
-        train["gpus"] = gpus
     if quantization is not None:
         # Checks the options together (qlora is 4-bit only), then the one row against the room, if any.
         one = estimate(
@@ -458,7 +456,7 @@ def estimate_text(
             context=context,
             training=training,
             progress=progress,
-            **{key: value for key, value in train.items() if key != "gpus"},
+            **train,
         )
         if free is None and cap is None and training is None:
             return render_estimate_table([one])
@@ -472,12 +470,13 @@ def estimate_text(
         context=context,
         training=training,
         progress=progress,
+        gpus=gpus,
         **train,
     )
     shown = [row for row in rows if quantization in (None, row.key)]
     table = render_estimate_table(shown)
     if gpus > 1:
-        table = f"Planned for {parse_gpus(gpu or '')[2]}: room and peak are each GPU's.\n{table}"
+        table = f"Planned for {card}: room and peak are each GPU's.\n{table}"
     if training is None or not shown:
         return table
     chosen = next((row for row in shown if row.fits), shown[0])

@@ -238,8 +238,9 @@ class _CudaCounters:
     def start(self) -> dict[int, int]:
         """Reset each GPU's peak; what each holds now."""
         held: dict[int, int] = {}
-        for index in self._devices():
-            torch = sys.modules["torch"]
+        torch = sys.modules.get("torch")
+        for index in self._devices():  # none unless torch has initialised CUDA
+            assert torch is not None
             torch.cuda.reset_peak_memory_stats(index)
             held[index] = int(torch.cuda.memory_allocated(index))
         return held

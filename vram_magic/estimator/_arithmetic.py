@@ -319,7 +319,7 @@ def _lora_params(census: Census, opts: Options) -> int:
     targets = opts.lora_targets
     size = sum(
         total
-        for leaf, attention, _, total in census.linear_leaves
+        for leaf, attention, total in census.linear_leaves
         if targets == "all-linear" or (attention if targets == "attention" else leaf in targets)
     )
     return opts.lora_r * size

@@ -54,8 +54,8 @@ class Census:
     quantized: tuple[tuple[int, int], ...]  # (elements, rows) of each Linear weight bitsandbytes converts
     quantized_bytes: int  # those weights at the build dtype
     # Each Linear leaf name LoRA can target, the output layer left out (as peft's "all-linear" does):
-    # (leaf, inside attention, how many, the sum of their rows + columns: LoRA adds r times that).
-    linear_leaves: tuple[tuple[str, bool, int, int], ...]
+    # (leaf, inside attention, the sum of their rows + columns: LoRA adds r times that).
+    linear_leaves: tuple[tuple[str, bool, int], ...]
     largest_layer_bytes: int  # the biggest block accelerate never splits (a decoder layer)
     can_generate: bool
     has_lm_head: bool
@@ -258,7 +258,7 @@ def _count_model(model: Any, config: PretrainedConfig) -> Census:
     skip = _not_converted(model)
     quantized: list[tuple[int, int]] = []
     quantized_bytes = 0
-    leaves: dict[tuple[str, bool], list[int]] = {}
+    leaves: dict[tuple[str, bool], int] = {}
     gated = False
     output = None
     with contextlib.suppress(Exception):
@@ -272,9 +272,8 @@ def _count_model(model: Any, config: PretrainedConfig) -> Census:
         weight = module.weight
         rows, columns = (weight.shape[1], weight.shape[0]) if conv1d else (weight.shape[0], weight.shape[1])
         if module is not output:
-            counts = leaves.setdefault((leaf, bool(_ATTENTION.search(name))), [0, 0])
-            counts[0] += 1
-            counts[1] += rows + columns
+            key = (leaf, bool(_ATTENTION.search(name)))
+            leaves[key] = leaves.get(key, 0) + rows + columns
         if f"{name}.weight" not in tied and _should_convert(name, skip):
             quantized.append((weight.numel(), rows))
             quantized_bytes += weight.numel() * weight.element_size()
@@ -298,7 +297,7 @@ def _count_model(model: Any, config: PretrainedConfig) -> Census:
         buffer_bytes=buffer_bytes,
         quantized=tuple(quantized),
         quantized_bytes=quantized_bytes,
-        linear_leaves=tuple((leaf, attention, n, size) for (leaf, attention), (n, size) in leaves.items()),
+        linear_leaves=tuple((leaf, attention, size) for (leaf, attention), size in leaves.items()),
         largest_layer_bytes=largest_layer,
         can_generate=can_generate,
         has_lm_head=has_lm_head,
