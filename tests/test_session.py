@@ -122,6 +122,26 @@ def test_a_fix_runs_once_and_a_done_report_refuses(runner: FakeRunner) -> None:
         session.fix(99, diff_only=True, insert=False)
 
 
+def test_a_new_report_at_a_freed_reports_address_is_not_done_with(runner: FakeRunner) -> None:
+    """Python reuses a freed object's id: a new report must not inherit an old one's "fix 1 worked" (found
+    running many OOMs in one kernel: `%vram fix 1` refused a fresh report)."""
+    said: list[str] = []
+    session = Session(runner, said.append)
+    with pytest.raises(OutOfMemoryHandled):
+        session.oomsafe(CELL.replace("16", "8"), "", auto=False, force=False, max_attempts=4)
+    old = session.last_report
+    assert old is not None
+    session.fix(1, diff_only=False, insert=False)
+    runner.namespace["batch_size"] = 8
+    with pytest.raises(OutOfMemoryHandled):
+        session.oomsafe(CELL.replace("16", "8"), "", auto=False, force=False, max_attempts=4)
+    new = session.last_report
+    assert new is not None and new is not old
+    session._over[id(new)] = session._over.pop(id(old))  # as if `new` had been allocated where `old` was
+    session.fix(1, diff_only=False, insert=False)
+    assert said[-1].startswith("Fix 1 worked")
+
+
 def test_free_refuses_what_is_not_data(runner: FakeRunner) -> None:
     session = Session(runner, print)
     runner.namespace["sys"] = sys

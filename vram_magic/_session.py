@@ -103,7 +103,9 @@ class Session:
         self.last_report: Report | None = None
         self.last_post_mortem: PostMortem | None = None  # for %vram debug
         self._recording = False  # %%oomsafe --record is recording this cell's allocations
-        self._over: dict[int, str] = {}  # id(report) -> why its fixes are not to run again
+        # id(report) -> (the report, why its fixes are not to run again). The report itself is kept: an id is
+        # reused once its object is gone, and a new report must not inherit an old one's verdict.
+        self._over: dict[int, tuple[Report, str]] = {}
         self._cell_run: Any = None  # the %%oomsafe cell's run (IPython's ExecutionResult) now running
         self._report_run: Any = None  # the run of the cell the last report is about
 
@@ -152,16 +154,17 @@ class Session:
         __tracebackhide__ = True  # IPython's debugger and tracebacks skip this frame
         from vram_magic.render import render_fix_worked
 
-        if id(report) in self._over:
+        done = self._done_with(report)
+        if done is not None:
             raise Refused(
-                f"That report is done with ({self._over[id(report)]}): nothing runs. If the cell still runs "
+                f"That report is done with ({done}): nothing runs. If the cell still runs "
                 "out of memory, run it again for a new report."
             )
         fix = report.fixes[number - 1]
         outcome = self._attempt(fix, number)
         if outcome.report is not None:
             self._fail(outcome.report)
-        self._over[id(report)] = f"fix {number} worked"
+        self._over[id(report)] = (report, f"fix {number} worked")
         self.say(render_fix_worked(number, fix, outcome.seconds, take_snapshot()))
         return outcome.value
 
@@ -171,9 +174,10 @@ class Session:
         report = self.last_report
         if report is None:
             raise Refused("No %%oomsafe cell has run out of memory yet, so there is no fix to apply.")
-        if id(report) in self._over and not diff_only and not insert:
+        done = self._done_with(report)
+        if done is not None and not diff_only and not insert:
             raise Refused(
-                f"The last report is done with ({self._over[id(report)]}): `%vram fix` runs nothing. If "
+                f"The last report is done with ({done}): `%vram fix` runs nothing. If "
                 "the cell still runs out of memory, run it again for a new report."
             )
         if not 1 <= number <= len(report.fixes):
@@ -200,10 +204,15 @@ class Session:
         """After every cell (IPython's ``post_run_cell``): the last report is done with once its cell runs
         again."""
         owner, report = self._report_run, self.last_report
-        if report is None or owner is None or result is owner or id(report) in self._over:
+        if report is None or owner is None or result is owner or self._done_with(report) is not None:
             return
         if _same_cell(getattr(result, "info", None), getattr(owner, "info", None)):
-            self._over[id(report)] = "its cell ran again"
+            self._over[id(report)] = (report, "its cell ran again")
+
+    def _done_with(self, report: Report) -> str | None:
+        """Why ``report``'s fixes are not to run again (a fix of it worked, its cell ran again), or None."""
+        kept, why = self._over.get(id(report), (None, None))
+        return why if kept is report else None
 
     def free(self, names: Sequence[str], device: str) -> Cleanup:
         """``%vram free``: delete ``names``, release what the last error keeps, empty the cache. A name that
@@ -365,7 +374,7 @@ class Session:
                     fixes[number - 1] = fix
                     self.last_report = replace(first.report, fixes=tuple(fixes), attempts=tuple(attempts))
                     self._report_run = self._cell_run
-                    self._over[id(self.last_report)] = f"fix {number} worked"
+                    self._over[id(self.last_report)] = (self.last_report, f"fix {number} worked")
                     self.say(render_auto_result(self.last_report, number, fix, take_snapshot()))
                     return outcome.value
                 report = outcome.report
