@@ -81,7 +81,7 @@ def scenario_table() -> str:
         fix_ok += first.worked
         auto_ok += auto.worked
         lines.append(
-            f"| {scenario.name} | {first.fix} | {'yes' if first.worked else 'no'} | "
+            f"| {scenario.name} | {first.fix} | {'yes' if first.worked else 'no: ' + first.detail} | "
             f"{'works' if auto.worked else 'no: ' + auto.detail} | {auto.runs} |"
         )
     total = len(SCENARIOS)
