@@ -54,6 +54,10 @@ class Context:
     failed_in_load: bool = True
     advise_elsewhere: frozenset[str] = frozenset()  # fixes worth advising by hand when not in this cell
     failed_load: int | None = None  # the index, among the cell's loads, of the load that failed
+    # Training preflight: the training fixes are sized by its estimate (with a GPU here, or the cap planned
+    # for without one), and a smaller batch is made as small as it must be to fit.
+    training_preflight: bool = False
+    gpu_here: bool = True
 
 
 def room_after_cleanup(snapshot: Snapshot, oom: OOMInfo | None, freed_bytes: int) -> Room:
@@ -112,8 +116,30 @@ def only_the_evaluation_batch(fix: Fix) -> bool:
 
 
 def _checked(fix: Fix, context: Context) -> Fix | None:
+    if context.training_preflight and fix.key == "half-batch":
+        return _split_to_fit(fix, context)
+    return _made(fix, context, _options(fix.key, context.room))
+
+
+def _split_to_fit(fix: Fix, context: Context) -> Fix | None:
+    """The batch made 2, 4, 8... times smaller (and the accumulation as many times larger) until the
+    training estimate fits; the smallest split tried when none does."""
+    options = _options(fix.key, context.room)
+    made = None
+    factor = 2
+    while True:
+        tried = _made(fix, context, replace(options, factor=factor))
+        if tried is None:
+            return made
+        made = tried
+        if made.fits is not False or made.fact("new", 1) <= 1:
+            return made
+        factor *= 2
+
+
+def _made(fix: Fix, context: Context, options: Options) -> Fix | None:
     try:
-        made = apply_fix(context.cell, fix.key, _options(fix.key, context.room))
+        made = apply_fix(context.cell, fix.key, options)
     except NotApplicable as reason:
         if reason.elsewhere and fix.key in context.advise_elsewhere:  # code of an earlier cell: by hand
             return replace(fix, by_hand=reason.reason)
@@ -134,7 +160,20 @@ def _checked(fix: Fix, context: Context) -> Fix | None:
         return _sized_offload(fix, context)
     if fix.key in ("cpu", "merge-cpu"):
         return _sized_on_cpu(fix, context, after)
+    if context.training_preflight and fix.key in ("half-batch", "checkpointing"):
+        return _sized_training(fix, context, after)
     return fix
+
+
+def _sized_training(fix: Fix, context: Context, after: Cell) -> Fix:
+    """The training estimate of the fixed cell against the room: it fits when the whole estimate does."""
+    from vram_magic._train_preflight import check_training
+
+    room = context.room.gpu_bytes
+    verdict = check_training(after, room, context.gpu_here) if room is not None else None
+    if verdict is None:
+        return fix
+    return replace(fix, needed_bytes=verdict.estimate_bytes, fits=verdict.surely_fits)
 
 
 def _sized_load(fix: Fix, context: Context, after: Cell) -> Fix | None:

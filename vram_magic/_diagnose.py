@@ -287,6 +287,9 @@ _SEEDS = {fix.key: fix for fix in LOAD_FIXES} | {
         Fix("smaller-generation", "# in generate(...):\nmax_new_tokens=<smaller>"),
     )
 }
+# What preflight offers for training that would not fit: a smaller batch (same effective batch), then
+# checkpointing with a lighter optimizer.
+TRAINING_FIXES = (_SEEDS["half-batch"], _SEEDS["checkpointing"])
 # The fixes to try for each kind of cell, most promising first; load fixes join where the cell also loads.
 _CELL_FIXES: dict[str, tuple[str, ...]] = {
     "load": ("bf16", "8bit", "4bit", "offload", "cpu"),

@@ -14,8 +14,9 @@ from dataclasses import replace
 import libcst as cst
 
 from vram_magic._checks import Context, Room, make_runnable, room_after_cleanup
-from vram_magic._diagnose import ADVISE_BY_HAND, LOAD_FIXES, diagnose
+from vram_magic._diagnose import ADVISE_BY_HAND, LOAD_FIXES, TRAINING_FIXES, diagnose
 from vram_magic._preflight import Verdict, load_at
+from vram_magic._train_preflight import TrainingVerdict
 from vram_magic._types import (
     Cause,
     CellAnalysis,
@@ -128,4 +129,46 @@ def preflight_report(
         causes=(Cause("estimate", facts(estimate=first)),),
         fixes=make_runnable(LOAD_FIXES, context),
         preflight=Preflight(verdict.need_bytes, verdict.room_bytes, on_gpu=bool(snapshot.gpus)),
+    )
+
+
+def training_preflight_report(
+    cell: Cell, verdict: TrainingVerdict, snapshot: Snapshot, room: Room, namespace: Mapping[str, object]
+) -> Report:
+    """Training estimated not to fit, as a report: the floor and its parts, and the training fixes with the
+    estimate of each fixed cell."""
+    step = verdict.step
+    context = Context(
+        cell=cell,
+        namespace=namespace,
+        oom=None,
+        room=replace(room, gpu_bytes=verdict.room_bytes),
+        failed_in_load=False,
+        advise_elsewhere=ADVISE_BY_HAND["training"],
+        training_preflight=True,
+        gpu_here=bool(snapshot.gpus),
+    )
+    found = facts(
+        model=step.model_name,
+        batch_size=step.batch_size,
+        sequence=step.sequence,
+        need_bytes=verdict.need_bytes,
+        estimate_bytes=verdict.estimate_bytes,
+        parts=verdict.parts,
+        checkpointing=step.checkpointing,
+        optimizer=step.optimizer,
+    )
+    return Report(
+        error_text="",
+        oom=None,
+        cell=cell.source,
+        analysis=analyse(cell),
+        snapshot=snapshot,
+        holders=(),
+        cleanup=Cleanup(released=(), reclaimed_bytes=None, freed_tensor_bytes=0),
+        causes=(Cause("training-estimate", found),),
+        fixes=make_runnable(TRAINING_FIXES, context),
+        preflight=Preflight(
+            verdict.need_bytes, verdict.room_bytes, on_gpu=bool(snapshot.gpus), kind="training"
+        ),
     )

@@ -135,7 +135,7 @@ class Session:
         self._cell_run = self.runner.current_run()
         if "load_in_8bit" in cell:
             show_int8_cast_warning_once()
-        if not force and "from_pretrained" in cell:
+        if not force and ("from_pretrained" in cell or ".train(" in cell):  # a cheap test before reading
             report = self._preflight(cell)
             if report is not None:
                 return self._run_first_plan(report) if auto else self._fail(report)
@@ -238,9 +238,9 @@ class Session:
     # --- the path of an OOM ---------------------------------------------------------------------------------
 
     def _preflight(self, cell: str) -> Report | None:
-        """A report when the cell's model loads are estimated not to fit the room (the GPU's, or the cap
-        planned for without one); None when they fit or cannot be estimated. Preflight never stops a cell
-        with an error of its own."""
+        """A report when the cell's model loads, or the first steps of its training, are estimated not to fit
+        the room (the GPU's, or the cap planned for without one); None when they fit or cannot be estimated.
+        Preflight never stops a cell with an error of its own."""
         try:
             return self._preflight_report(cell)
         except Exception:
@@ -249,7 +249,8 @@ class Session:
     def _preflight_report(self, cell: str) -> Report | None:
         from vram_magic._checks import room_after_cleanup
         from vram_magic._preflight import check
-        from vram_magic._report import PREFLIGHT_READ_NODES, preflight_report, read
+        from vram_magic._report import PREFLIGHT_READ_NODES, preflight_report, read, training_preflight_report
+        from vram_magic._train_preflight import check_training
 
         snapshot = take_snapshot()
         room = room_after_cleanup(snapshot, None, 0)
@@ -259,11 +260,17 @@ class Session:
         namespace = self.runner.namespace
         body = self.runner.transform(cell)  # Python, also when the cell has %magic or !shell lines
         reading = read(body, body, namespace, PREFLIGHT_READ_NODES)
-        verdict = check(reading, room_bytes) if reading is not None else None
-        if reading is None or verdict is None or verdict.fits:
+        if reading is None:
             return None
         fixable = reading if cell == body else read(cell, body, namespace) or reading
-        return preflight_report(fixable, verdict, snapshot, room, namespace)
+        verdict = check(reading, room_bytes)
+        if verdict is not None and not verdict.fits:
+            return preflight_report(fixable, verdict, snapshot, room, namespace)
+        if reading.trainer_runs:
+            training = check_training(reading, room_bytes, gpu_here=bool(snapshot.gpus))
+            if training is not None and not training.fits:
+                return training_preflight_report(fixable, training, snapshot, room, namespace)
+        return None
 
     def _run_first_plan(self, report: Report) -> Any:
         """``--auto`` after preflight: run the first fix estimated to fit, so the load never runs out."""

@@ -250,12 +250,14 @@ class CellAnalysis:
 
 @dataclass(frozen=True)
 class Preflight:
-    """A load not run because it is estimated not to fit: its peak need, the room, and whether that room is
-    a GPU's here (else the cap planned for without one)."""
+    """A cell not run because what it starts is estimated not to fit: its need, the room, and whether that
+    room is a GPU's here (else the cap planned for without one). ``kind``: ``"load"`` (the peak of its model
+    loads) or ``"training"`` (the floor of its first training steps, ``vram_magic._train_preflight``)."""
 
     need_bytes: int
     room_bytes: int
     on_gpu: bool
+    kind: str = "load"
 
 
 @dataclass(frozen=True)

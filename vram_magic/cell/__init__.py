@@ -19,6 +19,7 @@ from vram_magic.cell._facts import (
     Merge,
     Move,
     PipelineCall,
+    TrainerRun,
     TrainingConfig,
 )
 from vram_magic.cell._reader import Cell, read_cell
@@ -37,6 +38,7 @@ __all__ = [
     "Move",
     "Names",
     "PipelineCall",
+    "TrainerRun",
     "TrainingConfig",
     "analyse",
     "analyse_source",

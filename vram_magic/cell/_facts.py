@@ -137,6 +137,16 @@ class TrainingConfig(Site):
 
 
 @dataclass(frozen=True, eq=False)
+class TrainerRun(Site):
+    """``trainer.train()`` of a trainer the cell builds (``Trainer(model=..., args=..., ...)``, an
+    ``SFTTrainer``...): ``trainer`` is that construction, ``class_name`` its class."""
+
+    call: cst.Call = field(repr=False)
+    trainer: cst.Call = field(repr=False)
+    class_name: str = ""
+
+
+@dataclass(frozen=True, eq=False)
 class Merge(Site):
     """``X.merge_and_unload()``: ``target`` is what the result is bound to (None for a bare call), ``load``
     the adapter load it is chained on (``PeftModel.from_pretrained(base, path).merge_and_unload()``)."""

@@ -25,6 +25,7 @@ from vram_magic.cell._facts import (
     Merge,
     Move,
     PipelineCall,
+    TrainerRun,
     TrainingConfig,
 )
 from vram_magic.cell._loads import LoadReading
@@ -46,6 +47,7 @@ class Cell:
     batch_sizes: tuple[BatchSize, ...]
     accumulations: tuple[Accumulation, ...]
     training_configs: tuple[TrainingConfig, ...]
+    trainer_runs: tuple[TrainerRun, ...]  # ``trainer.train()`` of a trainer built in the cell
     merges: tuple[Merge, ...]
     generates: tuple[Generate, ...]
     forwards: tuple[Forward, ...]
@@ -90,6 +92,7 @@ class _Reader(LoadReading, WorkReading, BatchReading):
         )
         uses_adapters = self._uses_adapters()
         configs = [config for site in self.walk.calls if (config := self._training_config(site))]
+        trainer_runs = [run for site in self.walk.calls if (run := self._trainer_run(site)) is not None]
         merges = [merge for site in self.walk.calls if (merge := self._merge(site)) is not None]
         generates = [g for site in self.walk.calls if (g := self._generate(site)) is not None]
         forwards = [f for site in self.walk.calls if (f := self._forward(site, trains)) is not None]
@@ -105,6 +108,7 @@ class _Reader(LoadReading, WorkReading, BatchReading):
             batch_sizes=tuple(batches),
             accumulations=tuple(self._accumulations()),
             training_configs=tuple(configs),
+            trainer_runs=tuple(trainer_runs),
             merges=tuple(merges),
             generates=tuple(generates),
             forwards=tuple(forwards),

@@ -12,6 +12,7 @@ from vram_magic.cell._facts import (
     Generate,
     Merge,
     PipelineCall,
+    TrainerRun,
     TrainingConfig,
 )
 from vram_magic.cell._loads import _moved_by
@@ -58,6 +59,28 @@ class WorkReading(ReaderBase):
             if method == "backward" or (method == "train" and self._is_trainer(func.value, site.lines[0])):
                 lines.append(site.lines)
         return bool(lines), tuple(lines)
+
+    def _trainer_run(self, site: CallSite) -> TrainerRun | None:
+        """``X.train()`` where ``X`` is a trainer this cell builds (directly, or bound to a name before)."""
+        func = site.call.func
+        if not isinstance(func, cst.Attribute) or func.attr.value != "train":
+            return None
+        built: cst.BaseExpression | None = func.value
+        if isinstance(built, cst.Name):
+            built = self._value_before(built.value, site.lines[0])
+        if not isinstance(built, cst.Call):
+            return None
+        name, _ = self._class_name(built.func)
+        if not name.endswith("Trainer"):
+            return None
+        return TrainerRun(
+            lines=site.lines,
+            step=site.step,
+            surely=site.surely,
+            call=site.call,
+            trainer=built,
+            class_name=name,
+        )
 
     def _is_trainer(self, expr: cst.BaseExpression, line: int) -> bool:
         if isinstance(expr, cst.Call):

@@ -48,6 +48,11 @@ def summary_line(report: Report) -> str:
     if report.preflight is not None:
         found = report.preflight
         where = "on this GPU" if found.on_gpu else "under the cap planned for (no GPU here)"
+        if found.kind == "training":
+            return (
+                f"Not run: the first training steps would need at least {format_bytes(found.need_bytes)}, "
+                f"more than the {format_bytes(found.room_bytes)} {where}."
+            )
         return (
             f"Not run: the model load would need about {format_bytes(found.need_bytes)} at its peak, "
             f"more than the {format_bytes(found.room_bytes)} {where}."
@@ -153,6 +158,27 @@ def _estimate_cause(f: dict[str, Any]) -> str:
     )
 
 
+_TRAINING_PARTS = {
+    "weights": "the weights, which the Trainer moves to the GPU",
+    "optimizer": "the optimizer's states",
+    "gradients": "the gradients",
+    "activations": "the activations",
+    "logits": "the logits and loss",
+}
+
+
+def _training_cause(f: dict[str, Any]) -> str:
+    parts = ", ".join(f"{_TRAINING_PARTS[key]} {format_bytes(size)}" for key, size in f["parts"])
+    checkpointing = "with" if f["checkpointing"] else "without"
+    return (
+        f"Training `{f['model']}` on batches of {f['batch_size']} sequences of at least {f['sequence']} "
+        f"tokens (the shortest the first batch can be), {checkpointing} gradient checkpointing, optimizer "
+        f"{f['optimizer']}: estimated at {format_bytes(f['estimate_bytes'])} ({parts}). Preflight counts "
+        f"only what surely runs, {format_bytes(f['need_bytes'])}, and even that does not fit. Run it anyway "
+        "with `%%oomsafe --force`."
+    )
+
+
 _CAUSES: dict[str, Callable[[dict[str, Any]], str]] = {
     "dispatch": lambda f: (
         "The quantized model does not fit on the GPU: some modules would have to go to the CPU or disk, "
@@ -181,6 +207,7 @@ _CAUSES: dict[str, Callable[[dict[str, Any]], str]] = {
     ),
     "unknown": lambda f: f"{f['message'].rstrip('.')}. The message gives no figures to say more.",
     "estimate": _estimate_cause,
+    "training-estimate": _training_cause,
 }
 
 
@@ -204,6 +231,8 @@ def fix_why(fix: Fix) -> str:
         parts.append(f"(Apply it by hand: {fix.by_hand}.)")
     if fix.fits is False and fix.needed_bytes is not None:
         parts.append(f"Estimated not to fit: needs about {format_bytes(fix.needed_bytes)}.")
+    elif fix.fits and fix.needed_bytes is not None:
+        parts.append(f"Estimated to fit: needs about {format_bytes(fix.needed_bytes)}.")
     if fix.ram_bytes is not None:
         needed, free = fix.ram_bytes
         parts.append(

@@ -1,0 +1,242 @@
+"""Preflight for training: a %%oomsafe cell that builds a Trainer and trains is judged before it runs; one
+whose first steps surely do not fit is not run, and --auto runs the smallest batch split that fits, with 0
+OOMs.
+
+No GPU here: the room is a cap planned for with ``%vram cap`` (``_caps.set_target_bytes``), and the model, a
+tiny Llama with LoRA adapters on the CPU, counts as the weights the Trainer would move to that GPU. The cells
+that run, run for real (a real Trainer, real steps on the CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from IPython.utils.capture import capture_output
+
+from tests.tiny_models import save_tiny_llama
+from vram_magic import OutOfMemoryHandled, _caps
+from vram_magic._train_preflight import TrainingVerdict, check_training, training_step
+from vram_magic.cell import read_cell
+from vram_magic.estimator import estimate
+
+MiB = 2**20
+SEQUENCE = 128
+ROWS = 16
+
+
+def train_cell(batch: object = 8, *, accumulation: object = 1, extra: str = "") -> str:
+    return (
+        "from transformers import Trainer, TrainingArguments\n\n"
+        "args = TrainingArguments(\n"
+        "    output_dir=out,\n"
+        f"    per_device_train_batch_size={batch},\n"
+        f"    gradient_accumulation_steps={accumulation},\n"
+        "    max_steps=2,\n"
+        "    learning_rate=2e-4,\n"
+        '    report_to="none",\n'
+        '    save_strategy="no",\n'
+        "    disable_tqdm=True,\n"
+        f"{extra}"
+        ")\n"
+        "trainer = Trainer(model=model, args=args, train_dataset=train_data)\n"
+        "result = trainer.train()\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def lora_model(checkpoint: Path) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(checkpoint)
+    return get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+
+
+def rows(lengths: list[int]) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    made = [torch.randint(1, 256, (n,), generator=generator) for n in lengths]
+    return [{"input_ids": ids, "labels": ids} for ids in made]
+
+
+@pytest.fixture
+def namespace(checkpoint: Path, tmp_path: Path) -> dict[str, Any]:
+    return {"model": lora_model(checkpoint), "train_data": rows([SEQUENCE] * ROWS), "out": str(tmp_path)}
+
+
+@pytest.fixture
+def rehearsal(ip: Any, namespace: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """No GPU here: 4 MiB planned for, which a batch of 8 sequences of 128 tokens cannot fit, nor 4; 2 can."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; tests/gpu covers preflight for real")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ip.user_ns.update(namespace)
+    _caps.set_target_bytes(4 * MiB)
+    yield ip
+    _caps.set_target_bytes(None)
+
+
+def verdict(cell: str, namespace: dict[str, Any], room_bytes: int = 4 * MiB) -> TrainingVerdict | None:
+    return check_training(read_cell(cell, namespace), room_bytes, gpu_here=False)
+
+
+def test_a_training_step_is_read_from_the_cell_and_the_notebook(namespace: dict[str, Any]) -> None:
+    step = training_step(read_cell(train_cell(), namespace), gpu_here=False)
+    assert step is not None
+    assert (step.model_name, step.lora, step.quantization) == ("model", True, None)
+    assert (step.batch_size, step.sequence, step.accumulation, step.optimizer_steps) == (8, SEQUENCE, 1, 2)
+    assert (step.checkpointing, step.mixed_precision, step.on_gpu) == (False, False, False)
+    from transformers import TrainingArguments
+
+    assert step.optimizer == str(getattr(TrainingArguments.optim, "value", TrainingArguments.optim))
+
+
+def test_the_floor_is_what_surely_runs(namespace: dict[str, Any]) -> None:
+    """Weights (to be moved to the GPU), the optimizer's states (a second step runs), 80 % of the estimated
+    activations and logits; not the gradients, which a step frees as it goes (nothing accumulates)."""
+    found = verdict(train_cell(), namespace)
+    assert found is not None
+    model = namespace["model"]
+    parts = dict(found.parts)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert parts["weights"] == model.get_memory_footprint()
+    # torch's AdamW keeps two states in each LoRA parameter's own dtype (float32)
+    assert parts["optimizer"] == sum(2 * p.numel() * p.element_size() for p in trainable)
+    assert parts["gradients"] == sum(p.numel() * p.element_size() for p in trainable)
+    expected = dict(
+        estimate(model.config, training="lora", batch_size=8, context=SEQUENCE, prepare_kbit=False).parts
+    )
+    assert (parts["activations"], parts["logits"]) == (expected["activations"], expected["logits"])
+    assert found.estimate_bytes == sum(parts.values())
+    sure_share = int(0.8 * parts["activations"]) + int(0.8 * parts["logits"])
+    floor = parts["weights"] + parts["optimizer"] + sure_share
+    assert found.need_bytes == floor and not found.fits
+    # Accumulating keeps the gradients between micro-batches; a single optimizer step never holds states
+    accumulated = verdict(train_cell(accumulation=2), namespace)
+    assert accumulated is not None and accumulated.need_bytes == floor + parts["gradients"]
+    one_step = verdict(train_cell().replace("max_steps=2", "max_steps=1"), namespace)
+    assert one_step is not None and one_step.need_bytes == floor - parts["optimizer"]
+
+
+def test_the_first_batch_is_as_short_as_the_data_allows(namespace: dict[str, Any]) -> None:
+    """Rows of different lengths: the first batch of 4 is padded to at least the 4th shortest row."""
+    namespace["train_data"] = rows([16, 100, 24, 8, 120, 64, 32, 128])
+    step = training_step(read_cell(train_cell(4), namespace), gpu_here=False)
+    assert step is not None and (step.batch_size, step.sequence) == (4, 32)
+    namespace["train_data"] = rows([16, 100, 24])  # fewer rows than a batch: one batch of all of them
+    step = training_step(read_cell(train_cell(4), namespace), gpu_here=False)
+    assert step is not None and (step.batch_size, step.sequence) == (3, 100)
+
+
+def test_a_datasets_dataset_is_measured_from_its_table(namespace: dict[str, Any]) -> None:
+    datasets = pytest.importorskip("datasets")
+    lengths = [16, 100, 24, 8, 120, 64, 32, 128]
+    data = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
+    namespace["train_data"] = data
+    step = training_step(read_cell(train_cell(4), namespace), gpu_here=False)
+    assert step is not None and (step.batch_size, step.sequence) == (4, 32)
+    namespace["train_data"] = data.shuffle(seed=0)  # an indices mapping over the table: not measured
+    assert training_step(read_cell(train_cell(4), namespace), gpu_here=False) is None
+
+
+def test_training_arguments_of_an_earlier_cell_are_read(namespace: dict[str, Any]) -> None:
+    from transformers import TrainingArguments
+
+    namespace["args"] = TrainingArguments(
+        output_dir=namespace["out"], per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3
+    )
+    cell = "trainer = Trainer(model, args, train_dataset=train_data)\ntrainer.train()\n"
+    namespace["Trainer"] = __import__("transformers").Trainer
+    step = training_step(read_cell(cell, namespace), gpu_here=False)
+    assert step is not None and (step.batch_size, step.accumulation, step.optimizer_steps) == (4, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        # the model changes in the cell before it trains
+        "model = get_peft_model(model, config)\n" + train_cell(),
+        "model.gradient_checkpointing_enable()\n" + train_cell(),
+        # training that may not run
+        "if go:\n" + "".join("    " + line + "\n" for line in train_cell().splitlines()),
+        # a batch size only running the cell tells
+        train_cell("pick_batch()"),
+        # a collator of the user's (it may crop), a trainer subclass (its loss may be anything)
+        train_cell().replace("train_dataset=train_data", "train_dataset=train_data, data_collator=crop"),
+        train_cell().replace("trainer = Trainer(", "trainer = MyTrainer("),
+        # data the cell makes, arguments hidden in **kwargs, text that is tokenized later
+        "train_data = load()\n" + train_cell(),
+        train_cell().replace("disable_tqdm=True,\n", "disable_tqdm=True,\n    **settings(),\n"),
+    ],
+    ids=[
+        "rebuilt",
+        "checkpointing-enabled",
+        "maybe",
+        "batch-unknown",
+        "own-collator",
+        "subclass",
+        "data-made-here",
+        "kwargs",
+    ],
+)
+def test_training_not_known_before_it_runs_is_not_judged(cell: str, namespace: dict[str, Any]) -> None:
+    namespace.update(crop=lambda rows: rows, more={"x": 1})
+    assert verdict(cell, namespace, room_bytes=1) is None
+
+
+def test_harmless_uses_of_the_model_before_training_are_allowed(namespace: dict[str, Any]) -> None:
+    cell = "model.config.use_cache = False\nmodel.print_trainable_parameters()\n" + train_cell()
+    assert verdict(cell, namespace) is not None
+
+
+def test_training_that_cannot_fit_is_not_run(rehearsal: Any) -> None:
+    ip = rehearsal
+    weights_before = {k: v.clone() for k, v in ip.user_ns["model"].state_dict().items() if "lora" in k}
+    with capture_output() as captured:
+        result = ip.run_cell("%%oomsafe\n" + train_cell())
+    assert isinstance(result.error_in_exec, OutOfMemoryHandled)
+    assert "result" not in ip.user_ns and "trainer" not in ip.user_ns
+    after = ip.user_ns["model"].state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights_before.items())  # not a single step ran
+    shown = captured.outputs[0].data["text/plain"]
+    assert shown.startswith("Not run: the first training steps would need at least ")
+    assert "under the cap planned for (no GPU here)" in shown.splitlines()[0]
+    assert "batches of 8 sequences of at least 128 tokens" in shown
+    report = ip.magics_manager.registry["VramMagics"].last_report
+    split, checkpointing = report.fixes
+    # The batch is split as many times as the estimate needs (4 does not fit, 2 does), the effective batch
+    # kept: 2 x 4 = 8 sequences per optimizer step.
+    assert split.key == "half-batch" and split.fits is True
+    assert "per_device_train_batch_size=2" in split.rewritten_cell
+    assert "gradient_accumulation_steps=4" in split.rewritten_cell
+    assert split.needed_bytes is not None and split.needed_bytes <= 4 * MiB
+    assert checkpointing.key == "checkpointing" and checkpointing.needed_bytes is not None
+
+
+def test_auto_trains_with_the_split_that_fits_and_no_oom(rehearsal: Any) -> None:
+    ip = rehearsal
+    with capture_output() as captured:
+        result = ip.run_cell("%%oomsafe --auto\n" + train_cell())
+    assert result.success, captured.stdout
+    assert "Running fix 1 instead:" in captured.stdout and "Fix 1 worked" in captured.stdout
+    args = ip.user_ns["args"]
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 4)
+    assert ip.user_ns["result"].global_step == 2
+
+
+def test_training_that_fits_or_is_forced_runs(rehearsal: Any) -> None:
+    ip = rehearsal
+    with capture_output() as captured:
+        forced = ip.run_cell("%%oomsafe --force\n" + train_cell())
+    assert forced.success and "Not run" not in captured.stdout
+    assert ip.user_ns["result"].global_step == 2
+    _caps.set_target_bytes(64 * MiB)
+    with capture_output() as captured:
+        fits = ip.run_cell("%%oomsafe\n" + train_cell())
+    assert fits.success and "Not run" not in captured.stdout and captured.outputs == []

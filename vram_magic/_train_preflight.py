@@ -1,0 +1,407 @@
+"""Preflight for training: before a ``%%oomsafe`` cell runs ``trainer.train()`` of a ``Trainer`` it builds,
+judge the first training steps against the room on the GPU.
+
+False stops are worse than a late OOM, so this judges a floor, not the estimate, and only what is known
+before the cell runs:
+
+- the cell surely runs ``Trainer(...).train()`` (top level), with transformers' own ``Trainer`` (or
+  ``Seq2SeqTrainer``): a subclass may compute its loss any way it likes;
+- the model is one the notebook holds, not changed by the cell before it trains (its trainable parameters,
+  dtype, quantization, adapters and place are read off the object);
+- the TrainingArguments are a notebook object, or built in the cell with values the reader knows (missing
+  keywords take the class's defaults);
+- the training data is a list of rows or a ``datasets.Dataset`` with ``input_ids``, and the collator is
+  transformers' own (it pads to the longest row of a batch, and never truncates): the first batch then holds
+  at least ``B`` rows padded to at least the ``B``-th shortest length.
+
+The floor is what the step surely holds at its peak: the estimator's activations and logits for that first
+batch (``vram_magic.estimator``, the same arithmetic as ``%vram estimate --train``) at ``_SURE_SHARE`` of
+their estimate; the optimizer's states once a second optimizer step surely runs; the gradients when they are
+accumulated over micro-batches; the weights when the Trainer has yet to move them to the GPU. Pure Python:
+no IPython.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import libcst as cst
+import libcst.matchers as m
+
+from vram_magic.cell import Cell, Held, TrainerRun
+from vram_magic.cell._values import keyword_values
+
+# The training estimate was checked against one real step (a QLoRA Trainer step of a 0.85 B Llama on an
+# H100: 4.16 GiB estimated, 3.59 GiB measured, +16 %). Preflight counts only this share of the activations
+# and logits, so an estimate up to 25 % too high still stops no cell that fits.
+_SURE_SHARE = 0.8
+_TRAINERS = frozenset({"Trainer", "Seq2SeqTrainer"})
+_POSITIONAL = ("model", "args", "data_collator", "train_dataset")  # Trainer's first parameters, in order
+_MAX_ROWS = 1_000_000  # more rows than this are not measured one by one
+# Uses of the model name in the cell before training that change nothing the step needs.
+_HARMLESS_METHODS = frozenset({"print_trainable_parameters", "get_memory_footprint", "num_parameters"})
+_ARGUMENTS = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "optim",
+    "max_steps",
+    "num_train_epochs",
+    "dataloader_drop_last",
+    "bf16",
+    "fp16",
+)
+
+
+@dataclass(frozen=True)
+class TrainingStep:
+    """What the first training steps of a cell are, as far as it is known before they run."""
+
+    model: Any = dataclasses.field(repr=False)
+    model_name: str
+    lora: bool
+    quantization: str | None  # "4bit" / "8bit" (bitsandbytes) or None
+    batch_size: int  # the first batch's rows
+    sequence: int  # the shortest length the first batch is padded to
+    accumulation: int
+    checkpointing: bool
+    optimizer: str
+    optimizer_steps: int  # at least this many
+    mixed_precision: bool  # bf16=True or fp16=True: activations in 16 bits
+    on_gpu: bool  # the weights are on the GPU already (else the Trainer puts them there)
+
+
+@dataclass(frozen=True)
+class TrainingVerdict:
+    """What the first training steps hold at once, by part (the estimate), against the room. Preflight stops
+    the cell on ``need_bytes``, the part of it that surely runs (see the module's doc); a fix is said to fit
+    on the whole estimate, ``estimate_bytes``."""
+
+    step: TrainingStep
+    parts: tuple[tuple[str, int], ...]  # (key, bytes): weights, optimizer, gradients, activations, logits
+    room_bytes: int
+
+    @property
+    def estimate_bytes(self) -> int:
+        return sum(size for _, size in self.parts)
+
+    @property
+    def need_bytes(self) -> int:
+        """The floor: gradients only while they are accumulated over micro-batches (else a step frees its
+        activations as its gradients grow), and ``_SURE_SHARE`` of the activations and logits."""
+        floor = 0
+        for key, size in self.parts:
+            if key in ("activations", "logits"):
+                floor += int(size * _SURE_SHARE)
+            elif key != "gradients" or self.step.accumulation >= 2:
+                floor += size
+        return floor
+
+    @property
+    def fits(self) -> bool:
+        return self.need_bytes <= self.room_bytes
+
+    @property
+    def surely_fits(self) -> bool:
+        return self.estimate_bytes <= self.room_bytes
+
+
+def check_training(cell: Cell, room_bytes: int, gpu_here: bool) -> TrainingVerdict | None:
+    """The verdict on the cell's training, or None when it has none that preflight can judge (see the
+    module's doc). ``gpu_here``: a GPU is present (else the room is the cap planned for, and the weights
+    count too). Raises nothing of its own on odd objects: None."""
+    try:
+        step = training_step(cell, gpu_here)
+        if step is None:
+            return None
+        return TrainingVerdict(step, _parts(step), room_bytes)
+    except Exception:  # a model or dataset of an unexpected kind: no verdict, never an error
+        return None
+
+
+def training_step(cell: Cell, gpu_here: bool) -> TrainingStep | None:
+    """The first ``trainer.train()`` that surely runs, read with the notebook's objects; None if any part
+    of it is not known before the cell runs."""
+    run = next((run for run in cell.trainer_runs if run.surely), None)
+    if run is None or run.class_name not in _TRAINERS:
+        return None
+    given = _trainer_arguments(run, cell)
+    if given is None or not isinstance(given.get("model"), cst.Name):
+        return None
+    model_name = given["model"].value
+    held = cell.names.value(given["model"])
+    if not isinstance(held, Held) or not _untouched(cell, run, model_name):
+        return None
+    model = held.value
+    arguments = _training_arguments(cell, given.get("args"))
+    rows = _row_lengths(cell, given.get("train_dataset"))
+    if arguments is None or rows is None or not _pads_only(cell, given.get("data_collator")):
+        return None
+    return _step(model, model_name, arguments, rows, gpu_here)
+
+
+def _trainer_arguments(run: TrainerRun, cell: Cell) -> dict[str, Any] | None:
+    """The Trainer's arguments by name (positional ones mapped to Trainer's parameters); None when a
+    ``**kwargs`` hides some."""
+    given, known = keyword_values(run.trainer, cell.names)
+    if not known:
+        return None
+    positional = [arg.value for arg in run.trainer.args if arg.keyword is None]
+    if any(arg.star for arg in run.trainer.args if arg.keyword is None) or len(positional) > len(_POSITIONAL):
+        return None
+    return dict(zip(_POSITIONAL, positional, strict=False)) | given
+
+
+def _untouched(cell: Cell, run: TrainerRun, name: str) -> bool:
+    """Whether the cell leaves the model as the notebook holds it until it trains: the name appears before
+    the training only in the Trainer's arguments, in ``name.config.x = ...`` and in harmless calls."""
+    allowed = {id(node) for node in m.findall(run.trainer, m.Name(name))}
+    for step in cell.steps[: run.step + 1]:
+        for node in m.findall(step.node, m.Assign() | m.Call()):
+            if isinstance(node, cst.Assign) and all(_under_config(t.target, name) for t in node.targets):
+                allowed |= {id(n) for t in node.targets for n in m.findall(t, m.Name(name))}
+            elif (
+                isinstance(node, cst.Call)
+                and isinstance(node.func, cst.Attribute)
+                and node.func.attr.value in _HARMLESS_METHODS
+                and isinstance(node.func.value, cst.Name)
+            ):
+                allowed.add(id(node.func.value))
+        if any(id(node) not in allowed for node in m.findall(step.node, m.Name(name))):
+            return False
+    return True
+
+
+def _under_config(target: cst.BaseExpression, name: str) -> bool:
+    """``name.config.<...>`` (or deeper), as an assignment target."""
+    chain: list[str] = []
+    while isinstance(target, cst.Attribute):
+        chain.append(target.attr.value)
+        target = target.value
+    return isinstance(target, cst.Name) and target.value == name and chain[-1:] == ["config"]
+
+
+def _training_arguments(cell: Cell, expr: Any) -> dict[str, Any] | None:
+    """The TrainingArguments values the step depends on: a notebook object's, or a call of the cell's read
+    with the class's defaults for what it leaves out; None when one of them is unknown."""
+    value = cell.names.value(expr) if expr is not None else None
+    if isinstance(value, Held):
+        found = {key: getattr(value.value, key, None) for key in _ARGUMENTS}
+        return None if any(found[key] is None for key in _ARGUMENTS[:6]) else _plain(found)
+    config = next((c for c in cell.training_configs if c.call is value), None) if value is not None else None
+    if value is not None and (config is None or not config.spread_known):
+        return None
+    class_name = config.class_name if config is not None else "TrainingArguments"
+    defaults = _defaults(class_name)
+    if defaults is None:
+        return None
+    given = keyword_values(config.call, cell.names)[0] if config is not None else {}
+    found = dict(defaults)
+    for key in _ARGUMENTS:
+        if key not in given:
+            continue
+        read = _read(cell, key, given[key])
+        if read is None:
+            return None
+        found[key] = read
+    return _plain(found)
+
+
+def _read(cell: Cell, key: str, expr: Any) -> object:
+    names = cell.names
+    if key == "num_train_epochs":
+        number = names.value(expr)
+        if isinstance(number, cst.Float):
+            return float(number.value)
+        return names.integer(expr)
+    if key == "optim":
+        return names.text(expr)
+    if key in ("gradient_checkpointing", "dataloader_drop_last", "bf16", "fp16"):
+        return names.boolean(expr)
+    return names.integer(expr)
+
+
+def _defaults(class_name: str) -> dict[str, object] | None:
+    """The defaults of transformers' TrainingArguments class ``class_name`` (Seq2SeqTrainingArguments...)."""
+    transformers = sys.modules.get("transformers") or importlib.import_module("transformers")
+    klass = getattr(transformers, class_name, None)
+    if klass is None or not dataclasses.is_dataclass(klass):
+        return None
+    fields = {field.name: field.default for field in dataclasses.fields(klass)}
+    return {key: fields.get(key) for key in _ARGUMENTS}
+
+
+def _plain(found: dict[str, Any]) -> dict[str, Any]:
+    """Enum values (``OptimizerNames.ADAMW_TORCH``) as their strings."""
+    return {key: value.value if isinstance(value, Enum) else value for key, value in found.items()}
+
+
+def _row_lengths(cell: Cell, expr: Any) -> list[int] | None:
+    """The token count of every training row, sorted; None when the data is not a list of rows or a
+    ``datasets.Dataset`` with ``input_ids`` (or is too big to measure)."""
+    value = cell.names.value(expr) if expr is not None else None
+    if not isinstance(value, Held):
+        return None
+    data = value.value
+    if isinstance(data, (list, tuple)):
+        if not data or len(data) > _MAX_ROWS:
+            return None
+        lengths = [_length(row) for row in data]
+        known = [n for n in lengths if n is not None]
+        return sorted(known) if len(known) == len(lengths) else None
+    return _dataset_lengths(data)
+
+
+def _length(row: object) -> int | None:
+    if not isinstance(row, Mapping) or "input_ids" not in row:
+        return None
+    ids = row["input_ids"]
+    shape = getattr(ids, "shape", None)
+    if shape is not None:
+        return int(shape[-1]) if len(shape) == 1 and int(shape[-1]) > 0 else None
+    return len(ids) if isinstance(ids, (list, tuple)) and ids else None
+
+
+def _dataset_lengths(data: object) -> list[int] | None:
+    """A ``datasets.Dataset``'s ``input_ids`` lengths from its Arrow table (no row is decoded); None for a
+    dataset that selects or reorders rows over its table (its indices mapping)."""
+    if type(data).__module__.split(".")[0] != "datasets" or getattr(data, "_indices", None) is not None:
+        return None
+    table = getattr(data, "data", None)
+    if table is None or "input_ids" not in getattr(data, "column_names", ()) or len(data) > _MAX_ROWS:  # type: ignore[arg-type]
+        return None
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(table.column("input_ids")).to_pylist()
+    if not lengths or any(not n for n in lengths):
+        return None
+    return sorted(int(n) for n in lengths)
+
+
+def _pads_only(cell: Cell, expr: Any) -> bool:
+    """No collator (the Trainer's default pads or stacks) or one of transformers' own collators."""
+    if expr is None:
+        return True
+    value = cell.names.value(expr)
+    if isinstance(value, cst.Name) and value.value == "None":
+        return True
+    module = type(value.value).__module__ if isinstance(value, Held) else ""
+    return module.startswith("transformers.data.data_collator")
+
+
+def _step(
+    model: Any, name: str, arguments: dict[str, Any], rows: Sequence[int], gpu_here: bool
+) -> TrainingStep | None:
+    batch = arguments["per_device_train_batch_size"]
+    accumulation = arguments["gradient_accumulation_steps"]
+    if not all(isinstance(n, int) and n >= 1 for n in (batch, accumulation)):
+        return None
+    params = list(model.parameters())
+    if not params or not any(p.requires_grad for p in params):
+        return None
+    lora = hasattr(model, "peft_config")
+    quantization = _quantization(model)
+    if quantization is not None and not lora:
+        return None  # transformers refuses to train a purely quantized model
+    devices = {p.device.type for p in params}
+    if devices == {"cuda"}:
+        on_gpu = True
+    elif devices == {"cpu"} and (not gpu_here or (quantization is None and not _placed(model))):
+        on_gpu = False  # the Trainer moves it to the GPU (or, without one, the cap planned for holds it)
+    else:
+        return None  # spread over devices, or trained where it is (a quantized model on the CPU)
+    first = min(batch, len(rows))
+    micro_batches = len(rows) // batch if arguments["dataloader_drop_last"] else math.ceil(len(rows) / batch)
+    if micro_batches < 1:
+        return None
+    max_steps = arguments["max_steps"] or 0
+    if max_steps > 0:
+        optimizer_steps = max_steps
+    else:
+        optimizer_steps = int(float(arguments["num_train_epochs"]) * max(micro_batches // accumulation, 1))
+    return TrainingStep(
+        model=model,
+        model_name=name,
+        lora=lora,
+        quantization=quantization,
+        batch_size=first,
+        sequence=rows[first - 1],
+        accumulation=accumulation,
+        checkpointing=bool(arguments["gradient_checkpointing"] or _checkpointed(model)),
+        optimizer=str(arguments["optim"]),
+        optimizer_steps=optimizer_steps,
+        mixed_precision=bool(arguments["bf16"] or arguments["fp16"]),
+        on_gpu=on_gpu,
+    )
+
+
+def _checkpointed(model: Any) -> bool:
+    """Gradient checkpointing already on (``is_activation_checkpointing`` since transformers 5, where the
+    older name warns)."""
+    found = getattr(model, "is_activation_checkpointing", None)
+    if found is None:
+        found = getattr(model, "is_gradient_checkpointing", False)
+    return bool(found)
+
+
+def _quantization(model: Any) -> str | None:
+    if getattr(model, "is_loaded_in_4bit", False):
+        return "4bit"
+    if getattr(model, "is_loaded_in_8bit", False):
+        return "8bit"
+    return None
+
+
+def _placed(model: Any) -> bool:
+    """Placed by ``device_map`` (the Trainer leaves such a model where it is)."""
+    return bool(getattr(model, "hf_device_map", None))
+
+
+def _parts(step: TrainingStep) -> tuple[tuple[str, int], ...]:
+    from vram_magic.estimator import estimate
+    from vram_magic.estimator._options import OPTIMIZERS
+
+    model = step.model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    parts: list[tuple[str, int]] = []
+    if not step.on_gpu:
+        parts.append(("weights", _weights_bytes(model)))
+    if step.optimizer_steps >= 2 and step.optimizer in OPTIMIZERS:
+        states, width = OPTIMIZERS[step.optimizer]
+        parts.append(("optimizer", sum(p.numel() * states * (width or p.element_size()) for p in trainable)))
+    parts.append(("gradients", sum(p.numel() * p.element_size() for p in trainable)))
+    found = estimate(
+        model.config,
+        dtype=_activation_dtype(model, step.mixed_precision),
+        quantization=step.quantization,
+        training="lora" if step.lora else "full",
+        batch_size=step.batch_size,
+        context=step.sequence,
+        gradient_checkpointing=step.checkpointing,
+        prepare_kbit=False,
+    )
+    estimated = dict(found.parts)
+    parts += [(key, estimated[key]) for key in ("activations", "logits")]
+    return tuple(parts)
+
+
+def _activation_dtype(model: Any, mixed_precision: bool) -> str:
+    """The dtype activations are kept in: 16 bits under mixed precision, else the model's."""
+    dtype = str(getattr(model, "dtype", "float32")).removeprefix("torch.")
+    if mixed_precision and dtype == "float32":
+        return "bfloat16"
+    return dtype if dtype in ("bfloat16", "float16", "float32") else "float32"
+
+
+def _weights_bytes(model: Any) -> int:
+    footprint = getattr(model, "get_memory_footprint", None)
+    if callable(footprint):
+        return int(footprint())
+    return sum(p.numel() * p.element_size() for p in model.parameters())
