@@ -12,6 +12,11 @@ Needs a CUDA GPU, except with ``--dry-run`` (estimates only, no training). Rows 
 split is printed: rows with sequences of 256 tokens are for calibrating the estimator's constants, rows with
 512 are for judging it (nothing is fitted on them). Target on the judging rows: within +-15 % of the measured
 allocated peak, and never more than 10 % under it.
+
+Each measured row also shows training preflight's floor (``vram_magic._train_preflight``: what preflight
+stops a ``%%oomsafe`` cell on, read from the same Trainer cell and the loaded model, plus what was allocated
+before ``train()``). A floor above the measured peak would be a false stop: preflight would refuse a step
+that fits. Target: none.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class Row:
     estimate: int
     allocated: int | None = None
     reserved: int | None = None
+    floor: int | None = None  # training preflight's floor, with what was allocated before train()
 
     @property
     def role(self) -> str:
@@ -70,8 +76,22 @@ def estimated(path: str, plan: str, batch: int, seq: int, checkpointing: bool) -
     return found.peak_bytes
 
 
-def measured(path: str, plan: str, batch: int, seq: int, checkpointing: bool) -> tuple[int, int]:
-    """One Trainer step from a fresh load: (allocated peak, reserved peak), counted from zero."""
+TRAIN_CELL = "trainer = Trainer(model=model, args=args, train_dataset=data)\ntrainer.train()\n"
+
+
+def preflight_floor(namespace: dict[str, object]) -> int | None:
+    """What training preflight would count for ``TRAIN_CELL`` (None: no verdict)."""
+    sys.path.insert(0, str(REPO))
+    from vram_magic._train_preflight import check_training
+    from vram_magic.cell import read_cell
+
+    verdict = check_training(read_cell(TRAIN_CELL, namespace), room_bytes=0, gpu_here=True)
+    return None if verdict is None else verdict.need_bytes
+
+
+def measured(path: str, plan: str, batch: int, seq: int, checkpointing: bool) -> tuple[int, int, int | None]:
+    """One Trainer step from a fresh load: (allocated peak, reserved peak), counted from zero, and
+    preflight's floor for it."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -108,14 +128,18 @@ def measured(path: str, plan: str, batch: int, seq: int, checkpointing: bool) ->
             save_strategy="no",
             disable_tqdm=True,
         )
+        namespace = {"model": model, "args": args, "data": data, "Trainer": Trainer}
+        floor = preflight_floor(namespace)
+        if floor is not None:
+            floor += torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()  # the load's own peak is estimate_accuracy.py's business
         Trainer(model=model, args=args, train_dataset=data).train()
         torch.cuda.synchronize()
         peaks = int(torch.cuda.max_memory_allocated()), int(torch.cuda.max_memory_reserved())
-    del model
+    del model, namespace
     gc.collect()
     torch.cuda.empty_cache()
-    return peaks
+    return (*peaks, floor)
 
 
 def main() -> None:
@@ -147,17 +171,18 @@ def main() -> None:
                 args.plans.split(","), BATCHES, (CALIBRATE_SEQ, JUDGE_SEQ), (False, True)
             ):
                 estimate = estimated(path, plan, batch, seq, checkpointing)
-                peaks = (None, None) if args.dry_run else measured(path, plan, batch, seq, checkpointing)
+                shape = (path, plan, batch, seq, checkpointing)
+                peaks = (None, None, None) if args.dry_run else measured(*shape)
                 rows.append(Row(size, plan, batch, seq, checkpointing, estimate, *peaks))
     print("| role | model | plan | batch x seq | checkpointing | measured allocated | reserved | estimate "
-          "| error |")  # fmt: skip
-    print("|---|---|---|---|---|---:|---:|---:|---:|")
+          "| error | preflight floor |")  # fmt: skip
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
         error = row.error()
         print(
             f"| {row.role} | llama-{row.size} | {row.plan} | {row.batch} x {row.seq} | "
             f"{'on' if row.checkpointing else 'off'} | {_gib(row.allocated)} | {_gib(row.reserved)} | "
-            f"{_gib(row.estimate)} | {'' if error is None else f'{error:+.1f} %'} |"
+            f"{_gib(row.estimate)} | {'' if error is None else f'{error:+.1f} %'} | {_gib(row.floor)} |"
         )
     judged = [row.error() for row in rows if row.role == "judge" and row.error() is not None]
     if judged:
@@ -166,6 +191,14 @@ def main() -> None:
         print(
             f"\nJudging rows: {len(judged)}; {span}. Target (within +{MAX_OVER:.0f} % / -{MAX_UNDER:.0f} % "
             f"of the allocated peak): {'met' if met else 'MISSED'}."
+        )
+
+    floors = [row for row in rows if row.floor is not None and row.allocated]
+    if floors:
+        false_stops = [row for row in floors if row.floor > row.allocated]  # type: ignore[operator]
+        print(
+            f"Preflight floors: {len(floors)} rows; {len(false_stops)} above the measured peak (false "
+            f"stops). Target: none, {'met' if not false_stops else 'MISSED'}."
         )
 
 
