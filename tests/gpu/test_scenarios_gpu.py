@@ -171,6 +171,30 @@ def test_s2_qlora_rescued_by_auto(gpu: Any, llama: Path, tmp_path: Path) -> None
     _assert_trained_at_half_batch(ip)
 
 
+def test_s2_preflight_does_not_run_the_doomed_training_and_auto_trains_with_no_oom(
+    gpu: Any, llama: Path, tmp_path: Path
+) -> None:
+    """Issue 12: seed 2 as written (batch 4 where 3 sequences fit) is judged before it runs; --auto trains
+    with the batch split the estimate says fits, with zero OOMs."""
+    ip = gpu
+    cap = sc.prepare(ip, sc.SCENARIOS["qlora"], llama, tmp_path)
+    before = sc.allocated()
+    result, shown = _run(ip, "%%oomsafe\n" + sc.QLORA_CELL)
+    assert isinstance(result.error_in_exec, OutOfMemoryHandled), shown
+    report = sc.magics(ip).last_report
+    assert report.oom is None and report.preflight is not None and report.preflight.kind == "training"
+    assert report.preflight.need_bytes > cap - before  # the floor alone is more than the room
+    assert "result" not in ip.user_ns and sc.allocated() - before < PINNED_SLACK_BYTES
+    with sc.recording_reports(ip) as reports:
+        result, shown = _run(ip, "%%oomsafe --auto\n" + sc.QLORA_CELL)
+    assert result.success, shown
+    assert reports == []  # zero OOMs: the split that fits ran straight away
+    assert "Running fix 1 instead: " in shown
+    args = ip.user_ns["args"]
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 4  # the same 4 a step
+    assert ip.user_ns["result"].global_step == 2 and math.isfinite(ip.user_ns["result"].training_loss)
+
+
 # S3: from_pretrained in bfloat16 under a 1.5 GiB cap ---------------------------------------------------
 
 
