@@ -282,6 +282,32 @@ def test_offload_spreads_the_model_over_each_gpus_room_and_cpu_ram_with_headroom
     assert 'device_map="auto", max_memory={0: "9.0GiB", 1: "18.0GiB", "cpu": "62.0GiB"}' in offload
 
 
+@pytest.mark.parametrize("disk_free", [8 * GiB, 256 * MiB])
+def test_what_neither_the_gpu_nor_cpu_ram_holds_goes_to_disk_if_the_disk_holds_it(
+    llama: str, disk_free: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Colab's wall: 1.59 GiB of weights, a GPU with room for 0.5 GiB of them and 0.5 GiB of usable RAM.
+    The rest goes to disk (offload_folder) when the disk holds it; else the fix is not offered to run."""
+    from vram_magic import _checks
+
+    monkeypatch.setattr(_checks, "_disk_free_bytes", lambda: disk_free)
+    snapshot = Snapshot(
+        gpus=(_gpu(0, free=GiB + 512 * MiB),),  # 1 GiB once 512 MiB of headroom is kept
+        cpu=CpuMemory(total_bytes=8 * GiB, available_bytes=2 * GiB + 512 * MiB, process_rss_bytes=GiB),
+    )
+    offload = _plan("torch2_11_h100_plain.txt", LOAD, namespace={"path": llama}, snapshot=snapshot)["offload"]
+    if disk_free == 8 * GiB:
+        assert offload.runnable
+        assert offload.rewritten_cell is not None and 'offload_folder="offload"' in offload.rewritten_cell
+        to_disk = offload.fact("disk_bytes")
+        assert 0 < to_disk < 2 * GiB
+        assert offload.title.startswith("Offload what does not fit of the model to CPU RAM, and about ")
+        assert 'of it to disk (offload_folder="offload")' in offload.title
+    else:
+        assert not offload.runnable and offload.fits is False
+        assert "Nor does the disk hold the rest: 256.00 MiB is free there." in offload.why
+
+
 def test_a_small_gpu_keeps_at_least_512_mib_of_headroom() -> None:
     snapshot = Snapshot(gpus=(_gpu(0, free=3 * GiB),), cpu=CpuMemory(None, None, None))
     room = room_after_cleanup(snapshot, _oom("torch2_11_h100_plain.txt"), 0)

@@ -11,6 +11,8 @@ within each group. Pure Python: no IPython.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -20,13 +22,15 @@ import libcst as cst
 from vram_magic._caps import NO_BF16, rehearsed_card
 from vram_magic._diagnose import failing_gpu
 from vram_magic._errors import NotApplicable
-from vram_magic._types import Fix, GpuSnapshot, OOMInfo, Snapshot
+from vram_magic._types import Fix, GpuSnapshot, OOMInfo, Snapshot, facts
 from vram_magic.cell import Cell, Held, Load, read_cell
 from vram_magic.fixes import FIXES, Options, apply_fix, diff
 
 _GPU_HEADROOM = 0.1  # of each GPU's free memory, kept for activations and the CUDA context
 _MIN_GPU_HEADROOM_BYTES = 512 * 2**20
 _CPU_HEADROOM_BYTES = 2 * 2**30
+_DISK_HEADROOM_BYTES = 2 * 2**30
+OFFLOAD_FOLDER = "offload"  # where the offload fix puts what neither the GPU nor CPU RAM holds
 _LIFT_CAP = "import torch\ntorch.cuda.set_per_process_memory_fraction(1.0)\n"
 _ADVICE = frozenset({"lift-cap", "expandable-segments", "other-process"})
 
@@ -139,21 +143,14 @@ def _split_to_fit(fix: Fix, context: Context) -> Fix | None:
 
 def _made(fix: Fix, context: Context, options: Options) -> Fix | None:
     try:
-        made = apply_fix(context.cell, fix.key, options)
+        rewritten = _rewritten(fix, context, options)
     except NotApplicable as reason:
         if reason.elsewhere and fix.key in context.advise_elsewhere:  # code of an earlier cell: by hand
             return replace(fix, by_hand=reason.reason)
         return None
-    if made.code == context.cell.source:
-        return None  # changes nothing
-    try:
-        compile(made.code, "<fixed cell>", "exec")
-        after = read_cell(made.code, context.namespace)
-    except (SyntaxError, cst.ParserSyntaxError):  # a fix must never hand back broken code
+    if rewritten is None:
         return None
-    fix = replace(
-        fix, change=made.change, rewritten_cell=made.code, code=diff(context.cell.source, made.code)
-    )
+    fix, after = rewritten
     if fix.key in ("bf16", "8bit", "4bit"):
         return _sized_load(fix, context, after)
     if fix.key == "offload":
@@ -163,6 +160,21 @@ def _made(fix: Fix, context: Context, options: Options) -> Fix | None:
     if context.training_preflight and fix.key in ("half-batch", "checkpointing"):
         return _sized_training(fix, context, after)
     return fix
+
+
+def _rewritten(fix: Fix, context: Context, options: Options) -> tuple[Fix, Cell] | None:
+    """The fix made on the cell, with its diff, and the fixed cell read; None when it changes nothing or
+    would hand back broken code (a fix never does). Raises NotApplicable."""
+    made = apply_fix(context.cell, fix.key, options)
+    if made.code == context.cell.source:
+        return None  # changes nothing
+    try:
+        compile(made.code, "<fixed cell>", "exec")
+        after = read_cell(made.code, context.namespace)
+    except (SyntaxError, cst.ParserSyntaxError):
+        return None
+    code = diff(context.cell.source, made.code)
+    return replace(fix, change=made.change, rewritten_cell=made.code, code=code), after
 
 
 def _sized_training(fix: Fix, context: Context, after: Cell) -> Fix:
@@ -240,7 +252,8 @@ def _sized_loads(cell: Cell, failed: int | None = None) -> list[Load]:
 
 
 def _sized_offload(fix: Fix, context: Context) -> Fix:
-    """Offloading fits the GPU by construction (``max_memory``); what goes to CPU RAM must fit there."""
+    """Offloading fits the GPU by construction (``max_memory``); what goes to CPU RAM must fit there, and
+    what RAM cannot hold goes to disk (``offload_folder``), which must hold it."""
     from vram_magic._preflight import estimate_load
 
     room = context.room
@@ -256,7 +269,33 @@ def _sized_offload(fix: Fix, context: Context) -> Fix:
         )
     except Exception:  # no figures (see _preflight's _NO_FIGURES)
         return fix
-    return _cpu_ram_verdict(replace(fix, fits=_fits_if_the_load_failed(context)), spilled, context)
+    fix = replace(fix, fits=_fits_if_the_load_failed(context))
+    ram = room.cpu_bytes
+    if ram is None or spilled <= ram:
+        return fix
+    # More than CPU RAM holds: accelerate puts the rest on disk, in an offload_folder (bitsandbytes cannot).
+    to_disk, disk = spilled - ram, _disk_free_bytes()
+    quantized = any(load.quantized for load in loads)
+    if quantized or disk is None or to_disk > disk:
+        too_small = facts(disk_free=disk) if not quantized and disk is not None else ()
+        return _cpu_ram_verdict(replace(fix, change=fix.change + too_small), spilled, context)
+    try:
+        remade = _rewritten(fix, context, replace(_options(fix.key, room), offload_folder=OFFLOAD_FOLDER))
+    except NotApplicable:
+        remade = None
+    if remade is None:
+        return _cpu_ram_verdict(fix, spilled, context)
+    made, _ = remade
+    return replace(made, change=made.change + facts(disk_bytes=to_disk, offload_folder=OFFLOAD_FOLDER))
+
+
+def _disk_free_bytes() -> int | None:
+    """Disk free where ``offload_folder`` goes (the kernel's working folder), less headroom."""
+    try:
+        free = shutil.disk_usage(os.getcwd()).free
+    except OSError:
+        return None
+    return max(free - _DISK_HEADROOM_BYTES, 0)
 
 
 def _sized_on_cpu(fix: Fix, context: Context, after: Cell) -> Fix:

@@ -233,12 +233,17 @@ def fix_why(fix: Fix) -> str:
         parts.append(f"Estimated not to fit: needs about {format_bytes(fix.needed_bytes)}.")
     elif fix.fits and fix.needed_bytes is not None:
         parts.append(f"Estimated to fit: needs about {format_bytes(fix.needed_bytes)}.")
+    if fix.fact("disk_bytes") is not None:
+        parts.append("Layers read from disk are slower still.")
     if fix.ram_bytes is not None:
         needed, free = fix.ram_bytes
         parts.append(
             f"Not offered to run: it needs about {format_bytes(needed)} of CPU RAM and {format_bytes(free)} "
             "is free; running out of RAM would kill the kernel and lose every variable."
         )
+        disk = fix.fact("disk_free")
+        if fix.key == "offload" and disk is not None:
+            parts.append(f"Nor does the disk hold the rest: {format_bytes(disk)} is free there.")
     return " ".join(part for part in parts if part)
 
 
@@ -294,6 +299,12 @@ def _half_batch_title(fix: Fix) -> str:
 
 def _offload_title(fix: Fix) -> str:
     of = f" of {_models(fix)}" if fix.change else ""
+    disk = fix.fact("disk_bytes")
+    if disk is not None:
+        return (
+            f"Offload what does not fit{of} to CPU RAM, and about {format_bytes(disk)} of it to disk "
+            f'(offload_folder="{fix.fact("offload_folder")}")'
+        )
     return f"Offload what does not fit{of} to CPU RAM"
 
 
