@@ -195,6 +195,64 @@ def test_harmless_uses_of_the_model_before_training_are_allowed(namespace: dict[
     assert verdict(cell, namespace) is not None
 
 
+def built_trainer(namespace: dict[str, Any], batch: int = 8) -> Any:
+    """A Trainer an earlier cell built."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=namespace["out"],
+        per_device_train_batch_size=batch,
+        max_steps=2,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    return Trainer(model=namespace["model"], args=args, train_dataset=namespace["train_data"])
+
+
+def test_a_trainer_of_an_earlier_cell_is_judged_by_what_it_holds(namespace: dict[str, Any]) -> None:
+    namespace["trainer"] = trainer = built_trainer(namespace)
+    trainer.args.per_device_train_batch_size = 2  # too late: the Trainer fixed its batch when it was built
+    found = verdict("trainer.train()\n", namespace)
+    assert found is not None and not found.fits
+    step = found.step
+    assert (step.model_name, step.batch_size, step.sequence, step.optimizer_steps) == (
+        "trainer.model",
+        8,
+        128,
+        2,
+    )
+    same = verdict(train_cell(), {**namespace, "model": trainer.model})
+    assert same is not None and same.parts == found.parts  # as if the cell had built it
+    # The model changed in the cell before it trains, under any of its names: no verdict
+    namespace["lora_model"] = trainer.model
+    assert verdict("lora_model.gradient_checkpointing_enable()\ntrainer.train()\n", namespace) is None
+    assert verdict("trainer.model.enable_input_require_grads()\ntrainer.train()\n", namespace) is None
+    assert verdict("lora_model.print_trainable_parameters()\ntrainer.train()\n", namespace) is not None
+
+
+def test_a_trainer_of_an_earlier_cell_that_cannot_fit_is_not_run_and_the_fixes_are_advice(
+    rehearsal: Any,
+) -> None:
+    ip = rehearsal
+    ip.user_ns["trainer"] = built_trainer(ip.user_ns)
+    with capture_output() as captured:
+        result = ip.run_cell("%%oomsafe --auto\ntrainer.train()\n")
+    assert isinstance(result.error_in_exec, OutOfMemoryHandled)
+    assert captured.outputs[0].data["text/plain"].startswith("Not run: the first training steps")
+    report = ip.magics_manager.registry["VramMagics"].last_report
+    # The batch size is the earlier cell's: advice to apply there (then build the Trainer again), not a rerun
+    assert [(fix.key, fix.runnable, fix.by_hand is not None) for fix in report.fixes] == [
+        ("half-batch", False, True),
+        ("checkpointing", False, True),
+    ]
+    split = report.fixes[0]  # sized like the fixes of a cell that builds its Trainer: 4 does not fit, 2 does
+    assert split.code.endswith("per_device_train_batch_size=2, gradient_accumulation_steps=4")
+    assert split.fits is True and split.needed_bytes is not None and split.needed_bytes <= 4 * MiB
+    assert "`trainer` was built in an earlier cell" in split.why
+    assert ip.user_ns["trainer"].state.global_step == 0  # not a step ran
+
+
 def test_training_that_cannot_fit_is_not_run(rehearsal: Any) -> None:
     ip = rehearsal
     weights_before = {k: v.clone() for k, v in ip.user_ns["model"].state_dict().items() if "lora" in k}

@@ -16,11 +16,12 @@ import libcst as cst
 from vram_magic._checks import Context, Room, make_runnable, room_after_cleanup
 from vram_magic._diagnose import ADVISE_BY_HAND, LOAD_FIXES, TRAINING_FIXES, diagnose
 from vram_magic._preflight import Verdict, load_at
-from vram_magic._train_preflight import TrainingVerdict
+from vram_magic._train_preflight import TrainingVerdict, split_that_fits
 from vram_magic._types import (
     Cause,
     CellAnalysis,
     Cleanup,
+    Fix,
     Holder,
     OOMInfo,
     Preflight,
@@ -167,8 +168,33 @@ def training_preflight_report(
         holders=(),
         cleanup=Cleanup(released=(), reclaimed_bytes=None, freed_tensor_bytes=0),
         causes=(Cause("training-estimate", found),),
-        fixes=make_runnable(TRAINING_FIXES, context),
+        fixes=_for_a_held_trainer(make_runnable(TRAINING_FIXES, context), verdict),
         preflight=Preflight(
             verdict.need_bytes, verdict.room_bytes, on_gpu=bool(snapshot.gpus), kind="training"
         ),
     )
+
+
+def _for_a_held_trainer(fixes: tuple[Fix, ...], verdict: TrainingVerdict) -> tuple[Fix, ...]:
+    """For a trainer an earlier cell built, the batch split to write there, sized by the estimate."""
+    held = verdict.step.held_trainer
+    split = split_that_fits(verdict) if held is not None else None
+    if held is None or split is None:
+        return fixes
+    old, new = verdict.step, split.step
+    by_hand = Fix(
+        "half-batch",
+        f"# in the TrainingArguments of the cell that built `{held}`:\n"
+        f"per_device_train_batch_size={new.batch_size}, gradient_accumulation_steps={new.accumulation}",
+        needed_bytes=split.estimate_bytes,
+        fits=True,
+        change=facts(
+            role="train",
+            old=old.batch_size,
+            new=new.batch_size,
+            multiplier=old.batch_size // new.batch_size,
+            accumulation=(old.accumulation, new.accumulation),
+        ),
+        by_hand=f"`{held}` was built in an earlier cell: change its TrainingArguments there, build it again",
+    )
+    return tuple(by_hand if fix.key == "half-batch" else fix for fix in fixes)

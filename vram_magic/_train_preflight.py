@@ -27,6 +27,7 @@ import dataclasses
 import importlib
 import math
 import sys
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -76,6 +77,8 @@ class TrainingStep:
     optimizer_steps: int  # at least this many
     mixed_precision: bool  # bf16=True or fp16=True: activations in 16 bits
     on_gpu: bool  # the weights are on the GPU already (else the Trainer puts them there)
+    rows: tuple[int, ...] = dataclasses.field(default=(), repr=False)  # every row's length, sorted
+    held_trainer: str | None = None  # the notebook's name for a trainer an earlier cell built
 
 
 @dataclass(frozen=True)
@@ -132,37 +135,93 @@ def training_step(cell: Cell, gpu_here: bool) -> TrainingStep | None:
     run = next((run for run in cell.trainer_runs if run.surely), None)
     if run is None or run.class_name not in _TRAINERS:
         return None
-    given = _trainer_arguments(run, cell)
+    if run.trainer is None:
+        return _held_trainer_step(cell, run, gpu_here)
+    given = _trainer_arguments(run.trainer, cell)
     if given is None or not isinstance(given.get("model"), cst.Name):
         return None
     model_name = given["model"].value
     held = cell.names.value(given["model"])
-    if not isinstance(held, Held) or not _untouched(cell, run, model_name):
+    if not isinstance(held, Held) or not _untouched(cell, run, model_name, run.trainer):
         return None
-    model = held.value
     arguments = _training_arguments(cell, given.get("args"))
-    rows = _row_lengths(cell, given.get("train_dataset"))
-    if arguments is None or rows is None or not _pads_only(cell, given.get("data_collator")):
+    data = cell.names.value(given.get("train_dataset")) if "train_dataset" in given else None
+    collator = given.get("data_collator")
+    if collator is not None:
+        collator = cell.names.value(collator)
+        if isinstance(collator, cst.Name) and collator.value == "None":
+            collator = None
+        elif not isinstance(collator, Held) or not _pads_only(collator.value):
+            return None
+    rows = _row_lengths(data.value) if isinstance(data, Held) else None
+    if arguments is None or rows is None:
         return None
-    return _step(model, model_name, arguments, rows, gpu_here)
+    return _step(held.value, model_name, arguments, rows, gpu_here)
 
 
-def _trainer_arguments(run: TrainerRun, cell: Cell) -> dict[str, Any] | None:
+def _held_trainer_step(cell: Cell, run: TrainerRun, gpu_here: bool) -> TrainingStep | None:
+    """``trainer.train()`` of a trainer an earlier cell built: its model, arguments, data and collator are
+    the trainer's own (its batch size the one it fixed when it was built)."""
+    assert run.held is not None
+    trainer = cell.names.resolve(run.held)
+    if not isinstance(trainer, Held) or not _untouched(cell, run, run.held, run.call):
+        return None
+    trainer_object = trainer.value
+    if type(trainer_object).__module__.split(".")[0] != "transformers":
+        return None
+    model = getattr(trainer_object, "model", None)
+    for name in cell.used_names:  # the model under a name of its own
+        if cell.names.namespace.get(name) is model and not _untouched(cell, run, name, run.call):
+            return None
+    arguments = _arguments_of(getattr(trainer_object, "args", None))
+    rows = _row_lengths(getattr(trainer_object, "train_dataset", None))
+    if arguments is None or rows is None or not _pads_only(getattr(trainer_object, "data_collator", None)):
+        return None
+    batch = getattr(trainer_object, "_train_batch_size", None)  # what the Trainer took from args when built
+    if isinstance(batch, int) and batch >= 1:
+        arguments["per_device_train_batch_size"] = batch
+    step = _step(model, f"{run.held}.model", arguments, rows, gpu_here)
+    return None if step is None else dataclasses.replace(step, held_trainer=run.held)
+
+
+def split_that_fits(verdict: TrainingVerdict) -> TrainingVerdict | None:
+    """The same training with the batch 2, 4, 8... times smaller and the accumulation as many times larger
+    (the effective batch kept), at the first split whose whole estimate fits; None when none does."""
+    step = verdict.step
+    factor = 2
+    while step.batch_size // factor >= 1:
+        size = step.batch_size // factor
+        size = next(d for d in range(size, 0, -1) if step.batch_size % d == 0)  # 6 / 4 -> 1 x 6
+        smaller = dataclasses.replace(
+            step,
+            batch_size=size,
+            sequence=step.rows[size - 1],
+            accumulation=step.accumulation * (step.batch_size // size),
+        )
+        found = TrainingVerdict(smaller, _parts(smaller), verdict.room_bytes)
+        if found.surely_fits:
+            return found
+        factor *= 2
+    return None
+
+
+def _trainer_arguments(trainer: cst.Call, cell: Cell) -> dict[str, Any] | None:
     """The Trainer's arguments by name (positional ones mapped to Trainer's parameters); None when a
     ``**kwargs`` hides some."""
-    given, known = keyword_values(run.trainer, cell.names)
+    given, known = keyword_values(trainer, cell.names)
     if not known:
         return None
-    positional = [arg.value for arg in run.trainer.args if arg.keyword is None]
-    if any(arg.star for arg in run.trainer.args if arg.keyword is None) or len(positional) > len(_POSITIONAL):
+    positional = [arg.value for arg in trainer.args if arg.keyword is None]
+    if any(arg.star for arg in trainer.args if arg.keyword is None) or len(positional) > len(_POSITIONAL):
         return None
     return dict(zip(_POSITIONAL, positional, strict=False)) | given
 
 
-def _untouched(cell: Cell, run: TrainerRun, name: str) -> bool:
-    """Whether the cell leaves the model as the notebook holds it until it trains: the name appears before
-    the training only in the Trainer's arguments, in ``name.config.x = ...`` and in harmless calls."""
-    allowed = {id(node) for node in m.findall(run.trainer, m.Name(name))}
+def _untouched(cell: Cell, run: TrainerRun, name: str, within: cst.CSTNode) -> bool:
+    """Whether the cell leaves ``name``'s object as the notebook holds it until it trains: the name appears
+    before the training only ``within`` (the Trainer's construction, or the ``train()`` call), in
+    ``name.config.x = ...`` and in harmless calls."""
+    allowed = {id(node) for node in m.findall(within, m.Name(name))}
     for step in cell.steps[: run.step + 1]:
         for node in m.findall(step.node, m.Assign() | m.Call()):
             if isinstance(node, cst.Assign) and all(_under_config(t.target, name) for t in node.targets):
@@ -193,8 +252,7 @@ def _training_arguments(cell: Cell, expr: Any) -> dict[str, Any] | None:
     with the class's defaults for what it leaves out; None when one of them is unknown."""
     value = cell.names.value(expr) if expr is not None else None
     if isinstance(value, Held):
-        found = {key: getattr(value.value, key, None) for key in _ARGUMENTS}
-        return None if any(found[key] is None for key in _ARGUMENTS[:6]) else _plain(found)
+        return _arguments_of(value.value)
     config = next((c for c in cell.training_configs if c.call is value), None) if value is not None else None
     if value is not None and (config is None or not config.spread_known):
         return None
@@ -212,6 +270,12 @@ def _training_arguments(cell: Cell, expr: Any) -> dict[str, Any] | None:
             return None
         found[key] = read
     return _plain(found)
+
+
+def _arguments_of(args: object) -> dict[str, Any] | None:
+    """The values the step depends on of a TrainingArguments object."""
+    found = {key: getattr(args, key, None) for key in _ARGUMENTS}
+    return None if any(found[key] is None for key in _ARGUMENTS[:6]) else _plain(found)
 
 
 def _read(cell: Cell, key: str, expr: Any) -> object:
@@ -243,13 +307,9 @@ def _plain(found: dict[str, Any]) -> dict[str, Any]:
     return {key: value.value if isinstance(value, Enum) else value for key, value in found.items()}
 
 
-def _row_lengths(cell: Cell, expr: Any) -> list[int] | None:
+def _row_lengths(data: object) -> list[int] | None:
     """The token count of every training row, sorted; None when the data is not a list of rows or a
     ``datasets.Dataset`` with ``input_ids`` (or is too big to measure)."""
-    value = cell.names.value(expr) if expr is not None else None
-    if not isinstance(value, Held):
-        return None
-    data = value.value
     if isinstance(data, (list, tuple)):
         if not data or len(data) > _MAX_ROWS:
             return None
@@ -285,14 +345,15 @@ def _dataset_lengths(data: object) -> list[int] | None:
     return sorted(int(n) for n in lengths)
 
 
-def _pads_only(cell: Cell, expr: Any) -> bool:
-    """No collator (the Trainer's default pads or stacks) or one of transformers' own collators."""
-    if expr is None:
+def _pads_only(collator: object) -> bool:
+    """One of transformers' own collators (they pad to the longest row, or stack, and never truncate): an
+    object of theirs, or ``default_data_collator``; None is the Trainer's default, one of them."""
+    if collator is None:
         return True
-    value = cell.names.value(expr)
-    if isinstance(value, cst.Name) and value.value == "None":
-        return True
-    module = type(value.value).__module__ if isinstance(value, Held) else ""
+    if isinstance(collator, types.FunctionType):
+        module = collator.__module__ or ""
+    else:
+        module = type(collator).__module__
     return module.startswith("transformers.data.data_collator")
 
 
@@ -339,6 +400,7 @@ def _step(
         optimizer_steps=optimizer_steps,
         mixed_precision=bool(arguments["bf16"] or arguments["fp16"]),
         on_gpu=on_gpu,
+        rows=tuple(rows),
     )
 
 

@@ -138,11 +138,13 @@ class TrainingConfig(Site):
 
 @dataclass(frozen=True, eq=False)
 class TrainerRun(Site):
-    """``trainer.train()`` of a trainer the cell builds (``Trainer(model=..., args=..., ...)``, an
-    ``SFTTrainer``...): ``trainer`` is that construction, ``class_name`` its class."""
+    """``trainer.train()``: of a trainer the cell builds (``trainer`` is that construction:
+    ``Trainer(model=..., args=..., ...)``, an ``SFTTrainer``...), or of a trainer an earlier cell built
+    (``trainer`` None; ``held`` is the notebook's name for it). ``class_name`` is the trainer's class."""
 
     call: cst.Call = field(repr=False)
-    trainer: cst.Call = field(repr=False)
+    trainer: cst.Call | None = field(default=None, repr=False)
+    held: str | None = None
     class_name: str = ""
 
 

@@ -61,26 +61,34 @@ class WorkReading(ReaderBase):
         return bool(lines), tuple(lines)
 
     def _trainer_run(self, site: CallSite) -> TrainerRun | None:
-        """``X.train()`` where ``X`` is a trainer this cell builds (directly, or bound to a name before)."""
+        """``X.train()`` where ``X`` is a trainer this cell builds (directly, or bound to a name before) or
+        one the notebook holds."""
         func = site.call.func
         if not isinstance(func, cst.Attribute) or func.attr.value != "train":
             return None
+
+        def run(trainer: cst.Call | None, held: str | None, class_name: str) -> TrainerRun:
+            return TrainerRun(
+                lines=site.lines,
+                step=site.step,
+                surely=site.surely,
+                call=site.call,
+                trainer=trainer,
+                held=held,
+                class_name=class_name,
+            )
+
         built: cst.BaseExpression | None = func.value
         if isinstance(built, cst.Name):
+            held = self.names.resolve(built.value)
+            if isinstance(held, Held):
+                names = _class_names(held.value)
+                return run(None, built.value, names[0]) if "Trainer" in names else None
             built = self._value_before(built.value, site.lines[0])
         if not isinstance(built, cst.Call):
             return None
         name, _ = self._class_name(built.func)
-        if not name.endswith("Trainer"):
-            return None
-        return TrainerRun(
-            lines=site.lines,
-            step=site.step,
-            surely=site.surely,
-            call=site.call,
-            trainer=built,
-            class_name=name,
-        )
+        return run(built, None, name) if name.endswith("Trainer") else None
 
     def _is_trainer(self, expr: cst.BaseExpression, line: int) -> bool:
         if isinstance(expr, cst.Call):

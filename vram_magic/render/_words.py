@@ -159,7 +159,7 @@ def _estimate_cause(f: dict[str, Any]) -> str:
 
 
 _TRAINING_PARTS = {
-    "weights": "the weights, which the Trainer moves to the GPU",
+    "weights": "the weights to move to the GPU",
     "optimizer": "the optimizer's states",
     "gradients": "the gradients",
     "activations": "the activations",
