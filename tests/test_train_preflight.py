@@ -173,6 +173,12 @@ def test_training_arguments_of_an_earlier_cell_are_read(namespace: dict[str, Any
         # data the cell makes, arguments hidden in **kwargs, text that is tokenized later
         "train_data = load()\n" + train_cell(),
         train_cell().replace("disable_tqdm=True,\n", "disable_tqdm=True,\n    **settings(),\n"),
+        # the model changed under another of its names
+        "prepare_model_for_kbit_training(base)\n" + train_cell(),
+        # memory freed before training: the room before the cell says too little
+        "del reference\n" + train_cell(),
+        "torch.cuda.empty_cache()\n" + train_cell(),
+        "reference = None\n" + train_cell(),
     ],
     ids=[
         "rebuilt",
@@ -183,16 +189,23 @@ def test_training_arguments_of_an_earlier_cell_are_read(namespace: dict[str, Any
         "subclass",
         "data-made-here",
         "kwargs",
+        "alias-changed",
+        "del",
+        "empty-cache",
+        "rebound",
     ],
 )
 def test_training_not_known_before_it_runs_is_not_judged(cell: str, namespace: dict[str, Any]) -> None:
-    namespace.update(crop=lambda rows: rows, more={"x": 1})
+    namespace.update(crop=lambda rows: rows, base=namespace["model"], reference=torch.nn.Linear(4, 4))
+    assert verdict(train_cell(), namespace, room_bytes=1) is not None  # the same cell alone is judged
     assert verdict(cell, namespace, room_bytes=1) is None
 
 
 def test_harmless_uses_of_the_model_before_training_are_allowed(namespace: dict[str, Any]) -> None:
     cell = "model.config.use_cache = False\nmodel.print_trainable_parameters()\n" + train_cell()
     assert verdict(cell, namespace) is not None
+    # what comes after the training changes nothing before it
+    assert verdict(train_cell() + "model = model.merge_and_unload()\ndel trainer\n", namespace) is not None
 
 
 def built_trainer(namespace: dict[str, Any], batch: int = 8) -> Any:

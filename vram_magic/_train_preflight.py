@@ -37,7 +37,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from vram_magic.cell import Cell, Held, TrainerRun
-from vram_magic.cell._values import keyword_values
+from vram_magic.cell._values import bound_names, keyword_values
 
 # The training estimate was checked against one real step (a QLoRA Trainer step of a 0.85 B Llama on an
 # H100: 4.16 GiB estimated, 3.59 GiB measured, +16 %). Preflight counts only this share of the activations
@@ -48,6 +48,7 @@ _POSITIONAL = ("model", "args", "data_collator", "train_dataset")  # Trainer's f
 _MAX_ROWS = 1_000_000  # more rows than this are not measured one by one
 # Uses of the model name in the cell before training that change nothing the step needs.
 _HARMLESS_METHODS = frozenset({"print_trainable_parameters", "get_memory_footprint", "num_parameters"})
+_FREEING_METHODS = frozenset({"empty_cache", "collect", "to", "cpu", "free_memory", "release_memory"})
 _ARGUMENTS = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
@@ -141,14 +142,16 @@ def training_step(cell: Cell, gpu_here: bool) -> TrainingStep | None:
     if given is None or not isinstance(given.get("model"), cst.Name):
         return None
     model_name = given["model"].value
-    held = cell.names.value(given["model"])
+    held = _value_at(cell, run, given["model"])
     if not isinstance(held, Held) or not _untouched(cell, run, model_name, run.trainer):
         return None
+    if not _model_untouched(cell, run, held.value, run.trainer) or _frees_before(cell, run):
+        return None
     arguments = _training_arguments(cell, given.get("args"))
-    data = cell.names.value(given.get("train_dataset")) if "train_dataset" in given else None
+    data = _value_at(cell, run, given["train_dataset"]) if "train_dataset" in given else None
     collator = given.get("data_collator")
     if collator is not None:
-        collator = cell.names.value(collator)
+        collator = _value_at(cell, run, collator)
         if isinstance(collator, cst.Name) and collator.value == "None":
             collator = None
         elif not isinstance(collator, Held) or not _pads_only(collator.value):
@@ -170,9 +173,8 @@ def _held_trainer_step(cell: Cell, run: TrainerRun, gpu_here: bool) -> TrainingS
     if type(trainer_object).__module__.split(".")[0] != "transformers":
         return None
     model = getattr(trainer_object, "model", None)
-    for name in cell.used_names:  # the model under a name of its own
-        if cell.names.namespace.get(name) is model and not _untouched(cell, run, name, run.call):
-            return None
+    if not _model_untouched(cell, run, model, run.call) or _frees_before(cell, run):
+        return None
     arguments = _arguments_of(getattr(trainer_object, "args", None))
     rows = _row_lengths(getattr(trainer_object, "train_dataset", None))
     if arguments is None or rows is None or not _pads_only(getattr(trainer_object, "data_collator", None)):
@@ -236,6 +238,42 @@ def _untouched(cell: Cell, run: TrainerRun, name: str, within: cst.CSTNode) -> b
         if any(id(node) not in allowed for node in m.findall(step.node, m.Name(name))):
             return False
     return True
+
+
+def _value_at(cell: Cell, run: TrainerRun, expr: Any) -> Any:
+    """What ``expr`` is when the trainer is built: a name the cell binds only after training is still the
+    notebook's object there."""
+    if isinstance(expr, cst.Name) and expr.value in cell.names.bound and expr.value in cell.names.namespace:
+        if not any(expr.value in bound_names(step.node) for step in cell.steps[: run.step + 1]):
+            return Held(cell.names.namespace[expr.value])
+    return cell.names.value(expr)
+
+
+def _model_untouched(cell: Cell, run: TrainerRun, model: object, within: cst.CSTNode) -> bool:
+    """``_untouched`` for every name the notebook has for the model."""
+    return all(
+        _untouched(cell, run, name, within)
+        for name in cell.used_names
+        if cell.names.namespace.get(name) is model
+    )
+
+
+def _frees_before(cell: Cell, run: TrainerRun) -> bool:
+    """Whether the cell may free GPU memory before it trains (then the room before it runs says too little):
+    ``del``, ``empty_cache()``, ``gc.collect()``, a move (``.to(...)``, ``.cpu()``), or a name the notebook
+    holds a model or tensor under bound again."""
+    for step in cell.steps[: run.step]:
+        if m.findall(step.node, m.Del()):
+            return True
+        for call in m.findall(step.node, m.Call(func=m.Attribute())):
+            assert isinstance(call, cst.Call) and isinstance(call.func, cst.Attribute)
+            if call.func.attr.value in _FREEING_METHODS:
+                return True
+        for name in bound_names(step.node):
+            value = cell.names.namespace.get(name)
+            if hasattr(value, "parameters") or type(value).__name__ == "Tensor":
+                return True
+    return False
 
 
 def _under_config(target: cst.BaseExpression, name: str) -> bool:
