@@ -243,9 +243,13 @@ def _untouched(cell: Cell, run: TrainerRun, name: str, within: cst.CSTNode) -> b
 def _value_at(cell: Cell, run: TrainerRun, expr: Any) -> Any:
     """What ``expr`` is when the trainer is built: a name the cell binds only after training is still the
     notebook's object there."""
-    if isinstance(expr, cst.Name) and expr.value in cell.names.bound and expr.value in cell.names.namespace:
-        if not any(expr.value in bound_names(step.node) for step in cell.steps[: run.step + 1]):
-            return Held(cell.names.namespace[expr.value])
+    name = expr.value if isinstance(expr, cst.Name) else None
+    if (
+        name in cell.names.bound
+        and name in cell.names.namespace
+        and not any(name in bound_names(step.node) for step in cell.steps[: run.step + 1])
+    ):
+        return Held(cell.names.namespace[name])
     return cell.names.value(expr)
 
 
