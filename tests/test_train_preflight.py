@@ -201,6 +201,13 @@ def test_training_not_known_before_it_runs_is_not_judged(cell: str, namespace: d
     assert verdict(cell, namespace, room_bytes=1) is None
 
 
+def test_a_training_cell_run_again_is_not_judged(namespace: dict[str, Any]) -> None:
+    """Binding `trainer` again lets the first Trainer go, with the optimizer states it holds once it trained:
+    the room before the cell says too little."""
+    namespace["trainer"] = built_trainer(namespace)
+    assert verdict(train_cell(), namespace, room_bytes=1) is None
+
+
 def test_harmless_uses_of_the_model_before_training_are_allowed(namespace: dict[str, Any]) -> None:
     cell = "model.config.use_cache = False\nmodel.print_trainable_parameters()\n" + train_cell()
     assert verdict(cell, namespace) is not None
@@ -235,7 +242,8 @@ def test_a_trainer_of_an_earlier_cell_is_judged_by_what_it_holds(namespace: dict
         128,
         2,
     )
-    same = verdict(train_cell(), {**namespace, "model": trainer.model})
+    fresh = {name: value for name, value in namespace.items() if name != "trainer"}  # a first run
+    same = verdict(train_cell(), {**fresh, "model": trainer.model})
     assert same is not None and same.parts == found.parts  # as if the cell had built it
     # The model changed in the cell before it trains, under any of its names: no verdict
     namespace["lora_model"] = trainer.model

@@ -265,7 +265,8 @@ def _model_untouched(cell: Cell, run: TrainerRun, model: object, within: cst.CST
 def _frees_before(cell: Cell, run: TrainerRun) -> bool:
     """Whether the cell may free GPU memory before it trains (then the room before it runs says too little):
     ``del``, ``empty_cache()``, ``gc.collect()``, a move (``.to(...)``, ``.cpu()``), or a name the notebook
-    holds a model or tensor under bound again."""
+    holds a model, tensor, optimizer or trainer under bound again (running a training cell a second time
+    lets the first trainer's optimizer states go)."""
     for step in cell.steps[: run.step]:
         if m.findall(step.node, m.Del()):
             return True
@@ -273,11 +274,15 @@ def _frees_before(cell: Cell, run: TrainerRun) -> bool:
             assert isinstance(call, cst.Call) and isinstance(call.func, cst.Attribute)
             if call.func.attr.value in _FREEING_METHODS:
                 return True
-        for name in bound_names(step.node):
-            value = cell.names.namespace.get(name)
-            if hasattr(value, "parameters") or type(value).__name__ == "Tensor":
-                return True
+        if any(_holds_gpu_memory(cell.names.namespace.get(name)) for name in bound_names(step.node)):
+            return True
     return False
+
+
+def _holds_gpu_memory(value: object) -> bool:
+    """A model, tensor, optimizer or trainer (a trainer that trained holds its optimizer's states)."""
+    classes = {klass.__name__ for klass in type(value).__mro__}
+    return hasattr(value, "parameters") or bool(classes & {"Tensor", "Optimizer", "Trainer"})
 
 
 def _under_config(target: cst.BaseExpression, name: str) -> bool:
