@@ -35,6 +35,8 @@ _MAX_CAP_BYTES = 1024 * GiB  # more than any GPU has
 
 # The cap planned for when no GPU is here to cap (None: no target).
 _target_bytes: int | None = None
+# The fraction `%vram cap` last set on each GPU: what a torch without a getter for it (2.5) says is set.
+_fractions: dict[int, float] = {}
 # The preset being rehearsed ("t4"), whose rules (float16 without bfloat16) the fixes follow; None: a size, or
 # no cap.
 _card: str | None = None
@@ -114,6 +116,7 @@ def apply_cap(text: str | None, device: int | None = None) -> Caps:
     if text.lower() == "off":
         for i in gpus:
             _torch().cuda.set_per_process_memory_fraction(1.0, i)
+            _fractions[i] = 1.0
         set_target_bytes(None)
         _set_card(None)
         return Caps("off", tuple((i, None) for i in gpus), None)
@@ -129,7 +132,9 @@ def apply_cap(text: str | None, device: int | None = None) -> Caps:
         if size > total:
             raise ValueError(f"GPU {i} has {format_bytes(total)}: a cap must be smaller than that.")
     for i in gpus:
-        cuda.set_per_process_memory_fraction(size / cuda.get_device_properties(i).total_memory, i)
+        fraction = size / cuda.get_device_properties(i).total_memory
+        cuda.set_per_process_memory_fraction(fraction, i)
+        _fractions[i] = fraction
     _set_card(card)
     return Caps("set", tuple((i, size) for i in gpus), None, label, no_bf16=card in NO_BF16)
 
@@ -150,7 +155,8 @@ def _torch() -> Any:
 
 def _cap_bytes(index: int) -> int | None:
     cuda = _torch().cuda
-    fraction = float(cuda.get_per_process_memory_fraction(index))
+    getter = getattr(cuda, "get_per_process_memory_fraction", None)  # torch 2.5 has none
+    fraction = float(getter(index)) if getter is not None else _fractions.get(index, 1.0)
     if fraction >= 1.0:
         return None
     return int(fraction * cuda.get_device_properties(index).total_memory)

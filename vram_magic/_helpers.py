@@ -27,7 +27,8 @@ def to_gpu_if_it_fits(model: _Model, device: str = "cuda") -> _Model:
     index = torch.device(device).index
     index = torch.cuda.current_device() if index is None else index  # "cuda" is the current GPU
     free, total = torch.cuda.mem_get_info(index)
-    fraction = torch.cuda.get_per_process_memory_fraction(index)
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch 2.5 has none
+    fraction = 1.0 if getter is None else getter(index)
     if fraction < 1.0:  # the cap is a share of CUDA's total
         free = min(free, int(fraction * total) - torch.cuda.memory_allocated(index))
     if needed + _HEADROOM_BYTES > free:
