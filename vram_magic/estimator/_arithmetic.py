@@ -96,7 +96,7 @@ class _Run:
 def price(located: Located, opts: Options) -> Estimate:
     """The estimate of loading the model ``located`` found with ``opts``."""
     config = described(located)
-    dtype_name, dtype_note = pick_dtype(opts.dtype, config, located.folder)
+    dtype_name, dtype_note = pick_dtype(opts.dtype, config, located.folder, opts.quantization)
     census = counted(located, dtype_name)
     width = DTYPE_BYTES[dtype_name]
     quantization, saved_notes = _saved_quantization(config, opts.quantization)
@@ -365,7 +365,7 @@ def _inference(
     elif shape.vocab:
         activations += shape.vocab * context * batch_size * width  # an encoder's head scores every token
     if census.can_generate:
-        sliding = "sliding_attention" in (getattr(text, "layer_types", None) or ())
+        sliding = "sliding_attention" in _layer_types(text)
         kv_note = Note(
             "kv-cache",
             facts(batch_size=batch_size, context=context, width=width, kv_bytes=kv, sliding=sliding),
@@ -381,6 +381,18 @@ def _inference(
     return _Run(run_bytes=run, kv_cache_bytes=kv, activations_bytes=activations, notes=tuple(notes))
 
 
+def _layer_types(text: Any) -> list[str]:
+    """Each layer's attention, "sliding_attention" or "full_attention", as the config names them; a config of
+    transformers 4 names none, and its Gemma 2 alternates, sliding first."""
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    named = getattr(text, "layer_types", None)
+    if named:
+        return list(named)
+    if getattr(text, "model_type", None) == "gemma2" and getattr(text, "sliding_window", None):
+        return ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
+    return ["full_attention"] * layers
+
+
 def _kv_cache_bytes(text: Any, census: Census, context: int, batch_size: int, width: int) -> int:
     """2 (keys, values) x layers x KV heads x head size x tokens x batch x bytes; sliding-window layers keep
     at most their window."""
@@ -390,9 +402,8 @@ def _kv_cache_bytes(text: Any, census: Census, context: int, batch_size: int, wi
     kv_heads = int(getattr(text, "num_key_value_heads", 0) or heads)
     hidden = int(getattr(text, "hidden_size", 0) or 0)
     head_dim = int(getattr(text, "head_dim", 0) or (hidden // heads if heads else 0))
-    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
     window = getattr(text, "sliding_window", None)
-    kinds = list(getattr(text, "layer_types", None) or ["full_attention"] * layers)
+    kinds = _layer_types(text)
     tokens = sum(
         min(context, int(window)) if kind == "sliding_attention" and window else context for kind in kinds
     )

@@ -36,6 +36,8 @@ Progress = Callable[[str], None]  # told, in a line, before a step that can take
 DTYPE_NAMES = frozenset(DTYPES)  # the dtype spellings estimate() takes (torch.<name> too)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+# The quantization methods whose transformers 4 quantizer loads float16 when from_pretrained gets no dtype.
+_FLOAT16_BEFORE_5 = frozenset({"bitsandbytes", "gptq", "awq", "aqlm", "eetq", "compressed-tensors"})
 _HUB_TIMEOUT_S = 5
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -273,14 +275,21 @@ def _download(repo_id: str) -> Path:
         ) from error
 
 
-def pick_dtype(asked: str | None, config: ConfigLike, folder: Path | None = None) -> tuple[str, Note]:
+def pick_dtype(
+    asked: str | None, config: ConfigLike, folder: Path | None = None, quantization: str | None = None
+) -> tuple[str, Note]:
     """(dtype name, a "dtype" note saying where it came from): what ``from_pretrained`` loads when not told.
     From transformers 5 on that is the config's dtype, else the checkpoint's own (read from its safetensors
     header when the weights are here), else float32 (the checkpoints of models that name no dtype were saved
-    before 16-bit was usual); before transformers 5 it is always float32."""
+    before 16-bit was usual); before transformers 5 it is float32, and float16 for a quantized load
+    (``quantization`` asked, or a checkpoint saved by bitsandbytes, GPTQ, AWQ...), which transformers 4's
+    quantizers impose."""
     if asked is not None:
         return asked, Note("dtype", facts(dtype=asked, origin="asked"))
     if transformers_major() < 5:
+        saved = prequantized(config)
+        if quantization is not None or (saved is not None and saved[0] in _FLOAT16_BEFORE_5):
+            return "float16", Note("dtype", facts(dtype="float16", origin="transformers-4-quantized"))
         return "float32", Note("dtype", facts(dtype="float32", origin="transformers-4"))
     found = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None)
     name = str(found).removeprefix("torch.") if found is not None else None

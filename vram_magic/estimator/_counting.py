@@ -74,6 +74,7 @@ _TEXT_FIELDS = (
     "num_key_value_heads",
     "head_dim",
     "sliding_window",
+    "model_type",  # transformers 4's Gemma 2 config names no layer_types
 )
 _QUANTIZATION_FIELDS = ("quant_method", "load_in_4bit", "load_in_8bit", "bits", "w_bit")
 
@@ -286,7 +287,9 @@ def _count_model(model: Any, config: PretrainedConfig) -> Census:
             largest_layer = max(largest_layer, size)
     can_generate = False
     with contextlib.suppress(Exception):
-        can_generate = bool(model.can_generate())
+        can_generate = bool(model.can_generate()) and (
+            transformers_major() >= 5 or _inherits_generation_mixin(type(model))
+        )
     has_lm_head = False
     with contextlib.suppress(Exception):
         has_lm_head = model.get_output_embeddings() is not None
@@ -302,6 +305,17 @@ def _count_model(model: Any, config: PretrainedConfig) -> Census:
         can_generate=can_generate,
         has_lm_head=has_lm_head,
         gated_mlp=gated,
+    )
+
+
+def _inherits_generation_mixin(model_class: type) -> bool:
+    """Whether a class inherits GenerationMixin itself (not through PreTrainedModel, as every model does
+    before transformers 4.50): what makes a model generate from 4.50 on. Before, transformers also says so,
+    with a warning, of an encoder that overrides prepare_inputs_for_generation (BertForMaskedLM)."""
+    return any(
+        "GenerationMixin" in str(cls.__bases__)
+        for cls in model_class.__mro__
+        if cls.__name__ != "PreTrainedModel"
     )
 
 
@@ -354,7 +368,6 @@ def gpu_split(
     """How ``device_map="auto"`` spreads the model over GPUs with ``gpu_bytes`` each, as transformers
     plans it (balanced, whole layers, bitsandbytes' share of ``max_memory``): the bytes on each GPU, as
     transformers sizes them, and the bytes that would not fit on any (CPU or disk)."""
-    transformers_accelerate = importlib.import_module("transformers.integrations.accelerate")
     model = _build(config, dtype_name)  # a fresh one: quantizing replaces its Linear layers
     quantizer = None
     if quantization is not None:
@@ -371,8 +384,12 @@ def gpu_split(
     max_memory: dict[int | str, int] = {i: size for i, size in enumerate(gpu_bytes)} | {"cpu": 1}
     with _quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Device 0 is not available": these GPUs are planned, not here
-        device_map = transformers_accelerate._get_device_map(model, "auto", max_memory, quantizer)
-        sizes = transformers_accelerate.compute_module_sizes(model, quantizer)
+        if transformers_major() >= 5:
+            transformers_accelerate = importlib.import_module("transformers.integrations.accelerate")
+            device_map = transformers_accelerate._get_device_map(model, "auto", max_memory, quantizer)
+            sizes = transformers_accelerate.compute_module_sizes(model, quantizer)
+        else:
+            device_map, sizes = _auto_device_map_before_5(model, dtype_name, max_memory, quantizer)
     sizes = sizes[0] if isinstance(sizes, tuple) else sizes  # transformers 5.x returns (sizes, leaves)
     on_gpus = [0] * len(gpu_bytes)
     elsewhere = 0
@@ -382,6 +399,65 @@ def gpu_split(
         else:
             elsewhere += sizes.get(name, 0)
     return tuple(on_gpus), elsewhere
+
+
+def _auto_device_map_before_5(
+    model: Any, dtype_name: str, max_memory: dict[int | str, int], quantizer: Any
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """The steps transformers 4's ``from_pretrained`` takes for ``device_map="auto"`` (it has no
+    ``_get_device_map``), with accelerate's functions: the device map, and each module's bytes as sized."""
+    import torch
+
+    accelerate_utils = importlib.import_module("accelerate.utils")
+    dtype = getattr(torch, dtype_name)
+    special: dict[str, Any] = {}
+    if quantizer is not None:
+        special |= quantizer.get_special_dtypes_update(model, dtype)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    if keep and (dtype == torch.float16 or (quantizer is not None and quantizer.use_keep_in_fp32_modules)):
+        kept = [name for name, _ in model.named_parameters() if any(part in name for part in keep)]
+        special |= dict.fromkeys(kept, torch.float32)
+    target = dtype if quantizer is None else quantizer.adjust_target_dtype(dtype)
+    kwargs = {"no_split_module_classes": model._get_no_split_modules("auto"), "special_dtypes": special}
+    try:
+        memory = accelerate_utils.get_balanced_memory(model, dtype=target, max_memory=max_memory, **kwargs)
+    except RuntimeError:  # torch 2.5 on names no GPU where there is none, and accelerate 1.14 asks it
+        memory = _balanced_memory(model, target, max_memory, **kwargs)
+    if quantizer is not None:
+        memory = quantizer.adjust_max_memory(memory)
+    model.tie_weights()
+    device_map = accelerate_utils.infer_auto_device_map(model, dtype=target, max_memory=memory, **kwargs)
+    sizes = accelerate_utils.compute_module_sizes(model, dtype=target, special_dtypes=special)
+    return dict(device_map), dict(sizes)
+
+
+def _balanced_memory(
+    model: Any,
+    dtype: Any,
+    max_memory: dict[int | str, int],
+    no_split_module_classes: list[str],
+    special_dtypes: dict[str, Any],
+) -> dict[int | str, int]:
+    """accelerate's ``get_balanced_memory`` for GPUs that are not here (its arithmetic, without asking torch
+    for each GPU): each GPU but the last holds at most an equal share of the model, plus 1.25 times its
+    largest unsplittable block (or its mean leaf module) as a buffer."""
+    modeling = importlib.import_module("accelerate.utils.modeling")
+    memory = dict(max_memory)
+    gpus = sorted(key for key, size in memory.items() if isinstance(key, int) and size > 0)
+    if len(gpus) < 2:
+        return memory
+    sizes = modeling.compute_module_sizes(model, dtype=dtype, special_dtypes=special_dtypes)
+    blocks: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if name and type(module).__name__ in no_split_module_classes:
+            blocks.setdefault(type(module).__name__, sizes.get(name, 0))
+    inner = {name: size for name, size in sizes.items() if name not in modeling.get_module_leaves(sizes)}
+    leaves = modeling.get_module_leaves(inner)
+    mean_leaf = int(sum(inner[name] for name in leaves) / max(len(leaves), 1))
+    per_gpu = sizes[""] // len(gpus) + int(1.25 * max(max(blocks.values(), default=0), mean_leaf))
+    for gpu in gpus[:-1]:
+        memory[gpu] = min(per_gpu, memory[gpu])
+    return memory
 
 
 def offload_split(model: Any, gpu_bytes: int) -> int:

@@ -104,6 +104,9 @@ def _dtype(f: dict[str, Any]) -> str:
         "transformers-4": (
             f"dtype {dtype}: from_pretrained without dtype= loads float32 before transformers 5."
         ),
+        "transformers-4-quantized": (
+            f"dtype {dtype}: a quantized from_pretrained without dtype= loads {dtype} before transformers 5."
+        ),
         "config": f"dtype {dtype}, from the config (what from_pretrained loads when given no dtype).",
         "weights": f"dtype {dtype}, from the checkpoint's weights (the config names none).",
         "assumed": (
