@@ -20,12 +20,14 @@ from typing import Any, Literal
 from IPython.utils.capture import capture_output
 
 from tests.oom_budget import KiB, activation_bytes, inference_bytes, simulated_gpu
+from tests.stack import DTYPE
 from tests.tiny_models import save_adapter, save_float32_without_dtype, save_tiny_llama, save_tokenizer
 
 SEQ = 16
 IMPORTS = "import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
 ON_GPU = (
-    IMPORTS + 'model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")\n'
+    IMPORTS
+    + f'model = AutoModelForCausalLM.from_pretrained(path, {DTYPE}=torch.bfloat16, device_map="cuda")\n'
 )
 GENERATES = (  # min_new_tokens: a random tiny model may draw its end-of-sequence token early
     "assert model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, min_new_tokens=2).shape"
@@ -53,6 +55,7 @@ class Scenario:
     cell: str  # the cell that runs out of memory, as people write it
     budget: str  # the cap, in bytes: evaluated after the setup, with `gpu` and the helpers below
     works: str  # asserts that the notebook is in a working state
+    quantizes: bool = False  # fix 1 (and --auto) rescue it with a real bitsandbytes load
 
 
 SCENARIOS = (
@@ -67,6 +70,7 @@ SCENARIOS = (
         "model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)\n",
         "200 * KiB",
         GENERATES,
+        quantizes=True,
     ),
     Scenario(
         "load with .half().cuda()",
@@ -74,6 +78,7 @@ SCENARIOS = (
         "model = AutoModelForCausalLM.from_pretrained(path).half().cuda()\n",
         "200 * KiB",
         GENERATES,
+        quantizes=True,
     ),
     Scenario(
         "load of a bf16 checkpoint, no dtype",
@@ -81,6 +86,7 @@ SCENARIOS = (
         'model = AutoModelForCausalLM.from_pretrained(path, device_map="cuda")\n',
         "200 * KiB",
         GENERATES,
+        quantizes=True,
     ),
     Scenario(
         "load of a float32 checkpoint, no dtype",
@@ -97,6 +103,7 @@ SCENARIOS = (
         ")\n",
         "200 * KiB",
         GENERATES,
+        quantizes=True,
     ),
     Scenario(
         "seed 1: a bare merge, a second copy held",

@@ -18,6 +18,8 @@ the memory accounting is simulated. What is counted, and where it fails:
 - **Failures.** (1) A load: in ``transformers.modeling_utils.caching_allocator_warmup``, the step that on a
   GPU allocates the whole model at once (a real load fails at once there, measured on an H100), the
   bytes as placed (transformers' own ``get_total_byte_count``, with the quantizer's element sizes) must fit.
+  transformers 4.x has no warmup: there the same bytes (counted as 5.x counts them) are asked for as
+  ``PreTrainedModel._load_pretrained_model`` starts, the step that puts the weights on the GPU.
   A quantized ``device_map="auto"`` load that does not fit raises bitsandbytes' "Some modules are dispatched
   on the CPU or the disk" ValueError instead, as on a GPU. (2) A LoRA merge: peft's
   ``lora.Linear.get_delta_weight`` allocates the layer's ``out x in`` delta on the layer's device. (3) A
@@ -238,6 +240,28 @@ def _moved_by_the_user(frame: FrameType | None) -> bool:
     return frame is not None and not frame.f_code.co_filename.startswith(_LIBRARY_DIRS)
 
 
+def _bytes_as_placed(model: torch.nn.Module) -> int:
+    """A model's bytes once loaded, counted as transformers 5's ``get_total_byte_count`` counts them: each
+    tensor of its state dict once (tied weights once), the weights bitsandbytes quantizes at its element size
+    (half a byte in 4-bit, one in 8-bit), the rest at their dtype's."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        bnb = None
+    total = 0.0
+    tensors = model.state_dict(keep_vars=True)  # what the checkpoint fills: no buffer that is not saved
+    for name, tensor in {id(tensor): (name, tensor) for name, tensor in tensors.items()}.values():
+        module = model.get_submodule(name.rpartition(".")[0])
+        quantized = bnb is not None and not name.endswith(".bias")
+        if quantized and isinstance(module, bnb.nn.Linear4bit):
+            total += tensor.numel() * 0.5
+        elif quantized and isinstance(module, bnb.nn.Linear8bitLt):
+            total += tensor.numel()
+        else:
+            total += tensor.numel() * tensor.element_size()
+    return int(total)
+
+
 @contextlib.contextmanager
 def simulated_gpu(budget_bytes: int) -> Iterator[SimulatedGpu]:
     """Lend a simulated GPU with a cap of ``budget_bytes`` until the block ends (see the module's doc)."""
@@ -248,7 +272,9 @@ def simulated_gpu(budget_bytes: int) -> Iterator[SimulatedGpu]:
     loads: list[tuple[bool, bool]] = []  # the load now running: (on the GPU, device_map is a strategy)
     pretrained = modeling_utils.PreTrainedModel
     original_from_pretrained = pretrained.__dict__["from_pretrained"]
-    original_warmup = modeling_utils.caching_allocator_warmup
+    has_warmup = hasattr(modeling_utils, "caching_allocator_warmup")  # transformers 5
+    original_warmup = getattr(modeling_utils, "caching_allocator_warmup", None)
+    original_load_pretrained_model = pretrained.__dict__["_load_pretrained_model"]
     original_delta = lora_layer.Linear.get_delta_weight
     original_to, original_cpu = torch.nn.Module.to, torch.nn.Module.cpu
 
@@ -266,20 +292,26 @@ def simulated_gpu(budget_bytes: int) -> Iterator[SimulatedGpu]:
             gpu.place(model)
         return model
 
+    def allocate_the_load(nbytes: int, quantized: bool) -> None:
+        strategy = loads[-1][1]
+        if strategy and gpu.in_use_bytes() + nbytes > gpu.budget_bytes:
+            if quantized:
+                raise ValueError(DISPATCH_MESSAGE)
+            raise NotImplementedError("simulated_gpu does not model device_map='auto' spilling to the CPU")
+        gpu.allocate(nbytes)
+
     def warmup(model: Any, expanded_device_map: dict[str, Any], hf_quantizer: Any) -> None:
         if loads and loads[-1][0]:
             everything_here = {name: torch.device("cpu") for name in expanded_device_map}
             counts = modeling_utils.get_total_byte_count(model, everything_here, hf_quantizer)
-            nbytes = int(sum(counts.values()))
-            strategy = loads[-1][1]
-            if strategy and gpu.in_use_bytes() + nbytes > gpu.budget_bytes:
-                if hf_quantizer is not None:
-                    raise ValueError(DISPATCH_MESSAGE)
-                raise NotImplementedError(
-                    "simulated_gpu does not model device_map='auto' spilling to the CPU"
-                )
-            gpu.allocate(nbytes)
+            allocate_the_load(int(sum(counts.values())), hf_quantizer is not None)
         original_warmup(model, expanded_device_map, hf_quantizer)
+
+    def load_pretrained_model(cls: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+        if loads and loads[-1][0]:
+            hf_quantizer = kwargs.get("hf_quantizer")
+            allocate_the_load(_bytes_as_placed(model), hf_quantizer is not None)
+        return original_load_pretrained_model.__func__(cls, model, *args, **kwargs)
 
     def get_delta_weight(layer: Any, adapter: str) -> torch.Tensor:
         if gpu.is_on_gpu(layer):
@@ -314,7 +346,9 @@ def simulated_gpu(budget_bytes: int) -> Iterator[SimulatedGpu]:
 
     patches: list[tuple[Any, str, Any]] = [
         (pretrained, "from_pretrained", classmethod(from_pretrained)),
-        (modeling_utils, "caching_allocator_warmup", warmup),
+        (modeling_utils, "caching_allocator_warmup", warmup)
+        if has_warmup
+        else (pretrained, "_load_pretrained_model", classmethod(load_pretrained_model)),
         (lora_layer.Linear, "get_delta_weight", get_delta_weight),
         (torch.nn.Module, "to", to),
         (torch.nn.Module, "cuda", cuda),

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.advice_scenarios import SCENARIOS, Scenario, build_checkpoints, measure
+from tests.stack import BITSANDBYTES_QUANTIZES_HERE, NO_BITSANDBYTES_HERE
 
 FIX_1_NOT_ENOUGH = {"a loop of prompt batches (batch_size = 16)"}
 
@@ -31,6 +32,8 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_fix_1_leaves_the_notebook_working(
     ip: Any, names: dict[str, str], offline: None, scenario: Scenario
 ) -> None:
+    if scenario.quantizes and not BITSANDBYTES_QUANTIZES_HERE:
+        pytest.skip(NO_BITSANDBYTES_HERE)
     measured = measure(ip, scenario, names, "fix 1")
     if scenario.name in FIX_1_NOT_ENOUGH:
         assert not measured.worked and "out of memory" in measured.detail, measured
@@ -44,6 +47,8 @@ def test_fix_1_leaves_the_notebook_working(
 def test_auto_ends_in_a_working_state(
     ip: Any, names: dict[str, str], offline: None, scenario: Scenario
 ) -> None:
+    if scenario.quantizes and not BITSANDBYTES_QUANTIZES_HERE:
+        pytest.skip(NO_BITSANDBYTES_HERE)
     measured = measure(ip, scenario, names, "auto")
     assert measured.worked, measured
     assert measured.runs <= 3

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.gpu.scenarios import LLAMA_085B  # the 0.85 B Llama measured on an H100
+from tests.stack import BITSANDBYTES_QUANTIZES_HERE, DTYPE, NO_BITSANDBYTES_HERE, TRANSFORMERS_MAJOR
 from vram_magic._types import Note, facts
 from vram_magic._units import format_bytes
 from vram_magic._who import tensors_in
@@ -39,6 +40,10 @@ from vram_magic.render import note_text, render_estimate_table
 MiB = 2**20
 GiB = 2**30
 HINT = "Pass a local path, or run once online so the config is cached."
+needs_bitsandbytes = pytest.mark.skipif(not BITSANDBYTES_QUANTIZES_HERE, reason=NO_BITSANDBYTES_HERE)
+# The dtype the bundled configs name (bfloat16), asked for where from_pretrained would not load it untold
+# (transformers 4 loads float32): for the tests about other things than the dtype.
+AS_CONFIGURED: dict[str, Any] = {} if TRANSFORMERS_MAJOR >= 5 else {"dtype": "bfloat16"}
 
 
 @pytest.fixture(autouse=True)
@@ -101,16 +106,19 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folders = {}
     for name, (config, auto) in tiny_configs().items():
         torch.manual_seed(0)
-        model = getattr(transformers, auto).from_config(config, dtype=torch.bfloat16)
+        model = getattr(transformers, auto).from_config(config, **{DTYPE: torch.bfloat16})
         folders[name] = tmp_path_factory.mktemp(name)
         model.save_pretrained(folders[name])
     return folders
 
 
-def load(folder: Path, **kwargs: Any) -> Any:
+def load(folder: Path, dtype: torch.dtype | None = None, **kwargs: Any) -> Any:
+    """The model saved in ``folder``, on the CPU; ``dtype`` is passed as this transformers names it."""
     import transformers
 
     auto = getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
+    if dtype is not None:
+        kwargs[DTYPE] = dtype
     return auto.from_pretrained(folder, device_map="cpu", **kwargs)
 
 
@@ -133,6 +141,7 @@ def test_weights_equal_a_real_load_byte_for_byte(saved: dict[str, Path], name: s
     assert found.kv_cache_bytes is None and found.training_bytes is None
 
 
+@needs_bitsandbytes
 @pytest.mark.parametrize(("quantization", "double_quant"), [("8bit", False), ("4bit", True), ("4bit", False)])
 @pytest.mark.parametrize("name", list(tiny_configs()))
 def test_quantized_weights_match_a_real_bitsandbytes_load_on_cpu(
@@ -236,6 +245,7 @@ def test_optimizer_states_are_what_trainer_keeps(saved: dict[str, Path], dtype: 
         assert _part(found, "gradients") == width * found.params  # gradients like the weights
 
 
+@needs_bitsandbytes
 def test_prepare_model_for_kbit_training_adds_what_the_estimate_says(saved: dict[str, Path]) -> None:
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
@@ -345,6 +355,12 @@ def test_bundled_files_are_config_json_content() -> None:
 
 
 def test_bundled_dtypes_follow_the_published_configs(empty_hub_cache: Path) -> None:
+    if TRANSFORMERS_MAJOR < 5:  # from_pretrained without a dtype loads float32, whatever the config says
+        for repo_id in ("google/gemma-2-2b", "meta-llama/Llama-2-7b-hf", "google-bert/bert-base-uncased"):
+            found = estimate(repo_id)
+            assert found.dtype == "float32"
+            assert any("before transformers 5" in str(note) for note in found.notes)
+        return
     assert estimate("google/gemma-2-2b").dtype == "float32"  # loads in float32 unless told otherwise
     assert estimate("meta-llama/Llama-2-7b-hf").dtype == "float16"
     # Its config names no dtype: transformers 5 then loads the checkpoint's own dtype, float32 for BERT.
@@ -476,7 +492,10 @@ def test_the_one_measured_qlora_step_is_not_underestimated() -> None:
     AdamW, batch 2 x 512, no checkpointing, not prepared for k-bit) peaked at 3.59 GiB allocated. One row is
     not a calibration (issue 12 asks for many, on a GPU); it guards the direction: never more than 10 %
     under, and not wildly over."""
-    found = estimate(llama_085b(), training="qlora", prepare_kbit=False, batch_size=2, context=512)
+    # Its config names no dtype: transformers 5 then assumes float32, as the estimate does; transformers 4
+    # loads a quantized model in float16 untold, so there the dtype is asked for to price the same step.
+    as_on_5: dict[str, Any] = {} if TRANSFORMERS_MAJOR >= 5 else {"dtype": "float32"}
+    found = estimate(llama_085b(), training="qlora", prepare_kbit=False, batch_size=2, context=512, **as_on_5)
     measured = 3.59 * GiB
     assert 0.9 * measured <= found.peak_bytes <= 1.25 * measured
 
@@ -488,8 +507,10 @@ def test_the_h100_facts_under_a_1_5_gib_cap() -> None:
     }
 
     assert [key for key in rows] == ["bf16", "8bit", "4bit", "offload"]
-    # scenarios.BF16_BYTES plus two float32 RoPE buffers (inv_freq), reserved in one warm-up allocation
-    assert rows["bf16"].need_bytes == 1_705_119_744 + 2 * 64 * 4
+    # scenarios.BF16_BYTES plus the float32 RoPE buffers (inv_freq), reserved in one warm-up allocation: two
+    # from transformers 5 on, one per layer and the model's before
+    buffers = 2 if TRANSFORMERS_MAJOR >= 5 else LLAMA_085B["num_hidden_layers"] + 1
+    assert rows["bf16"].need_bytes == 1_705_119_744 + buffers * 64 * 4
     assert rows["bf16"].fits is False
     assert rows["8bit"].fits and rows["4bit"].fits and rows["offload"].fits
     # Conservative, and within 1% of what the H100 measured:
@@ -514,12 +535,14 @@ def test_offload_places_what_fits_and_the_rest_in_cpu_ram() -> None:
 
 
 def test_kv_cache_is_two_times_layers_heads_size_tokens_batch_bytes(empty_hub_cache: Path) -> None:
-    found = estimate("meta-llama/Llama-3.1-8B", context=8192, batch_size=2)
+    found = estimate("meta-llama/Llama-3.1-8B", context=8192, batch_size=2, **AS_CONFIGURED)
 
     assert found.kv_cache_bytes == 2 * 32 * 8 * 128 * 8192 * 2 * 2  # 2 GiB
     assert found.activations_bytes is not None
     assert found.peak_bytes == found.weights_bytes + found.kv_cache_bytes + found.activations_bytes
-    four_bit = estimate("meta-llama/Llama-3.1-8B", quantization="4bit", context=8192, batch_size=2)
+    four_bit = estimate(
+        "meta-llama/Llama-3.1-8B", quantization="4bit", context=8192, batch_size=2, **AS_CONFIGURED
+    )
     assert four_bit.kv_cache_bytes == found.kv_cache_bytes  # the cache stays in the compute dtype
 
 
@@ -538,9 +561,9 @@ def test_an_encoder_has_no_kv_cache(empty_hub_cache: Path) -> None:
 
 
 def test_training_adds_optimizer_states_and_activations(empty_hub_cache: Path) -> None:
-    full = estimate("meta-llama/Llama-3.2-1B", training="full", context=512)
-    lora = estimate("meta-llama/Llama-3.2-1B", training="lora", context=512)
-    qlora = estimate("meta-llama/Llama-3.2-1B", training="qlora", context=512)
+    full = estimate("meta-llama/Llama-3.2-1B", training="full", context=512, **AS_CONFIGURED)
+    lora = estimate("meta-llama/Llama-3.2-1B", training="lora", context=512, **AS_CONFIGURED)
+    qlora = estimate("meta-llama/Llama-3.2-1B", training="qlora", context=512, **AS_CONFIGURED)
 
     # Trainer trains a bf16 model in bf16: a bf16 gradient and two bf16 AdamW states, no float32 master copy
     # (measured with a real Trainer in test_optimizer_states_are_what_trainer_keeps).
@@ -633,11 +656,11 @@ def test_importing_the_module_imports_no_torch() -> None:
 
 
 def test_a_second_estimate_reuses_the_build(monkeypatch: pytest.MonkeyPatch, empty_hub_cache: Path) -> None:
-    estimate("Qwen/Qwen2.5-1.5B")
+    estimate("Qwen/Qwen2.5-1.5B", **AS_CONFIGURED)
     monkeypatch.setattr(_counting, "_build", lambda *args: pytest.fail("built again"))
 
-    estimate("Qwen/Qwen2.5-1.5B", quantization="8bit", context=2048)
-    load_plans("Qwen/Qwen2.5-1.5B", free_bytes=4 * GiB)
+    estimate("Qwen/Qwen2.5-1.5B", quantization="8bit", context=2048, **AS_CONFIGURED)
+    load_plans("Qwen/Qwen2.5-1.5B", free_bytes=4 * GiB, **AS_CONFIGURED)
 
 
 # --- what transformers 5 really loads: the checkpoint's dtype, a checkpoint saved quantized -----------------
@@ -651,6 +674,11 @@ def test_without_a_dtype_in_the_config_the_weights_say_which_dtype_loads(tmp_pat
     config = json.loads((bf16 / "config.json").read_text())
     config.pop("dtype", None)
     (bf16 / "config.json").write_text(json.dumps(config))  # only the safetensors header says bfloat16
+    if TRANSFORMERS_MAJOR < 5:  # transformers 4 loads float32 all the same
+        for folder in (fp32, bf16):
+            assert estimate(str(folder)).dtype == "float32"
+            assert any("before transformers 5" in str(note) for note in estimate(str(folder)).notes)
+        return
     assert estimate(str(fp32)).dtype == "float32"
     found = estimate(str(bf16))
     assert found.dtype == "bfloat16"
@@ -673,7 +701,7 @@ def test_a_checkpoint_saved_quantized_is_estimated_as_saved(
 ) -> None:
     from transformers import LlamaConfig
 
-    config = LlamaConfig(**LLAMA_085B, dtype="float16").to_dict()
+    config = LlamaConfig(**LLAMA_085B, **{DTYPE: "float16"}).to_dict()
     (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": saved}))
     found = estimate(str(tmp_path))
     assert found.quantization == bits
@@ -748,6 +776,8 @@ def every_kind_of_note(
     found.append(estimate("some-org/only-on-the-hub"))
     monkeypatch.setattr(_configs, "transformers_major", lambda: 4)
     found.append(estimate("Qwen/Qwen2.5-0.5B"))
+    found.append(estimate("Qwen/Qwen2.5-0.5B", quantization="8bit"))
+    found.append(estimate("Qwen/Qwen2.5-0.5B", training="qlora", context=128))  # float16: k-bit casts
     return [note for each in found for note in each.notes]
 
 
@@ -762,7 +792,9 @@ def test_every_note_the_estimator_writes_is_worded_with_its_figures(
     origins = {(note.key, note.fact("origin")) for note in notes if note.fact("origin")}
     assert origins == {
         *(("source", origin) for origin in ("object", "path", "cache", "bundled", "hub")),
-        *(("dtype", origin) for origin in ("asked", "transformers-4", "config", "weights", "assumed")),
+        *(("dtype", origin) for origin in ("asked", "transformers-4", "transformers-4-quantized")),
+        # what transformers 5 loads untold: the config's dtype, the weights', or float32 assumed
+        *(("dtype", origin) for origin in ("config", "weights", "assumed") if TRANSFORMERS_MAJOR >= 5),
     }
     for note in notes:
         text = str(note)
@@ -777,11 +809,13 @@ def test_every_note_the_estimator_writes_is_worded_with_its_figures(
 
 
 def test_notes_read_as_before(empty_hub_cache: Path) -> None:
-    found = estimate("meta-llama/Llama-3.1-8B", context=8192, batch_size=2)
+    found = estimate("meta-llama/Llama-3.1-8B", context=8192, batch_size=2, **AS_CONFIGURED)
 
     assert [str(note) for note in found.notes] == [
         "Config: vram_magic's bundled copy of meta-llama/Llama-3.1-8B's config.json (nothing downloaded).",
-        "dtype bfloat16, from the config (what from_pretrained loads when given no dtype).",
+        "dtype bfloat16, from the config (what from_pretrained loads when given no dtype)."
+        if TRANSFORMERS_MAJOR >= 5
+        else "dtype bfloat16, as asked.",
         "Loading reserves the GPU's share in one allocation before copying (transformers' "
         "caching_allocator_warmup): all of it must be free at once.",
         "KV cache for 2 x 8192 tokens: 2 x layers x KV heads x head size x tokens x 2 bytes = 2.00 GiB.",
@@ -791,7 +825,7 @@ def test_notes_read_as_before(empty_hub_cache: Path) -> None:
     assert found.notes[3] == Note(
         "kv-cache", facts(batch_size=2, context=8192, width=2, kv_bytes=2 * GiB, sliding=False)
     )
-    assert "1.00 GiB" in str(estimate("meta-llama/Llama-3.1-8B", context=8192, batch_size=1))
+    assert "1.00 GiB" in str(estimate("meta-llama/Llama-3.1-8B", context=8192, batch_size=1, **AS_CONFIGURED))
 
 
 def test_labels_are_worded_from_the_data() -> None:
@@ -875,9 +909,11 @@ def test_a_checkpoint_saved_quantized_is_sized_as_saved_and_trained_only_through
         assert found.load_peak_bytes == found.weights_bytes  # loaded as saved: nothing converted
         with pytest.raises(ValueError, match=r"saved quantized .* cannot be fully fine-tuned"):
             estimate(str(folder), training="full")
+    # the one row: the checkpoint as saved (its config names no dtype: float32 from transformers 5 on, the
+    # float16 transformers 4's quantizers impose before)
     assert [plan.key for plan in load_plans(str(tmp_path / "bnb4"), free_bytes=GiB, training="qlora")] == [
-        "fp32"
-    ]  # the one row: the checkpoint as saved (its config names no dtype)
+        "fp32" if TRANSFORMERS_MAJOR >= 5 else "fp16"
+    ]
     with pytest.raises(ValueError, match="not in bitsandbytes 4-bit"):
         load_plans(str(tmp_path / "gptq"), free_bytes=GiB, training="qlora")
     plain = tmp_path / "plain"
@@ -948,11 +984,11 @@ def test_a_cache_file_that_cannot_be_read_is_counted_again(
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     _forget_this_process(monkeypatch)
-    fresh = estimate("Qwen/Qwen2.5-0.5B", quantization="8bit")
+    fresh = estimate("Qwen/Qwen2.5-0.5B", quantization="8bit", **AS_CONFIGURED)
     (entry,) = (tmp_path / "cache" / "vram_magic" / "estimates").glob("*.json")
     entry.write_text('{"census": {"bfloat16": {"params": ')  # cut off mid-write by a crash
     _forget_this_process(monkeypatch)
-    assert estimate("Qwen/Qwen2.5-0.5B", quantization="8bit") == fresh
+    assert estimate("Qwen/Qwen2.5-0.5B", quantization="8bit", **AS_CONFIGURED) == fresh
     assert json.loads(entry.read_text())["census"]["bfloat16"]["params"] == fresh.params  # and saved whole
 
 
@@ -981,10 +1017,15 @@ def test_a_new_kernel_estimates_a_counted_model_without_transformers_and_says_wh
 
 def test_two_gpus_hold_what_one_cannot_placed_as_transformers_places_it(empty_hub_cache: Path) -> None:
     t4 = round(14.75 * GiB)
-    one = {plan.key: plan for plan in load_plans("meta-llama/Llama-3.1-8B", free_bytes=None, cap_bytes=t4)}
+    one = {
+        plan.key: plan
+        for plan in load_plans("meta-llama/Llama-3.1-8B", free_bytes=None, cap_bytes=t4, **AS_CONFIGURED)
+    }
     two = {
         plan.key: plan
-        for plan in load_plans("meta-llama/Llama-3.1-8B", free_bytes=None, cap_bytes=t4, gpus=2)
+        for plan in load_plans(
+            "meta-llama/Llama-3.1-8B", free_bytes=None, cap_bytes=t4, gpus=2, **AS_CONFIGURED
+        )
     }
     assert one["bf16"].fits is False and two["bf16"].fits is True  # 14.96 GiB of weights: Kaggle's 2 x T4
     assert "offload" not in two  # device_map="auto" over both GPUs is every row already
@@ -994,7 +1035,10 @@ def test_two_gpus_hold_what_one_cannot_placed_as_transformers_places_it(empty_hu
     assert len(shares) == 2 and min(shares) > 0.4 * max(shares)  # balanced, not GPU 0 first
     assert sum(shares) == split.weights_bytes and split.offloaded_bytes == 0
     assert split.peak_bytes == max(shares) < split.weights_bytes  # each GPU holds its share
-    qwen = {plan.key: plan for plan in load_plans("Qwen/Qwen2.5-14B", free_bytes=None, cap_bytes=t4, gpus=2)}
+    qwen = {
+        plan.key: plan
+        for plan in load_plans("Qwen/Qwen2.5-14B", free_bytes=None, cap_bytes=t4, gpus=2, **AS_CONFIGURED)
+    }
     assert qwen["bf16"].fits is False and qwen["bf16"].estimate.offloaded_bytes > 0  # 27.5 GiB
     assert qwen["8bit"].fits is True
 

@@ -19,9 +19,17 @@ import torch
 from IPython.utils.capture import capture_output
 
 from tests.oom_budget import KiB, MiB, SimulatedGpu, activation_bytes, simulated_gpu
+from tests.stack import (
+    BITSANDBYTES_QUANTIZES_HERE,
+    DTYPE,
+    LOADS_THE_CHECKPOINTS_DTYPE,
+    NO_BITSANDBYTES_HERE,
+    loaded_dtype,
+)
 from vram_magic import Fix, OutOfMemoryHandled, Report, parse_oom_message
 
 SEQ = 32
+needs_bitsandbytes = pytest.mark.skipif(not BITSANDBYTES_QUANTIZES_HERE, reason=NO_BITSANDBYTES_HERE)
 MESSAGES = Path(__file__).parent / "fixtures" / "oom_messages"
 
 
@@ -87,7 +95,8 @@ def test_the_simulated_gpu_raises_cudas_own_message_with_true_figures(checkpoint
         AutoModelForCausalLM.from_pretrained(checkpoint, device_map="cuda")
     oom = parse_oom_message(f"torch.OutOfMemoryError: {raised.value}")
     assert oom is not None and oom.kind == "cuda"
-    weights = 115008 * 2  # every parameter of the tiny model, in bfloat16
+    # every parameter of the tiny model, in the dtype a load without one gives a bfloat16 checkpoint
+    weights = 115008 * loaded_dtype(torch.bfloat16).itemsize
     assert oom.requested_bytes == pytest.approx(weights, rel=0.01)
     assert oom.allowed_bytes == 200 * KiB and oom.allocated_bytes == 0
     assert small.failures == [str(raised.value)]
@@ -99,9 +108,9 @@ def test_the_simulated_gpu_raises_cudas_own_message_with_true_figures(checkpoint
 # --------------------------------------------------------------------------------------------------
 # S3: a load that does not fit; 8-bit and 4-bit fix it
 
-LOAD_CELL = """\
+LOAD_CELL = f"""\
 tokenizer = AutoTokenizer.from_pretrained(path)
-model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+model = AutoModelForCausalLM.from_pretrained(path, {DTYPE}=torch.bfloat16, device_map="cuda")
 """
 # 200 KiB: the bfloat16 weights (225 KiB) do not fit; 8-bit (145 KiB) and 4-bit (105 KiB) do.
 LOAD_BUDGET = 200 * KiB
@@ -144,6 +153,7 @@ def test_a_load_that_does_not_fit_is_offered_8bit_and_4bit_with_their_code(
     assert not bf16, "the cell already loads in bfloat16: offering bfloat16 would change nothing"
 
 
+@needs_bitsandbytes
 @pytest.mark.parametrize(("key", "layer"), [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
 def test_vram_fix_loads_the_quantized_model_for_real_and_it_generates(
     ip: Any,
@@ -171,6 +181,7 @@ def test_vram_fix_loads_the_quantized_model_for_real_and_it_generates(
     assert len(casts) == (1 if key == "8bit" else 0), "shown once, not on every 8-bit matmul"
 
 
+@needs_bitsandbytes
 def test_auto_reaches_a_working_8bit_model_in_two_runs(ip: Any, gpu: SimulatedGpu, checkpoint: Path) -> None:
     _ready_to_load(ip, gpu, checkpoint)
     result, printed = _run(ip, f"%%oomsafe --auto\n{LOAD_CELL}")
@@ -224,7 +235,7 @@ def test_after_a_load_oom_the_models_own_figures_say_which_quantized_loads_fit(
     ip.run_cell("import torch\nfrom transformers import AutoModelForCausalLM\n")
     ip.user_ns["path"] = str(wide_vocab_checkpoint)
     gpu.budget_bytes = 1000 * KiB
-    cell = 'model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")\n'
+    cell = f'model = AutoModelForCausalLM.from_pretrained(path, {DTYPE}=torch.bfloat16, device_map="cuda")\n'
     result, _ = _run(ip, f"%%oomsafe\n{cell}")
     _assert_handled(result)
     report = _report(ip)
@@ -234,6 +245,8 @@ def test_after_a_load_oom_the_models_own_figures_say_which_quantized_loads_fit(
         assert fix.fits is False and fix.needed_bytes == expected
         assert f"Estimated not to fit: needs about {format_bytes(expected)}." in fix.why
     assert _fix(report, "cpu").fits is True
+    if not BITSANDBYTES_QUANTIZES_HERE:
+        return  # the rest is a real 8-bit load (NO_BITSANDBYTES_HERE)
     # The simulated GPU agrees: the 8-bit load really does not fit (bitsandbytes refuses to spill to the CPU).
     result, _ = _run(ip, f"%vram fix {_number(report, '8bit')}")
     _assert_handled(result)
@@ -252,8 +265,8 @@ def test_after_an_oom_the_fixes_are_judged_for_the_load_that_failed(
     ip.user_ns.update(small=str(checkpoint), wide=str(wide_vocab_checkpoint))
     gpu.budget_bytes = 1000 * KiB
     cell = (
-        'draft = AutoModelForCausalLM.from_pretrained(small, dtype=torch.bfloat16, device_map="cuda")\n'
-        'model = AutoModelForCausalLM.from_pretrained(wide, dtype=torch.bfloat16, device_map="cuda")\n'
+        f'draft = AutoModelForCausalLM.from_pretrained(small, {DTYPE}=torch.bfloat16, device_map="cuda")\n'
+        f'model = AutoModelForCausalLM.from_pretrained(wide, {DTYPE}=torch.bfloat16, device_map="cuda")\n'
     )
     result, _ = _run(ip, f"%%oomsafe\n{cell}")
     _assert_handled(result)
@@ -378,13 +391,17 @@ def test_a_merged_model_too_big_for_the_gpu_stays_on_the_cpu_with_both_sizes_giv
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.25)
+    # raising=False: torch 2.5 has no such getter (vram_magic then takes no cap)
+    monkeypatch.setattr(
+        torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.25, raising=False
+    )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: round(19.9 * 2**30))
     assert vram_magic.to_gpu_if_it_fits(model) is model
-    assert capsys.readouterr().out == (
-        "Kept on CPU: the model needs 224.69 KiB and the GPU has 102.40 MiB free.\n"
+    needs = "224.69 KiB" if LOADS_THE_CHECKPOINTS_DTYPE else "449.34 KiB"  # bfloat16, or float32 (stack.py)
+    assert (
+        capsys.readouterr().out == f"Kept on CPU: the model needs {needs} and the GPU has 102.40 MiB free.\n"
     )
     assert next(model.parameters()).device.type == "cpu"
 
@@ -392,16 +409,24 @@ def test_a_merged_model_too_big_for_the_gpu_stays_on_the_cpu_with_both_sizes_giv
 # --------------------------------------------------------------------------------------------------
 # S2: a QLoRA training step whose batch does not fit; halving it (and doubling accumulation) does
 
-TRAIN_SETUP = """\
+# A QLoRA base; where bitsandbytes cannot quantize (NO_BITSANDBYTES_HERE) a bfloat16 one: what the batch fixes
+# do is the same.
+QLORA_BASE = """\
+nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+base = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4, device_map="cuda")
+"""
+LORA_BASE = f"""\
+base = AutoModelForCausalLM.from_pretrained(path, {DTYPE}=torch.bfloat16, device_map="cuda")
+"""
+TRAIN_SETUP = f"""\
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 from peft import LoraConfig, get_peft_model
 
-nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
-base = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4, device_map="cuda")
+{QLORA_BASE if BITSANDBYTES_QUANTIZES_HERE else LORA_BASE}\
 model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
 torch.manual_seed(0)
-train_data = [{"input_ids": row, "labels": row} for row in torch.randint(1, 256, (16, SEQ))]
+train_data = [{{"input_ids": row, "labels": row}} for row in torch.randint(1, 256, (16, SEQ))]
 """
 TRAIN_CELL = """\
 args = TrainingArguments(
@@ -495,6 +520,7 @@ def test_the_code_auto_ran_can_be_inserted_as_its_hint_says(
     assert len(inserted) == 1 and "per_device_train_batch_size=2," in inserted[0]
 
 
+@needs_bitsandbytes
 def test_auto_goes_on_to_the_next_fix_when_one_fails_another_way(
     ip: Any, gpu: SimulatedGpu, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

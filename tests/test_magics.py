@@ -189,7 +189,8 @@ def test_debugging_a_failed_cell_skips_the_magics_frames(ip: Any) -> None:
     ip.run_cell("def divide():\n    return 1 / 0\n")
     ip.run_cell("%%oomsafe\ndivide()\n")
     debugger = Pdb()
-    stack, _ = debugger.get_stack(None, sys.last_traceback)
+    debugger.setup(None, sys.last_traceback)  # as %debug does: the stack, and the frame it starts at
+    stack = debugger.stack
     hidden = debugger.hidden_frames(stack)
     shown = [frame.f_code.co_name for (frame, _), hide in zip(stack, hidden, strict=True) if not hide]
     assert "divide" in shown
@@ -581,7 +582,9 @@ def test_the_rerun_button_runs_the_fix_in_the_notebook_namespace(
             "train_step(batch_size, gradient_accumulation_steps)\n"
         )
     assert any("application/vnd.jupyter.widget-view+json" in o.data for o in captured.outputs)
-    buttons = [w for w in ipywidgets.Widget.widgets.values() if getattr(w, "description", "") == "Re-run"]
+    # every live widget: Widget.widgets, or in ipywidgets 8.0.0 (which has no such attribute) _active_widgets
+    live = getattr(ipywidgets.Widget, "widgets", None) or ipywidgets.Widget._active_widgets
+    buttons = [w for w in live.values() if getattr(w, "description", "") == "Re-run"]
     report = _last_report(ip)
     number = [fix.key for fix in report.fixes].index("half-batch") + 1
     button = [b for b in buttons if b.tooltip == report.fixes[number - 1].title][-1]
@@ -662,6 +665,11 @@ def test_the_failed_line_is_the_line_that_failed_not_its_loops_first_line(ip: An
 
 
 def test_a_magic_line_that_failed_is_shown_as_typed(ip: Any) -> None:
+    with capture_output():
+        if ip.run_cell("%time raise ValueError('does %time re-raise?')").success:
+            pytest.skip(
+                "IPython 8.12's %time prints the error itself and the cell succeeds (IPython 9 re-raises)"
+            )
     ip.run_cell(FAILING_LOAD)
     _run(ip, "%%oomsafe\nx = 1\n%time model = load_model()\n")
     report = _last_report(ip)

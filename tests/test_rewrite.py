@@ -10,6 +10,7 @@ import tokenize
 
 import pytest
 
+from tests.stack import DTYPE
 from vram_magic.fixes import FIXES, NotApplicable, diff, rewrite
 
 # The 4-bit config the "4bit" fix writes, for building expectations that are not spelled out in full.
@@ -936,13 +937,13 @@ def test_a_keyword_set_by_key_on_a_kwargs_dict_is_read_and_changed_there() -> No
 
 def test_half_and_cuda_chained_on_a_load_become_its_dtype_and_bitsandbytes_places_it() -> None:
     cell = "model = AutoModelForCausalLM.from_pretrained(name).half().cuda()\n"
-    assert rewrite(cell, "8bit").endswith(
+    assert rewrite(cell, "8bit").endswith(  # the dtype as the installed transformers names it
         "model = AutoModelForCausalLM.from_pretrained(name, quantization_config=BitsAndBytesConfig("
-        'load_in_8bit=True), dtype=torch.float16, device_map="auto")\n'
+        f'load_in_8bit=True), {DTYPE}=torch.float16, device_map="auto")\n'
     )
     assert "bnb_4bit_compute_dtype=torch.float16" in rewrite(cell, "4bit")  # the dtype the user chose
     assert rewrite(cell, "offload").endswith(
-        'model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float16, device_map="auto")\n'
+        f'model = AutoModelForCausalLM.from_pretrained(name, {DTYPE}=torch.float16, device_map="auto")\n'
     )
 
 
@@ -1286,8 +1287,8 @@ def test_a_pipeline_says_each_setting_once_on_the_call_or_in_model_kwargs() -> N
     for fix in ("4bit", "offload", "cpu"):
         fixed = rewrite(cell, fix)
         assert fixed.count("device_map") == 1, (fix, fixed)
-    bf16 = rewrite(cell, "bf16")
-    assert "torch_dtype" not in bf16 and bf16.count("dtype=") == 1
+    bf16 = rewrite(cell, "bf16")  # once, with the keyword the installed transformers takes
+    assert bf16.count("dtype") == 1 and ("torch_dtype" in bf16) == (DTYPE == "torch_dtype")
     assert 'device_map="cpu"' in rewrite(cell, "cpu")  # not left to load on the GPU first
     legacy = 'pipe = pipeline("text-generation", model="m/x", model_kwargs=dict(load_in_8bit=True), '
     legacy += 'device_map="auto")\n'

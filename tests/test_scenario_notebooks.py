@@ -24,8 +24,16 @@ import pytest
 import torch
 
 from tests.notebook_runner import run_copy
+from tests.stack import BITSANDBYTES_QUANTIZES_HERE, TRANSFORMERS_MAJOR
 
 pytestmark = pytest.mark.notebook
+# The notebooks are written for transformers 5 (from_pretrained(..., dtype=...)), and without a GPU s2 and s3
+# quantize with bitsandbytes on the CPU.
+runs_here = pytest.mark.skipif(
+    TRANSFORMERS_MAJOR < 5 or not BITSANDBYTES_QUANTIZES_HERE,
+    reason="the scenario notebooks write transformers 5's dtype= and, without a GPU, quantize with "
+    "bitsandbytes on the CPU: transformers 4.45 wants torch_dtype= and quantizes on CUDA only",
+)
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SCENARIOS = ("s1_merge", "s2_qlora", "s3_load")
@@ -75,6 +83,7 @@ def test_the_committed_notebook_has_no_outputs(name: str) -> None:
     assert notebook.cells[0].cell_type == "markdown" and notebook.cells[0].source.startswith("# Scenario ")
 
 
+@runs_here
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_every_cell_ran_and_only_the_tagged_ones_failed(runs: _Runs, name: str) -> None:
     notebook, folder = runs(name)
@@ -89,6 +98,7 @@ def test_every_cell_ran_and_only_the_tagged_ones_failed(runs: _Runs, name: str) 
     assert (folder / f"{name}.executed.ipynb").is_file() and (folder / f"{name}.html").is_file()
 
 
+@runs_here
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_the_notebook_says_whether_its_oom_is_real(runs: _Runs, name: str) -> None:
     notebook, _ = runs(name)
@@ -103,6 +113,7 @@ def test_the_notebook_says_whether_its_oom_is_real(runs: _Runs, name: str) -> No
         assert "SIMULATED" not in setup + oom
 
 
+@runs_here
 def test_s1_the_report_names_the_second_copy_and_frees_it(runs: _Runs) -> None:
     notebook, _ = runs("s1_merge")
     report = _report(_cell(notebook, "oom"))
@@ -126,6 +137,7 @@ def test_s1_the_report_names_the_second_copy_and_frees_it(runs: _Runs) -> None:
     assert "merged.generate() works: 8 new tokens" in works
 
 
+@runs_here
 def test_s2_auto_halves_the_batch_and_keeps_the_effective_batch(runs: _Runs) -> None:
     notebook, _ = runs("s2_qlora")
     out = _stdout(_cell(notebook, "oom"))
@@ -142,6 +154,7 @@ def test_s2_auto_halves_the_batch_and_keeps_the_effective_batch(runs: _Runs) -> 
     assert loss is not None and 0 < float(loss.group(1)) < 20
 
 
+@runs_here
 def test_s3_auto_loads_the_model_in_8bit(runs: _Runs) -> None:
     notebook, _ = runs("s3_load")
     out = _stdout(_cell(notebook, "oom"))

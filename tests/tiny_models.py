@@ -37,7 +37,11 @@ def save_tokenizer(path: Path, vocab_size: int = 256) -> None:
     )
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=words, unk_token="[UNK]", pad_token="[UNK]"
+        tokenizer_object=words,
+        unk_token="[UNK]",
+        pad_token="[UNK]",
+        # a Llama tokenizer's inputs: transformers 4 otherwise adds token_type_ids, which Llama does not take
+        model_input_names=["input_ids", "attention_mask"],
     )
     tokenizer.save_pretrained(path)
 
