@@ -9,7 +9,12 @@ STAMP := $(VENV)/.installed
 # tests/browser drives Debian's chromium (through the playwright package, not playwright's own browsers).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: venv chromium test lint demo clean
+# The oldest releases supported (pyproject's floors, pinned in .ci/floors.txt): `make test-oldest`.
+OLDEST := .venv-oldest
+OLDEST_PY := $(OLDEST)/bin/python
+OLDEST_STAMP := $(OLDEST)/.installed
+
+.PHONY: venv chromium test test-oldest lint demo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,8 +46,23 @@ chromium:
 test: $(STAMP) lint chromium
 	$(PY) -m pytest -q
 
+# torch first, from its pin (PyPI's CUDA build of 2.5.1, which runs on the CPU), then the rest at the floors.
+$(OLDEST_STAMP): pyproject.toml Makefile .ci/floors.txt
+	test -x $(OLDEST_PY) || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST_PY) -m pip install -q --upgrade pip
+	$(OLDEST_PY) -m pip install -q -c .ci/floors.txt torch
+	$(OLDEST_PY) -m pip install -q -c .ci/floors.txt -e ".[dev]"
+	$(OLDEST_PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(OLDEST_STAMP)
+
+# The CPU suite at the floors (the notebook tests included; tests/stack.py says what differs there), then: a
+# `pip install .` into that environment changes none of its packages.
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_PY) -m pytest -q -m "not browser"
+	$(OLDEST_PY) .ci/no_upgrade_check.py
+
 demo: $(STAMP)
 	$(PY) notebooks/run.py notebooks/quickstart.ipynb notebooks/s1_merge.ipynb notebooks/s2_qlora.ipynb notebooks/s3_load.ipynb notebooks/timeline.ipynb
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(OLDEST) build *.egg-info
