@@ -487,15 +487,20 @@ def llama_085b() -> Any:
     return LlamaConfig(**LLAMA_085B)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 12, open: priced in the bfloat16 it ran in, the estimate (2.46 GiB) is 31 % under this "
+    "row; what the GPU holds beyond it needs the GPU calibration of benchmarks/train_accuracy.py",
+)
 def test_the_one_measured_qlora_step_is_not_underestimated() -> None:
-    """An H100 (torch 2.11, transformers 5.17): a QLoRA Trainer step of this Llama (LoRA r=16 on q/k/v/o,
-    AdamW, batch 2 x 512, no checkpointing, not prepared for k-bit) peaked at 3.59 GiB allocated. One row is
-    not a calibration (issue 12 asks for many, on a GPU); it guards the direction: never more than 10 %
-    under, and not wildly over."""
-    # Its config names no dtype: transformers 5 then assumes float32, as the estimate does; transformers 4
-    # loads a quantized model in float16 untold, so there the dtype is asked for to price the same step.
-    as_on_5: dict[str, Any] = {} if TRANSFORMERS_MAJOR >= 5 else {"dtype": "float32"}
-    found = estimate(llama_085b(), training="qlora", prepare_kbit=False, batch_size=2, context=512, **as_on_5)
+    """An H100 (torch 2.11, transformers 5.17; shared/DESIGN.md): a QLoRA Trainer step of this Llama (LoRA
+    r=16 on q/k/v/o, AdamW, batch 2 x 512, no checkpointing, not prepared for k-bit) peaked at 3.59 GiB. One
+    row is not a calibration (issue 12 asks for many, on a GPU); it guards the direction: never more than 10 %
+    under, and not wildly over. The checkpoint was saved in bfloat16 and loaded without a dtype, so it ran in
+    bfloat16; an earlier version of this test priced float32 (this config names no dtype) and passed by it."""
+    found = estimate(
+        llama_085b(), dtype="bfloat16", training="qlora", prepare_kbit=False, batch_size=2, context=512
+    )
     measured = 3.59 * GiB
     assert 0.9 * measured <= found.peak_bytes <= 1.25 * measured
 

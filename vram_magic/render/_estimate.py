@@ -160,8 +160,9 @@ def _activations(f: dict[str, Any]) -> str:
         f"Activations for {f['batch_size']} x {f['tokens']} tokens: {kept}, in 16-bit bytes per token, plus "
         f"{f['logits_per_vocab']}*vocab for the logits and loss (measured on CPU from transformers' models "
         "with SDPA attention, after Korthikanti et al. 2022). Not yet calibrated on a GPU: one QLoRA Trainer "
-        "step of a 0.85 B Llama (batch 2 x 512, no checkpointing) peaked at 3.59 GiB on an H100 where this "
-        "estimate says 4.16 GiB; the CUDA context and allocator fragmentation are not counted."
+        "step of a 0.85 B Llama in bfloat16 (batch 2 x 512, no checkpointing) peaked at 3.59 GiB on an H100 "
+        "where this estimate says 2.46 GiB, so read it as a lower bound; the CUDA context and allocator "
+        "fragmentation are not counted."
     )
 
 
