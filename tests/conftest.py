@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +14,9 @@ from IPython.testing.globalipapp import get_ipython
 
 # vram_magic's disk cache of counted models (and any other tool's cache) starts empty for every test run, in
 # this process and the kernels and scripts it starts, and never touches the user's ~/.cache.
+# Removed when the run ends (each run used to leave its folder in /tmp).
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="vram_magic_tests_cache_")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 # A real torch 2.x OOM message (captured on an H100 with torch 2.11): what CUDA raises under a 1.5 GiB cap.
 CAPPED_LOAD_OOM = (
@@ -23,30 +27,6 @@ CAPPED_LOAD_OOM = (
     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for Memory "
     "Management  (https://docs.pytorch.org/docs/stable/notes/cuda.html#optimizing-memory-usage-with-pytorch-cuda-alloc-conf)"
 )
-
-
-# Until tests/test_preflight.py writes its cells with tests.stack.DTYPE (transformers 4.45 passes dtype= on to
-# the model's __init__, which fails) and marks its real 8-bit load with tests.stack's bitsandbytes skip, these
-# of its tests cannot pass at the floors; nothing else is skipped here.
-_PREFLIGHT_AT_THE_FLOORS = {
-    "test_an_estimator_that_fails_never_stops_the_cell": "its cell writes dtype=",
-    "test_force_runs_it_anyway_and_a_load_that_fits_runs_silently": "its cell writes dtype=",
-    "test_without_a_gpu_or_a_planned_cap_there_is_no_preflight": "its cell writes dtype=",
-    "test_preflight_never_stops_a_cell_it_cannot_read": "its cell writes dtype=",
-    "test_auto_runs_the_first_plan_that_fits_with_no_oom": "it loads in 8-bit for real",
-}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    from tests.stack import TRANSFORMERS_MAJOR
-
-    if TRANSFORMERS_MAJOR >= 5:
-        return
-    for item in items:
-        why = _PREFLIGHT_AT_THE_FLOORS.get(item.name)
-        if why and item.path.name == "test_preflight.py":
-            reason = f"transformers {TRANSFORMERS_MAJOR}: {why} (pending a change to tests/test_preflight.py)"
-            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

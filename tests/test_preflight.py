@@ -15,6 +15,7 @@ from IPython.utils.capture import capture_output
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.oom_budget import simulated_gpu
+from tests.stack import BITSANDBYTES_QUANTIZES_HERE, DTYPE, NO_BITSANDBYTES_HERE
 from vram_magic import OutOfMemoryHandled, _caps
 from vram_magic._preflight import Verdict, judged, load_at, need
 from vram_magic._preflight import check as check_reading
@@ -36,7 +37,7 @@ def loads_in(cell: str, namespace: dict[str, Any]) -> list[tuple[str | None, ...
 
 LOAD_CELL = (
     "import torch\nfrom transformers import AutoModelForCausalLM\n"
-    'model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")\n'
+    f'model = AutoModelForCausalLM.from_pretrained(path, {DTYPE}=torch.bfloat16, device_map="cuda")\n'
 )
 
 
@@ -95,7 +96,7 @@ AUTO = ", device_map='auto'"
 
 
 def _load(placement: str = ', device_map="cuda"') -> str:
-    return f"AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16{placement})"
+    return f"AutoModelForCausalLM.from_pretrained(path, {DTYPE}=torch.bfloat16{placement})"
 
 
 @pytest.mark.parametrize(
@@ -350,6 +351,7 @@ def test_force_runs_it_anyway_and_a_load_that_fits_runs_silently(rehearsal: Any)
     assert fits.success and "model" in ip.user_ns and "Not run" not in captured.stdout
 
 
+@pytest.mark.skipif(not BITSANDBYTES_QUANTIZES_HERE, reason=NO_BITSANDBYTES_HERE)
 def test_auto_runs_the_first_plan_that_fits_with_no_oom(rehearsal: Any) -> None:
     import bitsandbytes as bnb
 
