@@ -119,6 +119,15 @@ def preflight_report(
         advise_elsewhere=ADVISE_BY_HAND["load"],
         failed_load=cell.loads.index(load) if load in cell.loads else None,
     )
+    preflight = Preflight(verdict.need_bytes, verdict.room_bytes, on_gpu=bool(snapshot.gpus))
+    cause = Cause("estimate", facts(estimate=first))
+    return _not_run(cell, snapshot, cause, make_runnable(LOAD_FIXES, context), preflight)
+
+
+def _not_run(
+    cell: Cell, snapshot: Snapshot, cause: Cause, fixes: tuple[Fix, ...], found: Preflight
+) -> Report:
+    """The report of a cell preflight did not run: nothing failed, nothing was freed."""
     return Report(
         error_text="",
         oom=None,
@@ -127,9 +136,9 @@ def preflight_report(
         snapshot=snapshot,
         holders=(),
         cleanup=Cleanup(released=(), reclaimed_bytes=None, freed_tensor_bytes=0),
-        causes=(Cause("estimate", facts(estimate=first)),),
-        fixes=make_runnable(LOAD_FIXES, context),
-        preflight=Preflight(verdict.need_bytes, verdict.room_bytes, on_gpu=bool(snapshot.gpus)),
+        causes=(cause,),
+        fixes=fixes,
+        preflight=found,
     )
 
 
@@ -159,20 +168,9 @@ def training_preflight_report(
         checkpointing=step.checkpointing,
         optimizer=step.optimizer,
     )
-    return Report(
-        error_text="",
-        oom=None,
-        cell=cell.source,
-        analysis=analyse(cell),
-        snapshot=snapshot,
-        holders=(),
-        cleanup=Cleanup(released=(), reclaimed_bytes=None, freed_tensor_bytes=0),
-        causes=(Cause("training-estimate", found),),
-        fixes=_for_a_held_trainer(make_runnable(TRAINING_FIXES, context), verdict),
-        preflight=Preflight(
-            verdict.need_bytes, verdict.room_bytes, on_gpu=bool(snapshot.gpus), kind="training"
-        ),
-    )
+    fixes = _for_a_held_trainer(make_runnable(TRAINING_FIXES, context), verdict)
+    preflight = Preflight(verdict.need_bytes, verdict.room_bytes, on_gpu=bool(snapshot.gpus), kind="training")
+    return _not_run(cell, snapshot, Cause("training-estimate", found), fixes, preflight)
 
 
 def _for_a_held_trainer(fixes: tuple[Fix, ...], verdict: TrainingVerdict) -> tuple[Fix, ...]:
