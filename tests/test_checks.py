@@ -255,7 +255,14 @@ def test_a_message_without_figures_gives_no_verdict(llama: str) -> None:
 # A live snapshot with GPUs
 
 
-def _gpu(index: int, free: int, *, cap: int | None = None, reserved: int | None = None) -> GpuSnapshot:
+def _gpu(
+    index: int,
+    free: int,
+    *,
+    cap: int | None = None,
+    reserved: int | None = None,
+    allocated: int | None = None,
+) -> GpuSnapshot:
     return GpuSnapshot(
         index=index,
         name="NVIDIA H100",
@@ -263,6 +270,7 @@ def _gpu(index: int, free: int, *, cap: int | None = None, reserved: int | None 
         free_bytes=free,
         cap_bytes=cap,
         reserved_bytes=reserved,
+        allocated_bytes=allocated,
     )
 
 
@@ -271,6 +279,15 @@ def test_the_live_gpu_gives_the_room_not_the_message() -> None:
     room = room_after_cleanup(snapshot, _oom("torch2_11_h100_capped.txt"), freed_bytes=GiB)
     assert room.gpu_bytes == 6 * GiB  # the cap less what is reserved now
     assert room.gpu_free_without_cap_bytes == 60 * GiB
+
+
+def test_what_pytorch_caches_unallocated_is_room() -> None:
+    """PyTorch reuses its cached blocks before it asks the driver for more (and empties its cache before it
+    gives up): 3 GiB cached but unallocated is room the driver's free figure does not show."""
+    cached = _gpu(0, free=4 * GiB, reserved=10 * GiB, allocated=7 * GiB)
+    assert room_after_cleanup(Snapshot(gpus=(cached,), cpu=RAM), None, 0).gpu_bytes == 7 * GiB
+    capped = _gpu(0, free=60 * GiB, cap=16 * GiB, reserved=10 * GiB, allocated=7 * GiB)
+    assert room_after_cleanup(Snapshot(gpus=(capped,), cpu=RAM), None, 0).gpu_bytes == 9 * GiB  # 16 - 7
 
 
 def test_offload_spreads_the_model_over_each_gpus_room_and_cpu_ram_with_headroom() -> None:

@@ -408,11 +408,15 @@ def _options(fix_key: str, room: Room) -> Options:
 
 
 def _gpu_room(gpu: GpuSnapshot) -> int | None:
+    """What this process can still allocate on ``gpu``: the driver's free memory plus what PyTorch holds
+    in its cache unallocated (it reuses that first, and empties it before it gives up), within the cap."""
     if gpu.free_bytes is None:
         return None
+    room = gpu.free_bytes + (gpu.unallocated_reserved_bytes or 0)
     if gpu.cap_bytes is None or gpu.reserved_bytes is None:
-        return gpu.free_bytes
-    return max(min(gpu.free_bytes, gpu.cap_bytes - gpu.reserved_bytes), 0)
+        return room
+    held = gpu.reserved_bytes if gpu.allocated_bytes is None else gpu.allocated_bytes
+    return max(min(room, gpu.cap_bytes - held), 0)
 
 
 def _compute_dtype() -> str:
