@@ -25,6 +25,7 @@ from vram_magic.estimator import estimate
 MiB = 2**20
 SEQUENCE = 128
 ROWS = 16
+TWO_IMPORTS = "from transformers import TrainingArguments\nfrom lightning import Trainer"
 
 
 def train_cell(batch: object = 8, *, accumulation: object = 1, extra: str = "") -> str:
@@ -155,6 +156,8 @@ def test_training_arguments_of_an_earlier_cell_are_read(namespace: dict[str, Any
     namespace["Trainer"] = __import__("transformers").Trainer
     step = training_step(read_cell(cell, namespace), gpu_here=False)
     assert step is not None and (step.batch_size, step.accumulation, step.optimizer_steps) == (4, 2, 3)
+    # changed by the cell before it trains: what the step reads is no longer what the notebook holds
+    assert training_step(read_cell("args.max_steps = 1\n" + cell, namespace), gpu_here=False) is None
 
 
 @pytest.mark.parametrize(
@@ -179,6 +182,21 @@ def test_training_arguments_of_an_earlier_cell_are_read(namespace: dict[str, Any
         "del reference\n" + train_cell(),
         "torch.cuda.empty_cache()\n" + train_cell(),
         "reference = None\n" + train_cell(),
+        # settings that change what a step holds in ways the estimate does not follow
+        train_cell(extra="    auto_find_batch_size=True,\n"),
+        train_cell(extra="    use_cpu=True,\n"),
+        train_cell(extra="    torch_compile=True,\n"),
+        train_cell(extra='    deepspeed="ds_config.json",\n'),
+        # an optimizer of the user's, a resumed run (its states come from the checkpoint)
+        train_cell().replace("train_dataset=train_data", "train_dataset=train_data, optimizers=(opt, None)"),
+        train_cell().replace("trainer.train()", 'trainer.train(resume_from_checkpoint="last")'),
+        # the arguments or the data changed in the cell before the trainer is built
+        train_cell().replace(
+            "trainer = Trainer(", "args.per_device_train_batch_size = 64\ntrainer = Trainer("
+        ),
+        "train_data.append(long_row)\n" + train_cell(),
+        # a Trainer of another library
+        train_cell().replace("from transformers import Trainer, TrainingArguments", TWO_IMPORTS),
     ],
     ids=[
         "rebuilt",
@@ -193,6 +211,15 @@ def test_training_arguments_of_an_earlier_cell_are_read(namespace: dict[str, Any
         "del",
         "empty-cache",
         "rebound",
+        "auto-find-batch-size",
+        "use-cpu",
+        "torch-compile",
+        "deepspeed",
+        "own-optimizer",
+        "resumed",
+        "args-changed",
+        "data-changed",
+        "other-library",
     ],
 )
 def test_training_not_known_before_it_runs_is_not_judged(cell: str, namespace: dict[str, Any]) -> None:
@@ -213,6 +240,29 @@ def test_harmless_uses_of_the_model_before_training_are_allowed(namespace: dict[
     assert verdict(cell, namespace) is not None
     # what comes after the training changes nothing before it
     assert verdict(train_cell() + "model = model.merge_and_unload()\ndel trainer\n", namespace) is not None
+
+
+def test_only_collators_that_pad_are_judged(namespace: dict[str, Any]) -> None:
+    """A collator that pads each batch to its longest row keeps the first batch's length; one that packs rows
+    together (``DataCollatorWithFlattening``) makes other shapes: no verdict."""
+    from transformers import DataCollatorWithFlattening, default_data_collator
+
+    namespace.update(collate=default_data_collator, flatten=DataCollatorWithFlattening())
+    padded = train_cell().replace(
+        "train_dataset=train_data", "train_dataset=train_data, data_collator=collate"
+    )
+    assert verdict(padded, namespace) is not None
+    assert verdict(padded.replace("data_collator=collate", "data_collator=flatten"), namespace) is None
+
+
+def test_only_causal_language_models_are_judged(checkpoint: Path, namespace: dict[str, Any]) -> None:
+    """The estimate prices logits over the vocabulary at every position: a classifier's are not."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForSequenceClassification
+
+    base = LlamaForSequenceClassification.from_pretrained(checkpoint, num_labels=2)
+    namespace["model"] = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    assert verdict(train_cell(), namespace, room_bytes=1) is None
 
 
 def built_trainer(namespace: dict[str, Any], batch: int = 8) -> Any:
@@ -250,6 +300,9 @@ def test_a_trainer_of_an_earlier_cell_is_judged_by_what_it_holds(namespace: dict
     assert verdict("lora_model.gradient_checkpointing_enable()\ntrainer.train()\n", namespace) is None
     assert verdict("trainer.model.enable_input_require_grads()\ntrainer.train()\n", namespace) is None
     assert verdict("lora_model.print_trainable_parameters()\ntrainer.train()\n", namespace) is not None
+    # A Trainer that trained before holds its optimizer's states, which the room before the cell counts
+    trainer.create_optimizer()
+    assert verdict("trainer.train()\n", namespace) is None
 
 
 def test_a_trainer_of_an_earlier_cell_that_cannot_fit_is_not_run_and_the_fixes_are_advice(
@@ -341,18 +394,19 @@ def alive_when_the_backward_starts(model: Any, batch: int, sequence: int, vocab:
 
 
 @pytest.mark.parametrize(
-    ("architecture", "training", "dtype"),
+    ("architecture", "training", "dtype", "hidden"),
     [
-        ("llama", "lora", "bfloat16"),
-        ("llama", "full", "bfloat16"),
-        ("llama", "lora", "float32"),
-        ("llama", "full", "float32"),
-        ("gpt2", "lora", "bfloat16"),
-        ("gpt2", "full", "bfloat16"),
+        ("llama", "lora", "bfloat16", 128),
+        ("llama", "full", "bfloat16", 128),
+        ("llama", "lora", "float32", 128),
+        ("llama", "full", "float32", 128),
+        ("llama", "lora", "float32", 512),  # the least share measured: 62 %
+        ("gpt2", "lora", "bfloat16", 128),
+        ("gpt2", "full", "bfloat16", 128),
     ],
 )
 def test_the_share_preflight_counts_surely_exists(
-    architecture: str, training: str, dtype: str, tmp_path: Path
+    architecture: str, training: str, dtype: str, hidden: int, tmp_path: Path
 ) -> None:
     """The floor's share of the estimated activations and logits is no more than what a real step holds at
     once (measured on CPU; a GPU allocates at least as much for the same graph), at two batch shapes."""
@@ -361,8 +415,8 @@ def test_the_share_preflight_counts_surely_exists(
 
     if architecture == "llama":
         config: Any = LlamaConfig(
-            hidden_size=128,
-            intermediate_size=344,
+            hidden_size=hidden,
+            intermediate_size=hidden * 43 // 16,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -372,7 +426,7 @@ def test_the_share_preflight_counts_surely_exists(
         model_class: Any = LlamaForCausalLM
         targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     else:
-        config = GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=512, n_positions=512)
+        config = GPT2Config(n_embd=hidden, n_layer=2, n_head=4, vocab_size=512, n_positions=512)
         model_class, targets = GPT2LMHeadModel, ["c_attn"]
     torch.manual_seed(0)
     model = model_class(config).to(getattr(torch, dtype))

@@ -4,21 +4,23 @@ judge the first training steps against the room on the GPU.
 False stops are worse than a late OOM, so this judges a floor, not the estimate, and only what is known
 before the cell runs:
 
-- the cell surely runs ``Trainer(...).train()`` (top level), with transformers' own ``Trainer`` (or
-  ``Seq2SeqTrainer``): a subclass may compute its loss any way it likes;
-- the model is one the notebook holds, not changed by the cell before it trains (its trainable parameters,
-  dtype, quantization, adapters and place are read off the object);
+- the cell surely runs ``Trainer(...).train()`` (top level, no arguments), with transformers' own
+  ``Trainer`` (or ``Seq2SeqTrainer``): a subclass may compute its loss any way it likes;
+- the model is a causal language model the notebook holds, on one device, not changed by the cell before it
+  trains (its trainable parameters, dtype, quantization, adapters and place are read off the object);
+- nothing the estimate does not follow is on: an optimizer of the user's, ``auto_find_batch_size``,
+  ``use_cpu``, ``torch_compile``, Liger kernels, DeepSpeed, FSDP;
 - the TrainingArguments are a notebook object, or built in the cell with values the reader knows (missing
   keywords take the class's defaults);
 - the training data is a list of rows or a ``datasets.Dataset`` with ``input_ids``, and the collator is
-  transformers' own (it pads to the longest row of a batch, and never truncates): the first batch then holds
-  at least ``B`` rows padded to at least the ``B``-th shortest length.
+  one of transformers' that pads to the longest row of a batch and never truncates or packs: the first batch
+  then holds at least ``B`` rows padded to at least the ``B``-th shortest length.
 
-The floor is what the step surely holds at its peak: the estimator's activations and logits for that first
+The floor is what the step surely holds at once: the estimator's activations and logits for that first
 batch (``vram_magic.estimator``, the same arithmetic as ``%vram estimate --train``) at ``_SURE_SHARE`` of
-their estimate; the optimizer's states once a second optimizer step surely runs; the gradients when they are
-accumulated over micro-batches; the weights when the Trainer has yet to move them to the GPU. Pure Python:
-no IPython.
+their estimate; the optimizer's states once a second optimizer step surely runs (not a paged optimizer's);
+the gradients when they are accumulated over micro-batches; the weights when the Trainer has yet to move
+them to the GPU. Pure Python: no IPython.
 """
 
 from __future__ import annotations
@@ -40,17 +42,36 @@ from vram_magic.cell import Cell, Held, TrainerRun
 from vram_magic.cell._values import bound_names, keyword_values
 
 # What surely exists at the peak of a step is less than the estimate: autograd's saved tensors, the logits and
-# the loss's first gradient, which coexist when the backward pass starts, measured on CPU for tiny Llama and
-# GPT-2 models (LoRA, QLoRA and full, bfloat16 and float32; tests/test_train_preflight.py), came to 70-96 %
-# of the estimated activations and logits. A GPU allocates at least as much for the same graph. Preflight
-# counts this share of them, below the least measured.
-_SURE_SHARE = 0.65
+# the loss's first gradient, which coexist when the backward pass starts, measured on CPU for small Llama and
+# GPT-2 models (LoRA and full, bfloat16 and float32, hidden 128 to 512; tests/test_train_preflight.py), came
+# to 62-96 % of the estimated activations and logits. Preflight counts less than the least measured.
+_SURE_SHARE = 0.5
 _TRAINERS = frozenset({"Trainer", "Seq2SeqTrainer"})
 _POSITIONAL = ("model", "args", "data_collator", "train_dataset")  # Trainer's first parameters, in order
 _MAX_ROWS = 1_000_000  # more rows than this are not measured one by one
 # Uses of the model name in the cell before training that change nothing the step needs.
 _HARMLESS_METHODS = frozenset({"print_trainable_parameters", "get_memory_footprint", "num_parameters"})
 _FREEING_METHODS = frozenset({"empty_cache", "collect", "to", "cpu", "free_memory", "release_memory"})
+# Settings that change what a step holds in ways the estimate does not follow: no verdict where they are on.
+_UNJUDGED_SETTINGS = (
+    "auto_find_batch_size",
+    "use_cpu",
+    "use_liger_kernel",
+    "torch_compile",
+    "deepspeed",
+    "fsdp",
+)
+# Collators that pad each batch to its longest row (or stack equal rows) and never drop or join tokens.
+_PADDING_COLLATORS = frozenset(
+    {
+        "default_data_collator",
+        "DefaultDataCollator",
+        "DataCollatorWithPadding",
+        "DataCollatorForLanguageModeling",
+        "DataCollatorForSeq2Seq",
+        "DataCollatorForTokenClassification",
+    }
+)
 _ARGUMENTS = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
@@ -61,6 +82,12 @@ _ARGUMENTS = (
     "dataloader_drop_last",
     "bf16",
     "fp16",
+    *_UNJUDGED_SETTINGS,
+)
+_REQUIRED = _ARGUMENTS[:6]  # without these known, no verdict
+_SWITCHES = frozenset(
+    {"gradient_checkpointing", "dataloader_drop_last", "bf16", "fp16", "auto_find_batch_size", "use_cpu"}
+    | {"use_liger_kernel", "torch_compile"}
 )
 
 
@@ -75,6 +102,7 @@ class TrainingStep:
     batch_size: int  # the first batch's rows
     sequence: int  # the shortest length the first batch is padded to
     accumulation: int
+    micro_batches: int  # per epoch
     checkpointing: bool
     optimizer: str
     optimizer_steps: int  # at least this many
@@ -106,7 +134,7 @@ class TrainingVerdict:
         for key, size in self.parts:
             if key in ("activations", "logits"):
                 floor += int(size * _SURE_SHARE)
-            elif key != "gradients" or self.step.accumulation >= 2:
+            elif key != "gradients" or min(self.step.accumulation, self.step.micro_batches) >= 2:
                 floor += size
         return floor
 
@@ -136,20 +164,25 @@ def training_step(cell: Cell, gpu_here: bool) -> TrainingStep | None:
     """The first ``trainer.train()`` that surely runs, read with the notebook's objects; None if any part
     of it is not known before the cell runs."""
     run = next((run for run in cell.trainer_runs if run.surely), None)
-    if run is None or run.class_name not in _TRAINERS:
+    if run is None or run.class_name not in _TRAINERS or run.call.args:  # resume_from_checkpoint=...
         return None
     if run.trainer is None:
         return _held_trainer_step(cell, run, gpu_here)
     given = _trainer_arguments(run.trainer, cell)
-    if given is None or not isinstance(given.get("model"), cst.Name):
+    if run.library != "transformers" or given is None or not isinstance(given.get("model"), cst.Name):
         return None
+    if given.get("optimizers") is not None:  # an optimizer of the user's: its states are unknown
+        return None
+    for expr in (given.get("args"), given.get("train_dataset"), given.get("data_collator")):
+        if isinstance(expr, cst.Name) and not _only_bound(cell, run, expr.value, run.trainer):
+            return None
     model_name = given["model"].value
     held = _value_at(cell, run, given["model"])
     if not isinstance(held, Held) or not _untouched(cell, run, model_name, run.trainer):
         return None
     if not _model_untouched(cell, run, held.value, run.trainer) or _frees_before(cell, run):
         return None
-    arguments = _training_arguments(cell, given.get("args"))
+    arguments = _training_arguments(cell, run, given.get("args"))
     data = _value_at(cell, run, given["train_dataset"]) if "train_dataset" in given else None
     collator = given.get("data_collator")
     if collator is not None:
@@ -174,6 +207,8 @@ def _held_trainer_step(cell: Cell, run: TrainerRun, gpu_here: bool) -> TrainingS
     trainer_object = trainer.value
     if type(trainer_object).__module__.split(".")[0] != "transformers":
         return None
+    if getattr(trainer_object, "optimizer", None) is not None:  # it trained before: its states are held
+        return None
     model = getattr(trainer_object, "model", None)
     if not _model_untouched(cell, run, model, run.call) or _frees_before(cell, run):
         return None
@@ -181,9 +216,11 @@ def _held_trainer_step(cell: Cell, run: TrainerRun, gpu_here: bool) -> TrainingS
     rows = _row_lengths(getattr(trainer_object, "train_dataset", None))
     if arguments is None or rows is None or not _pads_only(getattr(trainer_object, "data_collator", None)):
         return None
-    batch = getattr(trainer_object, "_train_batch_size", None)  # what the Trainer took from args when built
-    if isinstance(batch, int) and batch >= 1:
-        arguments["per_device_train_batch_size"] = batch
+    # What the Trainer took from args when built (per device times the GPUs DataParallel spreads it over)
+    batch = getattr(trainer_object, "_train_batch_size", None)
+    gpus = getattr(getattr(trainer_object, "args", None), "_n_gpu", 1)
+    if isinstance(batch, int) and isinstance(gpus, int) and batch >= 1:
+        arguments["per_device_train_batch_size"] = max(batch // max(gpus, 1), 1)  # as TrainingArguments
     step = _step(model, f"{run.held}.model", arguments, rows, gpu_here)
     return None if step is None else dataclasses.replace(step, held_trainer=run.held)
 
@@ -237,6 +274,19 @@ def _untouched(cell: Cell, run: TrainerRun, name: str, within: cst.CSTNode) -> b
                 and isinstance(node.func.value, cst.Name)
             ):
                 allowed.add(id(node.func.value))
+        if any(id(node) not in allowed for node in m.findall(step.node, m.Name(name))):
+            return False
+    return True
+
+
+def _only_bound(cell: Cell, run: TrainerRun, name: str, within: cst.CSTNode) -> bool:
+    """Whether the cell does nothing with ``name`` until it trains but bind it and use it ``within``: its
+    object, held or made in the cell, is the one read (``args.max_steps = 1`` would change it)."""
+    allowed = {id(node) for node in m.findall(within, m.Name(name))}
+    for step in cell.steps[: run.step + 1]:
+        for node in m.findall(step.node, m.Assign()):
+            if isinstance(node, cst.Assign):
+                allowed |= {id(t.target) for t in node.targets if m.matches(t.target, m.Name(name))}
         if any(id(node) not in allowed for node in m.findall(step.node, m.Name(name))):
             return False
     return True
@@ -296,10 +346,10 @@ def _under_config(target: cst.BaseExpression, name: str) -> bool:
     return isinstance(target, cst.Name) and target.value == name and chain[-1:] == ["config"]
 
 
-def _training_arguments(cell: Cell, expr: Any) -> dict[str, Any] | None:
+def _training_arguments(cell: Cell, run: TrainerRun, expr: Any) -> dict[str, Any] | None:
     """The TrainingArguments values the step depends on: a notebook object's, or a call of the cell's read
     with the class's defaults for what it leaves out; None when one of them is unknown."""
-    value = cell.names.value(expr) if expr is not None else None
+    value = _value_at(cell, run, expr) if expr is not None else None
     if isinstance(value, Held):
         return _arguments_of(value.value)
     config = next((c for c in cell.training_configs if c.call is value), None) if value is not None else None
@@ -324,7 +374,7 @@ def _training_arguments(cell: Cell, expr: Any) -> dict[str, Any] | None:
 def _arguments_of(args: object) -> dict[str, Any] | None:
     """The values the step depends on of a TrainingArguments object."""
     found = {key: getattr(args, key, None) for key in _ARGUMENTS}
-    return None if any(found[key] is None for key in _ARGUMENTS[:6]) else _plain(found)
+    return None if any(found[key] is None for key in _REQUIRED) else _plain(found)
 
 
 def _read(cell: Cell, key: str, expr: Any) -> object:
@@ -336,7 +386,7 @@ def _read(cell: Cell, key: str, expr: Any) -> object:
         return names.integer(expr)
     if key == "optim":
         return names.text(expr)
-    if key in ("gradient_checkpointing", "dataloader_drop_last", "bf16", "fp16"):
+    if key in _SWITCHES:
         return names.boolean(expr)
     return names.integer(expr)
 
@@ -347,7 +397,10 @@ def _defaults(class_name: str) -> dict[str, object] | None:
     klass = getattr(transformers, class_name, None)
     if klass is None or not dataclasses.is_dataclass(klass):
         return None
-    fields = {field.name: field.default for field in dataclasses.fields(klass)}
+    fields = {
+        field.name: None if field.default is dataclasses.MISSING else field.default
+        for field in dataclasses.fields(klass)
+    }
     return {key: fields.get(key) for key in _ARGUMENTS}
 
 
@@ -399,11 +452,9 @@ def _pads_only(collator: object) -> bool:
     object of theirs, or ``default_data_collator``; None is the Trainer's default, one of them."""
     if collator is None:
         return True
-    if isinstance(collator, types.FunctionType):
-        module = collator.__module__ or ""
-    else:
-        module = type(collator).__module__
-    return module.startswith("transformers.data.data_collator")
+    named = collator if isinstance(collator, types.FunctionType) else type(collator)
+    module = getattr(named, "__module__", "") or ""
+    return module.startswith("transformers.data.data_collator") and named.__name__ in _PADDING_COLLATORS
 
 
 def _step(
@@ -413,6 +464,8 @@ def _step(
     accumulation = arguments["gradient_accumulation_steps"]
     if not all(isinstance(n, int) and n >= 1 for n in (batch, accumulation)):
         return None
+    if any(arguments.get(key) for key in _UNJUDGED_SETTINGS) or not _causal_lm(model):
+        return None
     params = list(model.parameters())
     if not params or not any(p.requires_grad for p in params):
         return None
@@ -420,10 +473,11 @@ def _step(
     quantization = _quantization(model)
     if quantization is not None and not lora:
         return None  # transformers refuses to train a purely quantized model
-    devices = {p.device.type for p in params}
-    if devices == {"cuda"}:
+    devices = {p.device for p in params}
+    kinds = {device.type for device in devices}
+    if kinds == {"cuda"} and len(devices) == 1:
         on_gpu = True
-    elif devices == {"cpu"} and (not gpu_here or (quantization is None and not _placed(model))):
+    elif kinds == {"cpu"} and (not gpu_here or (quantization is None and not _placed(model))):
         on_gpu = False  # the Trainer moves it to the GPU (or, without one, the cap planned for holds it)
     else:
         return None  # spread over devices, or trained where it is (a quantized model on the CPU)
@@ -444,6 +498,7 @@ def _step(
         batch_size=first,
         sequence=rows[first - 1],
         accumulation=accumulation,
+        micro_batches=micro_batches,
         checkpointing=bool(arguments["gradient_checkpointing"] or _checkpointed(model)),
         optimizer=str(arguments["optim"]),
         optimizer_steps=optimizer_steps,
@@ -451,6 +506,13 @@ def _step(
         on_gpu=on_gpu,
         rows=tuple(rows),
     )
+
+
+def _causal_lm(model: Any) -> bool:
+    """A causal language model (its logits span the vocabulary at every position, as the estimate prices
+    them), under its LoRA wrapper if any."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return type(base).__name__.endswith("ForCausalLM")
 
 
 def _checkpointed(model: Any) -> bool:
@@ -484,7 +546,7 @@ def _parts(step: TrainingStep) -> tuple[tuple[str, int], ...]:
     parts: list[tuple[str, int]] = []
     if not step.on_gpu:
         parts.append(("weights", _weights_bytes(model)))
-    if step.optimizer_steps >= 2 and step.optimizer in OPTIMIZERS:
+    if step.optimizer_steps >= 2 and step.optimizer in OPTIMIZERS and "paged" not in step.optimizer:
         states, width = OPTIMIZERS[step.optimizer]
         parts.append(("optimizer", sum(p.numel() * states * (width or p.element_size()) for p in trainable)))
     parts.append(("gradients", sum(p.numel() * p.element_size() for p in trainable)))

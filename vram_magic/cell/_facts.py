@@ -146,6 +146,7 @@ class TrainerRun(Site):
     trainer: cst.Call | None = field(default=None, repr=False)
     held: str | None = None
     class_name: str = ""
+    library: str | None = None  # where the class comes from ("transformers"), None when unknown
 
 
 @dataclass(frozen=True, eq=False)

@@ -47,7 +47,7 @@ class Cell:
     batch_sizes: tuple[BatchSize, ...]
     accumulations: tuple[Accumulation, ...]
     training_configs: tuple[TrainingConfig, ...]
-    trainer_runs: tuple[TrainerRun, ...]  # ``trainer.train()`` of a trainer built in the cell
+    trainer_runs: tuple[TrainerRun, ...]  # ``trainer.train()``: of a trainer the cell builds, or one it holds
     merges: tuple[Merge, ...]
     generates: tuple[Generate, ...]
     forwards: tuple[Forward, ...]

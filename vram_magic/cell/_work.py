@@ -67,7 +67,9 @@ class WorkReading(ReaderBase):
         if not isinstance(func, cst.Attribute) or func.attr.value != "train":
             return None
 
-        def run(trainer: cst.Call | None, held: str | None, class_name: str) -> TrainerRun:
+        def run(
+            trainer: cst.Call | None, held: str | None, class_name: str, library: str | None
+        ) -> TrainerRun:
             return TrainerRun(
                 lines=site.lines,
                 step=site.step,
@@ -76,6 +78,7 @@ class WorkReading(ReaderBase):
                 trainer=trainer,
                 held=held,
                 class_name=class_name,
+                library=library,
             )
 
         built: cst.BaseExpression | None = func.value
@@ -83,12 +86,13 @@ class WorkReading(ReaderBase):
             held = self.names.resolve(built.value)
             if isinstance(held, Held):
                 names = _class_names(held.value)
-                return run(None, built.value, names[0]) if "Trainer" in names else None
+                module = type(held.value).__module__.split(".")[0]
+                return run(None, built.value, names[0], module) if "Trainer" in names else None
             built = self._value_before(built.value, site.lines[0])
         if not isinstance(built, cst.Call):
             return None
-        name, _ = self._class_name(built.func)
-        return run(built, None, name) if name.endswith("Trainer") else None
+        name, library = self._class_name(built.func)
+        return run(built, None, name, library) if name.endswith("Trainer") else None
 
     def _is_trainer(self, expr: cst.BaseExpression, line: int) -> bool:
         if isinstance(expr, cst.Call):

@@ -174,8 +174,8 @@ def _training_cause(f: dict[str, Any]) -> str:
         f"Training `{f['model']}` on batches of {f['batch_size']} sequences of at least {f['sequence']} "
         f"tokens (the shortest the first batch can be), {checkpointing} gradient checkpointing, optimizer "
         f"{f['optimizer']}: estimated at {format_bytes(f['estimate_bytes'])} ({parts}). Preflight counts "
-        f"only what surely runs, {format_bytes(f['need_bytes'])}, and even that does not fit. Run it anyway "
-        "with `%%oomsafe --force`."
+        f"only what a step surely holds at once, {format_bytes(f['need_bytes'])}, and even that does not "
+        "fit. Run it anyway with `%%oomsafe --force`."
     )
 
 
