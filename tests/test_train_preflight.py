@@ -324,6 +324,12 @@ def test_a_trainer_of_an_earlier_cell_that_cannot_fit_is_not_run_and_the_fixes_a
     assert split.code.endswith("per_device_train_batch_size=2, gradient_accumulation_steps=4")
     assert split.fits is True and split.needed_bytes is not None and split.needed_bytes <= 4 * MiB
     assert "`trainer` was built in an earlier cell" in split.why
+    lighter = report.fixes[1]  # sized too, against the same 4 MiB
+    assert lighter.code.endswith('gradient_checkpointing=True, optim="paged_adamw_8bit"')
+    assert lighter.needed_bytes is not None and lighter.fits == (lighter.needed_bytes <= 4 * MiB)
+    whole = verdict("trainer.train()\n", ip.user_ns)
+    assert whole is not None and lighter.needed_bytes < whole.estimate_bytes  # checkpointing shrinks it
+    assert "`trainer` was built in an earlier cell" in lighter.why
     assert ip.user_ns["trainer"].state.global_step == 0  # not a step ran
 
 

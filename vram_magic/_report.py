@@ -16,7 +16,7 @@ import libcst as cst
 from vram_magic._checks import Context, Room, make_runnable, room_after_cleanup
 from vram_magic._diagnose import ADVISE_BY_HAND, LOAD_FIXES, TRAINING_FIXES, diagnose
 from vram_magic._preflight import Verdict, load_at
-from vram_magic._train_preflight import TrainingVerdict, split_that_fits
+from vram_magic._train_preflight import TrainingVerdict, replanned, split_that_fits
 from vram_magic._types import (
     Cause,
     CellAnalysis,
@@ -174,25 +174,39 @@ def training_preflight_report(
 
 
 def _for_a_held_trainer(fixes: tuple[Fix, ...], verdict: TrainingVerdict) -> tuple[Fix, ...]:
-    """For a trainer an earlier cell built, the batch split to write there, sized by the estimate."""
+    """For a trainer an earlier cell built, the settings to write there, each sized by the estimate: the
+    batch split that fits, and checkpointing with the paged 8-bit optimizer."""
     held = verdict.step.held_trainer
-    split = split_that_fits(verdict) if held is not None else None
-    if held is None or split is None:
+    if held is None:
         return fixes
-    old, new = verdict.step, split.step
-    by_hand = Fix(
-        "half-batch",
-        f"# in the TrainingArguments of the cell that built `{held}`:\n"
-        f"per_device_train_batch_size={new.batch_size}, gradient_accumulation_steps={new.accumulation}",
-        needed_bytes=split.estimate_bytes,
-        fits=True,
-        change=facts(
-            role="train",
-            old=old.batch_size,
-            new=new.batch_size,
-            multiplier=old.batch_size // new.batch_size,
-            accumulation=(old.accumulation, new.accumulation),
-        ),
-        by_hand=f"`{held}` was built in an earlier cell: change its TrainingArguments there, build it again",
-    )
-    return tuple(by_hand if fix.key == "half-batch" else fix for fix in fixes)
+    where = f"# in the TrainingArguments of the cell that built `{held}`:\n"
+    by_hand = f"`{held}` was built in an earlier cell: change its TrainingArguments there, build it again"
+    lighter = replanned(verdict, checkpointing=True, optimizer="paged_adamw_8bit")
+    made = {
+        "checkpointing": Fix(
+            "checkpointing",
+            where + 'gradient_checkpointing=True, optim="paged_adamw_8bit"',
+            needed_bytes=lighter.estimate_bytes,
+            fits=lighter.surely_fits,
+            by_hand=by_hand,
+        )
+    }
+    split = split_that_fits(verdict)
+    if split is not None:
+        old, new = verdict.step, split.step
+        made["half-batch"] = Fix(
+            "half-batch",
+            where + f"per_device_train_batch_size={new.batch_size}, "
+            f"gradient_accumulation_steps={new.accumulation}",
+            needed_bytes=split.estimate_bytes,
+            fits=True,
+            change=facts(
+                role="train",
+                old=old.batch_size,
+                new=new.batch_size,
+                multiplier=old.batch_size // new.batch_size,
+                accumulation=(old.accumulation, new.accumulation),
+            ),
+            by_hand=by_hand,
+        )
+    return tuple(made.get(fix.key, fix) for fix in fixes)

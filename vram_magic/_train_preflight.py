@@ -225,6 +225,13 @@ def _held_trainer_step(cell: Cell, run: TrainerRun, gpu_here: bool) -> TrainingS
     return None if step is None else dataclasses.replace(step, held_trainer=run.held)
 
 
+def replanned(verdict: TrainingVerdict, **changes: Any) -> TrainingVerdict:
+    """The same training with some of its step's settings changed (``checkpointing=True``...), judged
+    against the same room."""
+    step = dataclasses.replace(verdict.step, **changes)
+    return TrainingVerdict(step, _parts(step), verdict.room_bytes)
+
+
 def split_that_fits(verdict: TrainingVerdict) -> TrainingVerdict | None:
     """The same training with the batch 2, 4, 8... times smaller and the accumulation as many times larger
     (the effective batch kept), at the first split whose whole estimate fits; None when none does."""
@@ -233,13 +240,12 @@ def split_that_fits(verdict: TrainingVerdict) -> TrainingVerdict | None:
     while step.batch_size // factor >= 1:
         size = step.batch_size // factor
         size = next(d for d in range(size, 0, -1) if step.batch_size % d == 0)  # 6 / 4 -> 1 x 6
-        smaller = dataclasses.replace(
-            step,
+        found = replanned(
+            verdict,
             batch_size=size,
             sequence=step.rows[size - 1],
             accumulation=step.accumulation * (step.batch_size // size),
         )
-        found = TrainingVerdict(smaller, _parts(smaller), verdict.room_bytes)
         if found.surely_fits:
             return found
         factor *= 2
