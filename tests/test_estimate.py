@@ -400,6 +400,39 @@ def test_bundled_and_local_configs_need_no_network(
     assert no_network == []
 
 
+_PLAN_A_QUANTIZED_SPLIT = """
+import json, socket, sys
+asked = []
+def refuse(*args, **kwargs):
+    asked.append(repr(args)[:80])
+    raise OSError("blocked")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+socket.getaddrinfo = refuse
+from vram_magic.estimator import estimate
+found = estimate("Qwen/Qwen2.5-0.5B", quantization="4bit", device_map="auto", gpu_bytes=2**30, gpus=2)
+import bitsandbytes.functional as functional
+print(json.dumps({"asked": asked, "imported": "bitsandbytes" in sys.modules,
+                  "asks_on_import": bool(getattr(functional, "has_avx512bf16", lambda: False)())}))
+"""
+
+
+@needs_bitsandbytes
+def test_planning_a_quantized_split_sends_nothing_even_online(tmp_path: Path) -> None:
+    """Planning where a 4-bit model goes imports bitsandbytes, which (0.50, on a CPU with AVX512-BF16)
+    asks the Hub for a kernel as it is imported: online, with an empty cache, no connection is tried."""
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env["HF_HOME"] = str(tmp_path)
+    ran = subprocess.run(
+        [sys.executable, "-c", _PLAN_A_QUANTIZED_SPLIT], capture_output=True, text=True, env=env, check=False
+    )
+    assert ran.returncode == 0, ran.stderr
+    found = json.loads(ran.stdout.strip().splitlines()[-1])
+    if not found["asks_on_import"]:
+        pytest.skip("bitsandbytes asks the Hub for nothing on this CPU")
+    assert found["imported"] and found["asked"] == []
+
+
 def test_the_hugging_face_cache_is_read_first(empty_hub_cache: Path, saved: dict[str, Path]) -> None:
     snapshot = empty_hub_cache / "models--meta-llama--Llama-3.1-8B" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)

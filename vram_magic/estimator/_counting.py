@@ -15,6 +15,7 @@ import functools
 import importlib
 import logging
 import re
+import sys
 import threading
 import warnings
 from collections import OrderedDict
@@ -378,6 +379,7 @@ def gpu_split(
         )
         quantizer = quantizers.AutoHfQuantizer.from_config(bits, pre_quantized=False)
         with _quiet():
+            _import_bitsandbytes_offline()
             quantizer.preprocess_model(
                 model, device_map="auto", keep_in_fp32_modules=[], config=config, checkpoint_files=None
             )
@@ -492,6 +494,23 @@ def _device_of(name: str, device_map: dict[str, Any]) -> Any:
         if prefix in device_map:
             return device_map[prefix]
     return None
+
+
+def _import_bitsandbytes_offline() -> None:
+    """Import bitsandbytes, if not yet, with the Hub offline: on a CPU with AVX512-BF16, bitsandbytes 0.50
+    asks the Hub for a CPU kernel as it is imported, and planning a split sends nothing over the network
+    (a kernel already in the cache still loads; without it bitsandbytes uses its own CPU code)."""
+    if "bitsandbytes" in sys.modules:
+        return
+    constants: Any = importlib.import_module("huggingface_hub.constants")
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        importlib.import_module("bitsandbytes")
+    except ImportError:
+        pass  # the quantizer says that bitsandbytes is missing
+    finally:
+        constants.HF_HUB_OFFLINE = offline
 
 
 @contextlib.contextmanager
