@@ -24,7 +24,7 @@ from vram_magic import (
     Report,
     Snapshot,
 )
-from vram_magic._types import Attempt, CellAnalysis, facts
+from vram_magic._types import Attempt, CellAnalysis, Preflight, facts
 from vram_magic._units import format_bytes
 
 GiB = 2**30
@@ -637,3 +637,13 @@ def test_bundle_honours_include_and_exclude(monkeypatch: pytest.MonkeyPatch) -> 
     assert set(r._repr_mimebundle_(include={"text/html", WIDGET_VIEW}, exclude={WIDGET_VIEW})) == {
         "text/html"
     }
+
+
+def test_a_preflight_on_a_gpu_says_the_room_is_what_this_process_can_still_use() -> None:
+    """The room counts PyTorch's cached, unallocated blocks beside the driver's free memory: the line says
+    what it is, not "free"."""
+    report = capped_report(oom=None, preflight=Preflight(3 * GiB, 2 * GiB, on_gpu=True))
+    assert render.summary_line(report) == (
+        "Not run: the model load would need about 3.00 GiB at its peak, more than the 2.00 GiB this process "
+        "can still use on this GPU."
+    )

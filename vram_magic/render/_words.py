@@ -47,7 +47,11 @@ def summary_line(report: Report) -> str:
     stopped: what it would need against the room)."""
     if report.preflight is not None:
         found = report.preflight
-        where = "on this GPU" if found.on_gpu else "under the cap planned for (no GPU here)"
+        where = (
+            "this process can still use on this GPU"
+            if found.on_gpu
+            else "under the cap planned for (no GPU here)"
+        )
         if found.kind == "training":
             return (
                 f"Not run: the first training steps would need at least {format_bytes(found.need_bytes)}, "
