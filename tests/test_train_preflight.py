@@ -445,3 +445,104 @@ def test_the_share_preflight_counts_surely_exists(
         counted = int(_SURE_SHARE * parts["activations"]) + int(_SURE_SHARE * parts["logits"])
         alive = alive_when_the_backward_starts(model, batch, sequence, config.vocab_size)
         assert counted <= alive, (batch, sequence, alive / (parts["activations"] + parts["logits"]))
+
+
+# --- other people's training cells, as written ------------------------------------------------------------
+
+# huggingface/notebooks, examples/language_modeling.ipynb at 21bba48e9bfbb91b3074ac2abfb44a72a11f45de
+# (Apache-2.0), the causal-LM section: the Trainer is built in one cell (id OEuqwIra3l_N) and trained in the
+# next (NyZvu_MF3l_P). Its data is a DatasetDict of rows grouped to block_size tokens; the collator is the
+# Trainer's default.
+HF_NOTEBOOK_TRAINER = """trainer = Trainer(
+    model=model,
+    args=training_args,
+    train_dataset=lm_datasets["train"],
+    eval_dataset=lm_datasets["validation"],
+)"""
+HF_NOTEBOOK_TRAIN = "trainer.train()"
+# huggingface/peft, examples/int8_training/Finetune_opt_bnb_peft.ipynb at
+# 044cf7cc31a94623b4a13b471ca5f7fda5d3a908 (Apache-2.0), cell 12 (tests/fixtures/real_cells/cells.json,
+# peft-opt8bit-02) from its Trainer on; its first lines load and tokenize the data, which an earlier cell does
+# here (data made in the training cell is not judged: its rows are unknown before it runs).
+PEFT_NOTEBOOK_TRAIN = """trainer = transformers.Trainer(
+    model=model,
+    train_dataset=data["train"],
+    args=transformers.TrainingArguments(
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=4,
+        warmup_steps=100,
+        max_steps=200,
+        learning_rate=2e-4,
+        fp16=True,
+        logging_steps=1,
+        output_dir="outputs",
+    ),
+    data_collator=transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False),
+)
+model.config.use_cache = False  # silence the warnings. Please re-enable for inference!
+trainer.train()"""
+
+
+def dataset_dict(lengths: list[int]) -> Any:
+    datasets = pytest.importorskip("datasets")
+    rows = {"input_ids": [[1] * n for n in lengths], "labels": [[1] * n for n in lengths]}
+    return datasets.DatasetDict(
+        train=datasets.Dataset.from_dict(rows), validation=datasets.Dataset.from_dict(rows)
+    )
+
+
+def hf_notebook(namespace: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+    """The notebook's objects, small: its model a tiny Llama trained in full, its blocks 128 tokens, its
+    TrainingArguments as written but for push_to_hub (no Hub here) and the reporting."""
+    import transformers
+
+    namespace["model"] = transformers.LlamaForCausalLM.from_pretrained(checkpoint)
+    namespace["training_args"] = transformers.TrainingArguments(
+        namespace["out"], eval_strategy="epoch", learning_rate=2e-5, weight_decay=0.01, report_to="none"
+    )
+    namespace.update(lm_datasets=dataset_dict([SEQUENCE] * ROWS), Trainer=transformers.Trainer)
+    return namespace
+
+
+def test_the_language_modeling_notebook_of_hugging_face_is_judged(
+    namespace: dict[str, Any], checkpoint: Path
+) -> None:
+    """Its two cells run as one, or its train() cell after the Trainer cell ran: the same step either way
+    (batch 8 of 128 tokens, the default TrainingArguments, all weights trained)."""
+    namespace = hf_notebook(namespace, checkpoint)
+    together = verdict(HF_NOTEBOOK_TRAINER + "\n" + HF_NOTEBOOK_TRAIN, namespace)
+    assert together is not None and not together.fits
+    step = together.step
+    assert (step.batch_size, step.sequence, step.accumulation, step.lora) == (8, SEQUENCE, 1, False)
+    exec(HF_NOTEBOOK_TRAINER, namespace)  # the notebook's Trainer cell, run as written
+    apart = verdict(HF_NOTEBOOK_TRAIN, namespace)
+    assert apart is not None and apart.parts == together.parts
+    # The split changed in the cell before training: no verdict
+    namespace.pop("trainer")
+    changed = (
+        'lm_datasets["train"] = lm_datasets["validation"]\n' + HF_NOTEBOOK_TRAINER + "\n" + HF_NOTEBOOK_TRAIN
+    )
+    assert verdict(changed, namespace) is None
+
+
+def test_the_peft_int8_notebook_is_judged_with_the_collator_it_builds(namespace: dict[str, Any]) -> None:
+    import transformers
+
+    namespace.update(transformers=transformers, data=dataset_dict([16, 100, 24, 8, 120, 64, 32, 128]))
+    namespace["tokenizer"] = object()  # read, never called: preflight runs nothing of the cell
+    found = verdict(PEFT_NOTEBOOK_TRAIN, namespace)
+    assert found is not None
+    step = found.step
+    assert (step.batch_size, step.sequence, step.accumulation, step.optimizer_steps) == (4, 32, 4, 200)
+    assert step.mixed_precision
+    # A collator of another library, or one that packs rows, built the same way: no verdict
+    flattening = PEFT_NOTEBOOK_TRAIN.replace(
+        "transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)",
+        "transformers.DataCollatorWithFlattening()",
+    )
+    assert verdict(flattening, namespace) is None
+    namespace["trl"] = pytest.importorskip("types").SimpleNamespace(DataCollatorForCompletionOnlyLM=object)
+    other = PEFT_NOTEBOOK_TRAIN.replace(
+        "transformers.DataCollatorForLanguageModeling", "trl.DataCollatorForCompletionOnlyLM"
+    )
+    assert verdict(other, namespace) is None

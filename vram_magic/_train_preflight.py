@@ -12,9 +12,10 @@ before the cell runs:
   ``use_cpu``, ``torch_compile``, Liger kernels, DeepSpeed, FSDP;
 - the TrainingArguments are a notebook object, or built in the cell with values the reader knows (missing
   keywords take the class's defaults);
-- the training data is a list of rows or a ``datasets.Dataset`` with ``input_ids``, and the collator is
-  one of transformers' that pads to the longest row of a batch and never truncates or packs: the first batch
-  then holds at least ``B`` rows padded to at least the ``B``-th shortest length.
+- the training data is a list of rows or a ``datasets.Dataset`` with ``input_ids`` (or ``data["train"]`` of
+  a dataset dict), and the collator (an object, or built in the cell) is one of transformers' that pads to
+  the longest row of a batch and never truncates or packs: the first batch then holds at least ``B`` rows
+  padded to at least the ``B``-th shortest length.
 
 The floor is what the step surely holds at once: the estimator's activations and logits for that first
 batch (``vram_magic.estimator``, the same arithmetic as ``%vram estimate --train``) at ``_SURE_SHARE`` of
@@ -174,6 +175,8 @@ def training_step(cell: Cell, gpu_here: bool) -> TrainingStep | None:
     if given.get("optimizers") is not None:  # an optimizer of the user's: its states are unknown
         return None
     for expr in (given.get("args"), given.get("train_dataset"), given.get("data_collator")):
+        if isinstance(expr, cst.Subscript):  # data["train"]: the name is the dataset dict's
+            expr = expr.value
         if isinstance(expr, cst.Name) and not _only_bound(cell, run, expr.value, run.trainer):
             return None
     model_name = given["model"].value
@@ -183,12 +186,16 @@ def training_step(cell: Cell, gpu_here: bool) -> TrainingStep | None:
     if not _model_untouched(cell, run, held.value, run.trainer) or _frees_before(cell, run):
         return None
     arguments = _training_arguments(cell, run, given.get("args"))
-    data = _value_at(cell, run, given["train_dataset"]) if "train_dataset" in given else None
+    data = _data_at(cell, run, given["train_dataset"]) if "train_dataset" in given else None
     collator = given.get("data_collator")
     if collator is not None:
         collator = _value_at(cell, run, collator)
         if isinstance(collator, cst.Name) and collator.value == "None":
             collator = None
+        elif isinstance(collator, cst.Call) and collator is run.collator:  # built in the cell
+            name, library = run.collator_class or ("", None)
+            if library != "transformers" or name not in _PADDING_COLLATORS:
+                return None
         elif not isinstance(collator, Held) or not _pads_only(collator.value):
             return None
     rows = _row_lengths(data.value) if isinstance(data, Held) else None
@@ -283,6 +290,19 @@ def _untouched(cell: Cell, run: TrainerRun, name: str, within: cst.CSTNode) -> b
         if any(id(node) not in allowed for node in m.findall(step.node, m.Name(name))):
             return False
     return True
+
+
+def _data_at(cell: Cell, run: TrainerRun, expr: Any) -> Any:
+    """What ``expr`` is when the trainer is built, as ``_value_at``, and also ``data["train"]`` of a
+    dataset dict (``DatasetDict``, or a plain dict) the notebook holds."""
+    if not isinstance(expr, cst.Subscript) or len(expr.slice) != 1:
+        return _value_at(cell, run, expr)
+    index = expr.slice[0].slice
+    key = cell.names.text(index.value) if isinstance(index, cst.Index) else None
+    held = _value_at(cell, run, expr.value)
+    if key is None or not isinstance(held, Held) or not isinstance(held.value, dict):
+        return None
+    return Held(held.value[key]) if key in held.value else None
 
 
 def _only_bound(cell: Cell, run: TrainerRun, name: str, within: cst.CSTNode) -> bool:

@@ -65,9 +65,11 @@ class ReaderBase:
         if head not in self.names.namespace:
             return None
         found: object = self.names.namespace[head]
-        for part in rest:
+        for index, part in enumerate(rest):
             attributes = getattr(found, "__dict__", None)
             if not isinstance(attributes, Mapping) or part not in attributes:
+                if isinstance(found, type(re)):  # loaded lazily (``transformers.Trainer``): as written
+                    return ".".join([found.__name__, *rest[index:]])
                 return None
             found = attributes[part]
         if isinstance(found, type(re)):

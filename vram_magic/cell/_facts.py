@@ -147,6 +147,10 @@ class TrainerRun(Site):
     held: str | None = None
     class_name: str = ""
     library: str | None = None  # where the class comes from ("transformers"), None when unknown
+    # A collator the cell builds for that trainer (``data_collator=DataCollatorWithPadding(...)``, directly
+    # or by a name bound before): the call, and its class and library as for the trainer.
+    collator: cst.Call | None = field(default=None, repr=False)
+    collator_class: tuple[str, str | None] | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -70,6 +70,7 @@ class WorkReading(ReaderBase):
         def run(
             trainer: cst.Call | None, held: str | None, class_name: str, library: str | None
         ) -> TrainerRun:
+            collator = None if trainer is None else self._collator_built(trainer, site.lines[0])
             return TrainerRun(
                 lines=site.lines,
                 step=site.step,
@@ -79,6 +80,8 @@ class WorkReading(ReaderBase):
                 held=held,
                 class_name=class_name,
                 library=library,
+                collator=collator,
+                collator_class=None if collator is None else self._class_name(collator.func),
             )
 
         built: cst.BaseExpression | None = func.value
@@ -93,6 +96,16 @@ class WorkReading(ReaderBase):
             return None
         name, library = self._class_name(built.func)
         return run(built, None, name, library) if name.endswith("Trainer") else None
+
+    def _collator_built(self, trainer: cst.Call, line: int) -> cst.Call | None:
+        """The collator the cell builds for ``trainer``: ``data_collator=`` (or the third positional
+        argument) a call, or a name the cell bound to one before ``line``."""
+        given = [arg.value for arg in trainer.args if arg.keyword and arg.keyword.value == "data_collator"]
+        positional = [arg.value for arg in trainer.args if arg.keyword is None and not arg.star]
+        expr = given[0] if given else positional[2] if len(positional) > 2 else None
+        if isinstance(expr, cst.Name):
+            expr = self._value_before(expr.value, line)
+        return expr if isinstance(expr, cst.Call) else None
 
     def _is_trainer(self, expr: cst.BaseExpression, line: int) -> bool:
         if isinstance(expr, cst.Call):
