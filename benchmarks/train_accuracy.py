@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import itertools
 import platform
 import sys
@@ -157,10 +158,15 @@ def main() -> None:
         print("train_accuracy.py needs a CUDA GPU (or --dry-run).", file=sys.stderr)
         raise SystemExit(2)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    versions = ", ".join(f"{name} {_version(name)}" for name in ("transformers", "peft", "bitsandbytes"))
     print(
         f"Machine: {cpu_name()} ({platform.system()}), Python {platform.python_version()}, torch "
-        f"{torch.__version__}, GPU: {gpu}\n"
+        f"{torch.__version__}, {versions}, GPU: {gpu}\n"
     )
+    # Each row is printed as soon as it is measured: a run cut short by a time limit keeps what it measured.
+    print("| role | model | plan | batch x seq | checkpointing | measured allocated | reserved | estimate "
+          "| error | preflight floor |")  # fmt: skip
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|", flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes.split(","):
@@ -174,16 +180,7 @@ def main() -> None:
                 shape = (path, plan, batch, seq, checkpointing)
                 peaks = (None, None, None) if args.dry_run else measured(*shape)
                 rows.append(Row(size, plan, batch, seq, checkpointing, estimate, *peaks))
-    print("| role | model | plan | batch x seq | checkpointing | measured allocated | reserved | estimate "
-          "| error | preflight floor |")  # fmt: skip
-    print("|---|---|---|---|---|---:|---:|---:|---:|---:|")
-    for row in rows:
-        error = row.error()
-        print(
-            f"| {row.role} | llama-{row.size} | {row.plan} | {row.batch} x {row.seq} | "
-            f"{'on' if row.checkpointing else 'off'} | {_gib(row.allocated)} | {_gib(row.reserved)} | "
-            f"{_gib(row.estimate)} | {'' if error is None else f'{error:+.1f} %'} | {_gib(row.floor)} |"
-        )
+                print(_line(rows[-1]), flush=True)
     judged = [row.error() for row in rows if row.role == "judge" and row.error() is not None]
     if judged:
         met = all(-MAX_UNDER <= e <= MAX_OVER for e in judged if e is not None)
@@ -200,6 +197,22 @@ def main() -> None:
             f"Preflight floors: {len(floors)} rows; {len(false_stops)} above the measured peak (false "
             f"stops). Target: none, {'met' if not false_stops else 'MISSED'}."
         )
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _line(row: Row) -> str:
+    error = row.error()
+    return (
+        f"| {row.role} | llama-{row.size} | {row.plan} | {row.batch} x {row.seq} | "
+        f"{'on' if row.checkpointing else 'off'} | {_gib(row.allocated)} | {_gib(row.reserved)} | "
+        f"{_gib(row.estimate)} | {'' if error is None else f'{error:+.1f} %'} | {_gib(row.floor)} |"
+    )
 
 
 def _gib(value: int | None) -> str:
