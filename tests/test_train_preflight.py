@@ -300,6 +300,10 @@ def test_a_trainer_of_an_earlier_cell_is_judged_by_what_it_holds(namespace: dict
     assert verdict("lora_model.gradient_checkpointing_enable()\ntrainer.train()\n", namespace) is None
     assert verdict("trainer.model.enable_input_require_grads()\ntrainer.train()\n", namespace) is None
     assert verdict("lora_model.print_trainable_parameters()\ntrainer.train()\n", namespace) is not None
+    # Its arguments or data changed in the cell under another of their names: what it reads at train()
+    namespace.update(args=trainer.args, rows=trainer.train_dataset)
+    assert verdict("args.gradient_accumulation_steps = 4\ntrainer.train()\n", namespace) is None
+    assert verdict("rows.append(rows[0])\ntrainer.train()\n", namespace) is None
     # A Trainer that trained before holds its optimizer's states, which the room before the cell counts
     trainer.create_optimizer()
     assert verdict("trainer.train()\n", namespace) is None

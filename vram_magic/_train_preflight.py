@@ -219,6 +219,13 @@ def _held_trainer_step(cell: Cell, run: TrainerRun, gpu_here: bool) -> TrainingS
     model = getattr(trainer_object, "model", None)
     if not _model_untouched(cell, run, model, run.call) or _frees_before(cell, run):
         return None
+    parts = [getattr(trainer_object, key, None) for key in ("args", "train_dataset", "data_collator")]
+    if any(  # changed under another of their names (``args.max_steps = 1``)
+        not _only_bound(cell, run, name, run.call)
+        for name in cell.used_names
+        if any(cell.names.namespace.get(name) is part for part in parts if part is not None)
+    ):
+        return None
     arguments = _arguments_of(getattr(trainer_object, "args", None))
     rows = _row_lengths(getattr(trainer_object, "train_dataset", None))
     if arguments is None or rows is None or not _pads_only(getattr(trainer_object, "data_collator", None)):
