@@ -158,6 +158,8 @@ def test_training_arguments_of_an_earlier_cell_are_read(namespace: dict[str, Any
     assert step is not None and (step.batch_size, step.accumulation, step.optimizer_steps) == (4, 2, 3)
     # changed by the cell before it trains: what the step reads is no longer what the notebook holds
     assert training_step(read_cell("args.max_steps = 1\n" + cell, namespace), gpu_here=False) is None
+    namespace["same_args"] = namespace["args"]  # or under another of its names
+    assert training_step(read_cell("same_args.max_steps = 1\n" + cell, namespace), gpu_here=False) is None
 
 
 @pytest.mark.parametrize(

@@ -187,6 +187,10 @@ def training_step(cell: Cell, gpu_here: bool) -> TrainingStep | None:
         return None
     arguments = _training_arguments(cell, run, given.get("args"))
     data = _data_at(cell, run, given["train_dataset"]) if "train_dataset" in given else None
+    held_parts = [_value_at(cell, run, given.get(key)) for key in ("args", "data_collator")] + [data]
+    objects = [part.value for part in held_parts if isinstance(part, Held)]
+    if not _objects_untouched(cell, run, objects, run.trainer):
+        return None
     collator = given.get("data_collator")
     if collator is not None:
         collator = _value_at(cell, run, collator)
@@ -220,11 +224,7 @@ def _held_trainer_step(cell: Cell, run: TrainerRun, gpu_here: bool) -> TrainingS
     if not _model_untouched(cell, run, model, run.call) or _frees_before(cell, run):
         return None
     parts = [getattr(trainer_object, key, None) for key in ("args", "train_dataset", "data_collator")]
-    if any(  # changed under another of their names (``args.max_steps = 1``)
-        not _only_bound(cell, run, name, run.call)
-        for name in cell.used_names
-        if any(cell.names.namespace.get(name) is part for part in parts if part is not None)
-    ):
+    if not _objects_untouched(cell, run, parts, run.call):
         return None
     arguments = _arguments_of(getattr(trainer_object, "args", None))
     rows = _row_lengths(getattr(trainer_object, "train_dataset", None))
@@ -323,6 +323,16 @@ def _only_bound(cell: Cell, run: TrainerRun, name: str, within: cst.CSTNode) -> 
         if any(id(node) not in allowed for node in m.findall(step.node, m.Name(name))):
             return False
     return True
+
+
+def _objects_untouched(cell: Cell, run: TrainerRun, objects: Sequence[object], within: cst.CSTNode) -> bool:
+    """``_only_bound`` for every name the notebook has for any of ``objects`` (``args.max_steps = 1`` on
+    the arguments a Trainer holds)."""
+    return all(
+        _only_bound(cell, run, name, within)
+        for name in cell.used_names
+        if any(cell.names.namespace.get(name) is each for each in objects if each is not None)
+    )
 
 
 def _value_at(cell: Cell, run: TrainerRun, expr: Any) -> Any:
