@@ -8,6 +8,7 @@ that run, run for real (a real Trainer, real steps on the CPU)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,19 @@ def test_harmless_uses_of_the_model_before_training_are_allowed(namespace: dict[
     assert verdict(cell, namespace) is not None
     # what comes after the training changes nothing before it
     assert verdict(train_cell() + "model = model.merge_and_unload()\ndel trainer\n", namespace) is not None
+
+
+@pytest.mark.parametrize("library", ["unsloth", "liger_kernel"])
+def test_no_verdict_once_a_library_that_patches_the_models_is_imported(
+    library: str, namespace: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unsloth and Liger replace transformers' forward passes in place (a chunked or fused loss that never
+    holds the logits): the floor would count memory the step does not hold, a false stop."""
+    import types
+
+    assert verdict(train_cell(), namespace) is not None
+    monkeypatch.setitem(sys.modules, library, types.ModuleType(library))
+    assert verdict(train_cell(), namespace) is None
 
 
 def test_only_collators_that_pad_are_judged(namespace: dict[str, Any]) -> None:

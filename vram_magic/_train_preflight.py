@@ -9,7 +9,8 @@ before the cell runs:
 - the model is a causal language model the notebook holds, on one device, not changed by the cell before it
   trains (its trainable parameters, dtype, quantization, adapters and place are read off the object);
 - nothing the estimate does not follow is on: an optimizer of the user's, ``auto_find_batch_size``,
-  ``use_cpu``, ``torch_compile``, Liger kernels, DeepSpeed, FSDP;
+  ``use_cpu``, ``torch_compile``, Liger kernels, DeepSpeed, FSDP, and neither Unsloth nor Liger was imported
+  (they patch transformers' models in place);
 - the TrainingArguments are a notebook object, or built in the cell with values the reader knows (missing
   keywords take the class's defaults);
 - the training data is a list of rows or a ``datasets.Dataset`` with ``input_ids`` (or ``data["train"]`` of
@@ -86,6 +87,9 @@ _ARGUMENTS = (
     *_UNJUDGED_SETTINGS,
 )
 _REQUIRED = _ARGUMENTS[:6]  # without these known, no verdict
+# Libraries that patch transformers' models in place once imported (fused or chunked cross-entropy that never
+# holds the logits, offloaded checkpointing): the model's class says nothing of it, so no verdict at all.
+_PATCHING_LIBRARIES = ("unsloth", "liger_kernel")
 _SWITCHES = frozenset(
     {"gradient_checkpointing", "dataloader_drop_last", "bf16", "fp16", "auto_find_batch_size", "use_cpu"}
     | {"use_liger_kernel", "torch_compile"}
@@ -166,6 +170,8 @@ def training_step(cell: Cell, gpu_here: bool) -> TrainingStep | None:
     of it is not known before the cell runs."""
     run = next((run for run in cell.trainer_runs if run.surely), None)
     if run is None or run.class_name not in _TRAINERS or run.call.args:  # resume_from_checkpoint=...
+        return None
+    if any(library in sys.modules for library in _PATCHING_LIBRARIES):
         return None
     if run.trainer is None:
         return _held_trainer_step(cell, run, gpu_here)
