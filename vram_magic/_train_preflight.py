@@ -90,7 +90,7 @@ _REQUIRED = _ARGUMENTS[:6]  # without these known, no verdict
 # Libraries that patch transformers' models in place once imported (fused or chunked cross-entropy that never
 # holds the logits, offloaded checkpointing): the model's class says nothing of it, so no verdict at all.
 _PATCHING_LIBRARIES = ("unsloth", "liger_kernel")
-_SWITCHES = frozenset(
+_SWITCHES = frozenset(  # the settings that are True or False
     {"gradient_checkpointing", "dataloader_drop_last", "bf16", "fp16", "auto_find_batch_size", "use_cpu"}
     | {"use_liger_kernel", "torch_compile"}
 )
@@ -169,33 +169,35 @@ def training_step(cell: Cell, gpu_here: bool) -> TrainingStep | None:
     """The first ``trainer.train()`` that surely runs, read with the notebook's objects; None if any part
     of it is not known before the cell runs."""
     run = next((run for run in cell.trainer_runs if run.surely), None)
-    if run is None or run.class_name not in _TRAINERS or run.call.args:  # resume_from_checkpoint=...
+    if run is None or run.class_name not in _TRAINERS or run.library != "transformers":
+        return None
+    if run.call.args or _frees_before(cell, run):  # train(resume_from_checkpoint=...)
         return None
     if any(library in sys.modules for library in _PATCHING_LIBRARIES):
         return None
     if run.trainer is None:
         return _held_trainer_step(cell, run, gpu_here)
     given = _trainer_arguments(run.trainer, cell)
-    if run.library != "transformers" or given is None or not isinstance(given.get("model"), cst.Name):
+    if given is None or not isinstance(given.get("model"), cst.Name):
         return None
     if given.get("optimizers") is not None:  # an optimizer of the user's: its states are unknown
         return None
-    for expr in (given.get("args"), given.get("train_dataset"), given.get("data_collator")):
-        if isinstance(expr, cst.Subscript):  # data["train"]: the name is the dataset dict's
-            expr = expr.value
-        if isinstance(expr, cst.Name) and not _only_bound(cell, run, expr.value, run.trainer):
-            return None
     model_name = given["model"].value
     held = _value_at(cell, run, given["model"])
     if not isinstance(held, Held) or not _untouched(cell, run, model_name, run.trainer):
         return None
-    if not _model_untouched(cell, run, held.value, run.trainer) or _frees_before(cell, run):
+    if not _model_untouched(cell, run, held.value, run.trainer):
         return None
     arguments = _training_arguments(cell, run, given.get("args"))
     data = _data_at(cell, run, given["train_dataset"]) if "train_dataset" in given else None
+    # The arguments, data and collator: the names the Trainer is given (``data["train"]``: the dict's),
+    # and any other name the notebook has for them, only bound by the cell until it trains
+    passed = [given.get(key) for key in ("args", "train_dataset", "data_collator")]
+    passed = [expr.value if isinstance(expr, cst.Subscript) else expr for expr in passed]
     held_parts = [_value_at(cell, run, given.get(key)) for key in ("args", "data_collator")] + [data]
-    objects = [part.value for part in held_parts if isinstance(part, Held)]
-    if not _objects_untouched(cell, run, objects, run.trainer):
+    names = {expr.value for expr in passed if isinstance(expr, cst.Name)}
+    names |= _names_of(cell, [part.value for part in held_parts if isinstance(part, Held)])
+    if not all(_only_bound(cell, run, name, run.trainer) for name in names):
         return None
     collator = given.get("data_collator")
     if collator is not None:
@@ -222,16 +224,14 @@ def _held_trainer_step(cell: Cell, run: TrainerRun, gpu_here: bool) -> TrainingS
     if not isinstance(trainer, Held) or not _untouched(cell, run, run.held, run.call):
         return None
     trainer_object = trainer.value
-    if type(trainer_object).__module__.split(".")[0] != "transformers":
-        return None
     if getattr(trainer_object, "optimizer", None) is not None:  # it trained before: its states are held
         return None
     model = getattr(trainer_object, "model", None)
-    if not _model_untouched(cell, run, model, run.call) or _frees_before(cell, run):
+    if not _model_untouched(cell, run, model, run.call):
         return None
-    parts = [getattr(trainer_object, key, None) for key in ("args", "train_dataset", "data_collator")]
-    if not _objects_untouched(cell, run, parts, run.call):
-        return None
+    held_parts = [getattr(trainer_object, key, None) for key in ("args", "train_dataset", "data_collator")]
+    if not all(_only_bound(cell, run, name, run.call) for name in _names_of(cell, held_parts)):
+        return None  # changed under another of their names (``args.max_steps = 1``)
     arguments = _arguments_of(getattr(trainer_object, "args", None))
     rows = _row_lengths(getattr(trainer_object, "train_dataset", None))
     if arguments is None or rows is None or not _pads_only(getattr(trainer_object, "data_collator", None)):
@@ -331,14 +331,13 @@ def _only_bound(cell: Cell, run: TrainerRun, name: str, within: cst.CSTNode) -> 
     return True
 
 
-def _objects_untouched(cell: Cell, run: TrainerRun, objects: Sequence[object], within: cst.CSTNode) -> bool:
-    """``_only_bound`` for every name the notebook has for any of ``objects`` (``args.max_steps = 1`` on
-    the arguments a Trainer holds)."""
-    return all(
-        _only_bound(cell, run, name, within)
+def _names_of(cell: Cell, objects: Sequence[object]) -> set[str]:
+    """The names the cell uses that the notebook has bound to any of ``objects``."""
+    return {
+        name
         for name in cell.used_names
         if any(cell.names.namespace.get(name) is each for each in objects if each is not None)
-    )
+    }
 
 
 def _value_at(cell: Cell, run: TrainerRun, expr: Any) -> Any:
@@ -356,11 +355,7 @@ def _value_at(cell: Cell, run: TrainerRun, expr: Any) -> Any:
 
 def _model_untouched(cell: Cell, run: TrainerRun, model: object, within: cst.CSTNode) -> bool:
     """``_untouched`` for every name the notebook has for the model."""
-    return all(
-        _untouched(cell, run, name, within)
-        for name in cell.used_names
-        if cell.names.namespace.get(name) is model
-    )
+    return all(_untouched(cell, run, name, within) for name in _names_of(cell, [model]))
 
 
 def _frees_before(cell: Cell, run: TrainerRun) -> bool:
